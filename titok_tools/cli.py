@@ -1,0 +1,127 @@
+"""What every command line shares: option decorators, logging to stderr, the command runner.
+
+Options read the same everywhere: `--model`, `--adapter`, `--dtype`, `--device`,
+`--chat-template`, `--max-length`, `-o/--output`, `-k/--token-fraction`, `--scope`, `--seed`,
+`--skip-invalid`, `--resume`, `--shard`.
+"""
+import functools
+import logging
+import os
+import sys
+
+import click
+
+from .select import SCOPES
+
+
+def setup_logging(quiet=False):
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
+                        format="%(name)s: %(message)s")
+    # transformers and peft chatter goes to stderr too, but only its warnings.
+    for name in ("transformers", "peft", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _compose(*decorators):
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+input_argument = click.argument("input", default="-", type=click.Path(allow_dash=True, dir_okay=False))
+
+output_option = click.option("-o", "--output", default="-", show_default=True, type=click.Path(allow_dash=True, dir_okay=False),
+                             help="Write records here ('-' = stdout). A file appears only when the command succeeds "
+                                  "(written as FILE.partial, then renamed).")
+
+resume_option = click.option("--resume", is_flag=True,
+                             help="With -o FILE: keep the records already written by an interrupted run and skip their ids.")
+
+skip_invalid_option = click.option("--skip-invalid", is_flag=True,
+                                   help="Skip bad records (counted on stderr) instead of stopping at the first one.")
+
+seed_option = click.option("--seed", default=0, show_default=True, type=int, help="Random seed: same inputs + same seed = same output.")
+
+
+def _shard(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        index, count = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter("use I/N, for example 0/4")
+    if not (count >= 1 and 0 <= index < count):
+        raise click.BadParameter("need 0 <= I < N")
+    return index, count
+
+
+shard_option = click.option("--shard", callback=_shard, metavar="I/N",
+                            help="Process only records whose 0-based index i has i % N == I (for array jobs; "
+                                 "`titok-merge` puts the shards back in order).")
+
+model_options = _compose(
+    click.option("--model", required=True, help="Base model: a Hugging Face id, a local dir, or a .gguf file "
+                                                 "(converted once into $TITOK_CACHE, default ~/.cache/titok-tools)."),
+    click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+                 help="Weights dtype. auto = bfloat16 where the hardware runs it natively, else float32."),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+    click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model's repository."),
+)
+
+tokenizer_options = _compose(
+    click.option("--chat-template", type=click.Path(exists=True, dir_okay=False),
+                 help="A Jinja chat template file, for tokenizers that carry none (base models)."),
+    click.option("--no-chat-template", is_flag=True,
+                 help="Format as plain prompt + completion + EOS even if the tokenizer has a template."),
+    click.option("--max-length", default=768, show_default=True, type=click.IntRange(min=1),
+                 help="Token cap for the prompt (cut from the left) and, separately, the completion (cut from the right, marked truncated)."),
+)
+
+adapter_option = click.option("--adapter", type=click.Path(exists=True, file_okay=False),
+                              help="A PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors).")
+
+
+def _fraction(ctx, param, value):
+    if value is None:
+        return None
+    if not 0 < value <= 1:
+        raise click.BadParameter(f"{value} is outside (0, 1]")
+    return value
+
+
+def selection_options(default_k):
+    return _compose(
+        click.option("-k", "--token-fraction", "k", type=float, default=default_k, callback=_fraction,
+                     show_default=default_k is not None,
+                     help="Share of tokens to select: max(1, floor(k*n)) highest scores, ties to the earlier token."),
+        click.option("--scope", type=click.Choice(SCOPES), default="sample", show_default=True,
+                     help="Select per sample (the paper), per batch of 4 consecutive records (the official code), or globally."),
+    )
+
+
+def command(f):
+    """Run a command body: logging on stderr, quiet exit when a downstream pipe closes."""
+    @functools.wraps(f)
+    def run(*args, **kwargs):
+        setup_logging()
+        try:
+            return f(*args, **kwargs)
+        except BrokenPipeError:
+            # The reader went away (| head): stop quietly, and keep Python from complaining
+            # about the stdout flush at exit.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(0)
+    return run
+
+
+def format_kwargs(chat_template, no_chat_template):
+    """Keyword arguments of formatting.encode from the tokenizer options."""
+    return {"chat_template": not no_chat_template}
+
+
+def in_shard(index, shard):
+    return shard is None or index % shard[1] == shard[0]

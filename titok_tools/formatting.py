@@ -1,0 +1,139 @@
+"""One formatting function for every stage (SPEC Part A items 1-2).
+
+A record's prompt (user turn or message list) and completion (assistant turn) are rendered with
+the tokenizer's own chat template, or as plain `prompt + completion + eos` when it has none (or
+when the caller asks for plain text). The rendered text is tokenized once with character offsets;
+the completion's tokens are those whose span overlaps the completion text, plus the token that
+closes the assistant turn. Generation, scoring, alignment and training all call `encode`, so the
+tokens that are scored are the tokens that are trained.
+"""
+from dataclasses import dataclass
+
+
+class FormatError(ValueError):
+    pass
+
+
+@dataclass
+class Encoded:
+    input_ids: list      # the whole sequence fed to the model
+    positions: list      # indices into input_ids of the completion tokens (closing token last)
+    offsets: list        # [start, end) of each completion token, into the completion string
+    truncated: bool      # the completion was cut to max_length tokens (its closing token is lost)
+
+    @property
+    def token_ids(self):
+        return [self.input_ids[p] for p in self.positions]
+
+
+def uses_template(tokenizer, chat_template=True):
+    return bool(chat_template and tokenizer.chat_template)
+
+
+def render_prompt(tokenizer, messages, chat_template=True):
+    """The text a model continues to write the assistant turn (generation and evaluation)."""
+    if uses_template(tokenizer, chat_template):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return _plain_prompt(messages)
+
+
+def _plain_prompt(messages):
+    return "\n\n".join(m["content"] for m in messages)
+
+
+def prompt_ids(tokenizer, messages, chat_template=True, max_length=None):
+    """Token ids of the rendered prompt, cut from the left to max_length."""
+    text = render_prompt(tokenizer, messages, chat_template)
+    ids = tokenizer(text, add_special_tokens=not uses_template(tokenizer, chat_template))["input_ids"]
+    return ids[-max_length:] if max_length else ids
+
+
+def stop_token_ids(tokenizer, chat_template=True):
+    """Tokens that end an assistant turn: EOS and, with a template, the token that closes a
+    turn (Gemma's <end_of_turn>, ChatML's <|im_end|>, Llama-3's <|eot_id|>), found by rendering."""
+    stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    if uses_template(tokenizer, chat_template):
+        enc = encode(tokenizer, [{"role": "user", "content": "Hi"}], "Hello", chat_template)
+        stops.add(enc.input_ids[enc.positions[-1]])
+    return sorted(stops)
+
+
+def _common_prefix_length(a, b):
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _special_ids(tokenizer):
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
+    return ids
+
+
+def _render(tokenizer, messages, completion, chat_template):
+    """Rendered text; where completion[0] stands in it; the [lo, hi) chars of the text that are
+    the completion's own (smaller when the template trims it); whether to add special tokens."""
+    if not uses_template(tokenizer, chat_template):
+        prompt = _plain_prompt(messages)
+        return prompt + completion, len(prompt), (len(prompt), len(prompt) + len(completion)), True
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
+    prefix = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # The completion is the first occurrence after the point where the prompt-only rendering
+    # stops matching: it cannot be confused with a copy of it inside the prompt.
+    search_from = _common_prefix_length(full, prefix)
+    start = full.find(completion, search_from)
+    if start >= 0:
+        return full, start, (start, start + len(completion)), False
+    stripped = completion.strip()  # templates that trim message content (Gemma's does)
+    found = full.find(stripped, search_from)
+    if found < 0:
+        raise FormatError("the chat template changes the completion text; use --no-chat-template or another template")
+    lead = len(completion) - len(completion.lstrip())
+    return full, found - lead, (found, found + len(stripped)), False
+
+
+def encode(tokenizer, messages, completion, chat_template=True, max_length=None):
+    """Tokenize prompt + completion; return the sequence and the completion's tokens and offsets.
+
+    max_length caps the prompt and, separately, the completion (in tokens): the prompt loses its
+    start, the completion its end (and then `truncated` is True).
+    """
+    text, start, (lo, hi), plain = _render(tokenizer, messages, completion, chat_template)
+    enc = tokenizer(text, add_special_tokens=plain, return_offsets_mapping=True)
+    ids, spans = list(enc["input_ids"]), enc["offset_mapping"]
+    inside = [i for i, (a, b) in enumerate(spans) if b > a and a < hi and b > lo]
+    if not inside:
+        raise FormatError("the completion produced no tokens")
+    first, last = inside[0], inside[-1]
+    offsets = [[max(spans[i][0], lo) - start, min(spans[i][1], hi) - start] for i in inside]
+    if plain:
+        if tokenizer.eos_token_id is None:
+            raise FormatError("the tokenizer has no EOS token to close the completion")
+        if last + 1 < len(ids) and ids[last + 1] == tokenizer.eos_token_id:
+            closing = last + 1
+        else:
+            ids = ids[: last + 1] + [tokenizer.eos_token_id]
+            closing = len(ids) - 1
+    else:
+        special = _special_ids(tokenizer)
+        closing = last + 1
+        # Only whitespace may stand between the completion and the token that closes the turn.
+        while closing < len(ids) and ids[closing] not in special and not text[spans[closing][0]:spans[closing][1]].strip():
+            closing += 1
+        if closing >= len(ids) or ids[closing] not in special:
+            raise FormatError("the chat template does not close the assistant turn with a special token")
+    positions = inside + [closing]
+    offsets.append([len(completion), len(completion)])
+    ids = ids[: closing + 1]
+
+    truncated = False
+    if max_length and len(positions) > max_length:
+        positions, offsets, truncated = positions[:max_length], offsets[:max_length], True
+        ids = ids[: positions[-1] + 1]
+    if max_length and first > max_length:
+        cut = first - max_length
+        ids = ids[cut:]
+        positions = [p - cut for p in positions]
+    return Encoded(ids, positions, offsets, truncated)

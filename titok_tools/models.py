@@ -1,0 +1,239 @@
+"""Model, tokenizer and adapter loading, shared by every stage.
+
+A model is a Hugging Face id, a local directory, or a .gguf file. A GGUF is dequantized by
+transformers (slow: 12-33 s for the small models here), so it is converted once into a plain
+safetensors model directory under the cache (`$TITOK_CACHE`, default ~/.cache/titok-tools) and
+that directory is used from then on.
+"""
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+
+import click
+import orjson
+import torch
+
+log = logging.getLogger("titok")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir():
+    return os.environ.get("TITOK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "titok-tools")
+
+
+def _gguf_key(path):
+    """Cache key of a GGUF file: its name plus a hash of its size and first MiB (cheap, and a
+    different file of the same name gets another key)."""
+    h = hashlib.sha256(str(os.path.getsize(path)).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+    stem = os.path.basename(path)[: -len(".gguf")]
+    return f"{stem}-{h.hexdigest()[:12]}"
+
+
+def _atomic_dir(final, build):
+    """Build a directory in a temp dir beside `final`, then rename it into place (another
+    process that won the race is fine: its result is the same)."""
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(final))
+    try:
+        build(tmp)
+        os.rename(tmp, final)
+    except OSError:
+        if not os.path.isdir(final):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _gguf_model_dir(path, trust_remote_code=False):
+    """The converted safetensors model dir of a GGUF file, converting it on first use."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = os.path.join(cache_dir(), _gguf_key(path))
+    if os.path.exists(os.path.join(final, "config.json")):
+        return final
+
+    def build(tmp):
+        log.warning("converting %s to safetensors in %s (once; later runs reuse it)", path, final)
+        directory, name = os.path.split(os.path.abspath(path))
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code)
+        # save_pretrained refuses a model that still carries the GGUF quantizer marker; the
+        # weights are already dequantized floats, so the marker is stale.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(tmp)
+
+    return _atomic_dir(final, build)
+
+
+def _gguf_tokenizer_dir(path):
+    """A tokenizer-only dir for a GGUF (no weight conversion), for commands that only tokenize."""
+    from transformers import AutoTokenizer
+
+    model_dir = os.path.join(cache_dir(), _gguf_key(path))
+    if os.path.exists(os.path.join(model_dir, "tokenizer_config.json")):
+        return model_dir
+    final = model_dir + "-tokenizer"
+    if os.path.exists(os.path.join(final, "tokenizer_config.json")):
+        return final
+    directory, name = os.path.split(os.path.abspath(path))
+    return _atomic_dir(final, lambda tmp: AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(tmp))
+
+
+def resolve(model, weights=True, trust_remote_code=False):
+    """Map a .gguf file to its converted (cached) dir; leave ids and dirs alone."""
+    if model.endswith(".gguf"):
+        if not os.path.isfile(model):
+            raise click.ClickException(f"--model {model}: no such GGUF file")
+        return _gguf_model_dir(model, trust_remote_code) if weights else _gguf_tokenizer_dir(model)
+    return model
+
+
+def load_tokenizer(model, chat_template=None, trust_remote_code=False):
+    """A fast tokenizer (offsets are needed), with an optional Jinja chat template file."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve(model, weights=False), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"--model {model}: cannot load its tokenizer: {str(e).splitlines()[0]}")
+    if not tokenizer.is_fast:
+        raise click.ClickException(f"--model {model}: needs a fast tokenizer (character offsets)")
+    if chat_template:
+        with open(chat_template, encoding="utf-8") as f:
+            tokenizer.chat_template = f.read()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.ClickException("--device cuda: no CUDA device is available")
+    return device
+
+
+def resolve_dtype(dtype, device):
+    """auto: bfloat16 where the hardware runs it natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX,
+    2-3x faster than float32 on the CPUs here), else float32."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def load_model(model, adapter=None, dtype="auto", device="auto", trust_remote_code=False, trainable=False):
+    """Load a causal LM (id, dir or .gguf) and optionally a PEFT LoRA adapter on top.
+
+    Returns the model in eval mode; with an adapter it is a PeftModel, whose
+    `disable_adapter()` context gives the base model without a second copy in memory.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    path = resolve(model, trust_remote_code=trust_remote_code)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"--model {model}: cannot load: {str(e).splitlines()[0]}")
+    base.to(device)
+    if adapter is not None:
+        base = load_adapter(base, adapter, model, trainable=trainable)
+    base.train(trainable)
+    return base
+
+
+def load_adapter(base, adapter, model_name, trainable=False):
+    from peft import PeftModel
+
+    config_path = os.path.join(adapter, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        raise click.ClickException(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter dir)")
+    with open(config_path) as f:
+        made_for = json.load(f).get("base_model_name_or_path")
+    try:
+        return PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        raise click.ClickException(
+            f"--adapter {adapter} was made for base {made_for!r}, not for --model {model_name}: its weight shapes do not fit")
+
+
+def adapter_sha256(adapter):
+    """sha256 of the adapter's weights file: which exact adapter produced the scores."""
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        path = os.path.join(adapter, name)
+        if os.path.isfile(path):
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            return h.hexdigest()
+    raise click.ClickException(f"--adapter {adapter}: no adapter_model.safetensors")
+
+
+@lru_cache(maxsize=8)
+def _fingerprint_of_json(backend_json):
+    spec = orjson.loads(backend_json)
+    added = [{k: t.get(k) for k in ("id", "content", "special", "normalized", "lstrip", "rstrip", "single_word")}
+             for t in spec.get("added_tokens", [])]
+    # Only what decides the token ids of a string: not padding, truncation, decoder or template.
+    key = {k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "model", "post_processor")}
+    key["added_tokens"] = sorted(added, key=lambda t: t["id"])
+    return "sha256:" + hashlib.sha256(orjson.dumps(key, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer):
+    """Equal for two tokenizers iff they map every string to the same ids."""
+    return _fingerprint_of_json(tokenizer.backend_tokenizer.to_str())
+
+
+def decoder_and_head(model):
+    """The transformer body (hidden states) and the output projection of a causal LM, PEFT or not.
+
+    Scoring and training project hidden states to the vocabulary only where a token is scored
+    or trained: with Gemma's 262k vocabulary, full logits are most of the memory and time.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
+
+
+def project_logits(model, head, hidden):
+    """Logits for some hidden states, with the model's own final transforms (Gemma's soft-capping,
+    Cohere's/Granite's logit scaling), exactly as its forward() would compute them."""
+    logits = head(hidden)
+    config = model.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    if getattr(config, "logit_scale", None):
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling
+    return logits
+
+
+def token_logprobs(model, head, hidden, targets, chunk=256):
+    """log p(target) for each row of hidden (n, d), float32 log-softmax in chunks of rows so
+    the (chunk, vocab) logits are the only large temporary."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for i in range(0, hidden.shape[0], chunk):
+        logits = project_logits(model, head, hidden[i:i + chunk]).float()
+        out[i:i + chunk] = logits.gather(1, targets[i:i + chunk, None]).squeeze(1) - logits.logsumexp(1)
+    return out

@@ -1,0 +1,221 @@
+"""JSONL records: reading (path or '-'), field access, and atomic, resumable writing.
+
+Every stage reads and writes records through this module, so errors always name
+file:line and field, and an interrupted run never leaves a half-written output.
+"""
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+
+import click
+import orjson
+
+DUMP_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY
+
+
+class RecordError(click.ClickException):
+    """A bad record: one line naming file:line and the field at fault."""
+
+    def __init__(self, where, field, message):
+        super().__init__(f"{where}: {field}: {message}" if field else f"{where}: {message}")
+
+
+def _open_input(path):
+    if path == "-":
+        return sys.stdin.buffer
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise click.ClickException(f"{path}: cannot read: {e.strerror}")
+
+
+def read_records(path, skip_invalid=False, counts=None, name=None):
+    """Yield (where, record) for every non-blank line of a JSONL file or '-' (stdin).
+
+    `where` is "file:line" for error messages. A record without "id" gets its 0-based line
+    number. With skip_invalid, lines that are not JSON objects are skipped and counted in
+    counts["invalid"] instead of raising.
+    """
+    name = name or ("<stdin>" if path == "-" else path)
+    f = _open_input(path)
+    try:
+        for lineno, line in enumerate(f):
+            if not line.strip():
+                continue
+            where = f"{name}:{lineno + 1}"
+            try:
+                record = orjson.loads(line)
+                if not isinstance(record, dict):
+                    raise RecordError(where, None, "a record must be a JSON object")
+            except (orjson.JSONDecodeError, RecordError) as e:
+                if not skip_invalid:
+                    raise e if isinstance(e, RecordError) else RecordError(where, None, f"invalid JSON ({e})")
+                if counts is not None:
+                    counts["invalid"] = counts.get("invalid", 0) + 1
+                continue
+            record.setdefault("id", lineno)
+            yield where, record
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+
+
+def checked(pairs, check, skip_invalid=False, counts=None):
+    """Yield (where, record, check(where, record)) for each pair. A record whose check raises
+    RecordError is skipped and counted in counts["invalid"] when skip_invalid, else it stops
+    the command with that one-line error."""
+    for where, record in pairs:
+        try:
+            value = check(where, record)
+        except RecordError:
+            if not skip_invalid:
+                raise
+            if counts is not None:
+                counts["invalid"] = counts.get("invalid", 0) + 1
+            continue
+        yield where, record, value
+
+
+def _as_messages(value, where, field):
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in value):
+        return value
+    raise RecordError(where, field, "must be a string or a list of {role, content} messages")
+
+
+def prompt_and_completion(record, where):
+    """Return (prompt_messages, completion_text) of a record.
+
+    Accepts {"prompt": str | [messages], "completion": str | [assistant message]} and TRL
+    conversational {"messages": [...]} whose last (assistant) message is the completion.
+    """
+    if "completion" in record:
+        completion = record["completion"]
+        if isinstance(completion, list) and len(completion) == 1 and isinstance(completion[0], dict):
+            completion = completion[0].get("content")
+        if not isinstance(completion, str):
+            raise RecordError(where, "completion", "must be a string")
+        if "prompt" not in record:
+            raise RecordError(where, "prompt", "missing")
+        prompt = _as_messages(record["prompt"], where, "prompt")
+    elif "messages" in record:
+        messages = _as_messages(record["messages"], where, "messages")
+        if len(messages) < 2 or messages[-1].get("role") != "assistant":
+            raise RecordError(where, "messages", "the last message must be the assistant's completion, after a prompt")
+        prompt, completion = messages[:-1], messages[-1]["content"]
+    else:
+        raise RecordError(where, "completion", "missing (need prompt+completion or messages)")
+    if not completion.strip():
+        raise RecordError(where, "completion", "is empty")
+    return prompt, completion
+
+
+def prompt_messages(record, where):
+    """The prompt of a record that may have no completion yet (generation, evaluation)."""
+    if "prompt" in record:
+        return _as_messages(record["prompt"], where, "prompt")
+    if "messages" in record:
+        messages = _as_messages(record["messages"], where, "messages")
+        return messages[:-1] if messages and messages[-1].get("role") == "assistant" else messages
+    raise RecordError(where, "prompt", "missing")
+
+
+def titok(record):
+    """The record's "titok" namespace, created on first use."""
+    return record.setdefault("titok", {})
+
+
+def dumps(record):
+    return orjson.dumps(record, option=DUMP_OPTIONS)
+
+
+def _complete_lines(path):
+    """Read the complete lines of a partial output (a killed run may leave half a line)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    return data[:end]
+
+
+class RecordWriter:
+    """Write records to stdout or atomically to a file.
+
+    A file is written as FILE.partial and renamed to FILE when the command succeeds, so FILE
+    is never half-written. With resume=True, the records already in FILE.partial (or FILE)
+    are kept and their ids are in `done_ids`, so the command can skip them.
+    """
+
+    def __init__(self, path, resume=False):
+        self.path = path
+        self.done_ids = set()
+        if path == "-":
+            if resume:
+                raise click.UsageError("--resume needs -o FILE")
+            self.f = sys.stdout.buffer
+            return
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        self.partial = path + ".partial"
+        kept = b""
+        if resume:
+            for existing in (self.partial, path):
+                if os.path.exists(existing):
+                    kept = _complete_lines(existing)
+                    break
+            for line in kept.splitlines():
+                if line.strip():
+                    self.done_ids.add(_id_key(orjson.loads(line).get("id")))
+        self.f = open(self.partial, "wb")
+        self.f.write(kept)
+
+    def write(self, record):
+        self.f.write(dumps(record))
+
+    def flush(self):
+        self.f.flush()
+
+    def close(self, ok=True):
+        if self.path == "-":
+            self.f.flush()
+            return
+        self.f.close()
+        if ok:
+            os.replace(self.partial, self.path)
+
+
+def _id_key(value):
+    return orjson.dumps(value)
+
+
+def is_done(writer, record):
+    return _id_key(record.get("id")) in writer.done_ids
+
+
+@contextmanager
+def record_writer(path, resume=False):
+    """Context manager around RecordWriter: renames into place only on success."""
+    writer = RecordWriter(path, resume=resume)
+    ok = False
+    try:
+        yield writer
+        ok = True
+    finally:
+        writer.close(ok=ok)
+
+
+@contextmanager
+def spooled(path):
+    """A path that can be read twice: the file itself, or stdin spooled to a temp file."""
+    if path != "-":
+        yield path
+        return
+    with tempfile.NamedTemporaryFile(prefix="titok-", suffix=".jsonl") as tmp:
+        while True:
+            block = sys.stdin.buffer.read(1 << 20)
+            if not block:
+                break
+            tmp.write(block)
+        tmp.flush()
+        yield tmp.name

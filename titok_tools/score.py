@@ -1,0 +1,179 @@
+"""titok-score: per-token contrastive excess of an expert (base + LoRA) over its base.
+
+    excess_i = log p_expert(y_i | x, y_<i) - log p_base(y_i | x, y_<i)
+
+Both from ONE model in memory: the expert pass with the adapter on, the base pass under peft's
+disable_adapter(). Hidden states are projected to the vocabulary only at completion positions,
+and log-softmax runs in float32 chunks, so prompts and big vocabularies cost little.
+"""
+import logging
+import time
+
+import click
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import cli
+from .formatting import FormatError, encode
+from .models import adapter_sha256, decoder_and_head, load_model, load_tokenizer, token_logprobs, tokenizer_fingerprint
+from .records import RecordError, checked, is_done, prompt_and_completion, read_records, record_writer, titok
+
+log = logging.getLogger("titok.score")
+
+
+def _batches(items, batch_tokens):
+    """Group (index, encoded) items, sorted by length, into batches whose padded size
+    (rows x longest row) stays within batch_tokens (a longer row goes alone)."""
+    batch, longest = [], 0
+    for item in sorted(items, key=lambda it: len(it[1].input_ids)):
+        n = len(item[1].input_ids)
+        if batch and max(longest, n) * (len(batch) + 1) > batch_tokens:
+            yield batch
+            batch, longest = [], 0
+        batch.append(item)
+        longest = max(longest, n)
+    if batch:
+        yield batch
+
+
+def _completion_logprobs(model, body, head, encs, pad_id, device):
+    """log p of every completion token of each encoded record, one float32 array per record."""
+    width = max(len(e.input_ids) for e in encs)
+    ids = torch.full((len(encs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(encs), width), dtype=torch.long)
+    rows, cols = [], []
+    for b, e in enumerate(encs):
+        ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        attention[b, : len(e.input_ids)] = 1
+        rows += [b] * len(e.positions)
+        cols += e.positions
+    ids, attention = ids.to(device), attention.to(device)
+    rows, cols = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+    # Right padding: real tokens keep positions 0..n-1, so scores do not depend on the batch.
+    hidden = body(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+    # The hidden state at p-1 predicts the token at p.
+    logp = token_logprobs(model, head, hidden[rows, cols - 1], ids[rows, cols]).cpu().numpy()
+    return np.split(logp, np.cumsum([len(e.positions) for e in encs])[:-1])
+
+
+@torch.inference_mode()
+def score_records(pairs, model, tokenizer, *, chat_template=True, max_length=768, batch_tokens=8192, window=512,
+                  source=None, skip_invalid=False, counts=None, progress=None):
+    """Score (where, record) pairs; yield the records, in input order, with titok.source added.
+
+    Memory is bounded by `window` records: they are sorted by length inside the window so
+    batches carry little padding, then written back in their input order.
+    """
+    body, head = decoder_and_head(model)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    counts = {} if counts is None else counts
+
+    def check(where, record):
+        messages, completion = prompt_and_completion(record, where)
+        try:
+            enc = encode(tokenizer, messages, completion, chat_template, max_length)
+        except FormatError as e:
+            raise RecordError(where, "completion", str(e))
+        if enc.positions[0] == 0:
+            raise RecordError(where, "prompt", "nothing precedes the completion, so its first token cannot be scored")
+        return enc
+
+    def flush(window_items):
+        encs = [enc for _, _, enc in window_items]
+        expert, base = [None] * len(encs), [None] * len(encs)
+        for batch in _batches(list(enumerate(encs)), batch_tokens):
+            index = [i for i, _ in batch]
+            batch_encs = [e for _, e in batch]
+            for i, lp in zip(index, _completion_logprobs(model, body, head, batch_encs, pad_id, device)):
+                expert[i] = lp
+            with model.disable_adapter():
+                for i, lp in zip(index, _completion_logprobs(model, body, head, batch_encs, pad_id, device)):
+                    base[i] = lp
+            if progress is not None:
+                progress.update(len(batch))
+                progress.set_postfix_str(f"{sum(len(e.input_ids) for e in batch_encs)} tok", refresh=False)
+        for (where, record, enc), lp_e, lp_b in zip(window_items, expert, base):
+            excess = lp_e - lp_b
+            titok(record)["source"] = dict(source, token_ids=enc.token_ids, offsets=enc.offsets, logp_expert=lp_e,
+                                           logp_base=lp_b, excess=excess, mean_excess=float(excess.mean(dtype=np.float64)),
+                                           truncated=enc.truncated)
+            counts["records"] = counts.get("records", 0) + 1
+            counts["tokens"] = counts.get("tokens", 0) + len(excess)
+            counts["sum_excess"] = counts.get("sum_excess", 0.0) + float(excess.sum(dtype=np.float64))
+            counts["sum_abs_excess"] = counts.get("sum_abs_excess", 0.0) + float(np.abs(excess).sum(dtype=np.float64))
+            counts["negative"] = counts.get("negative", 0) + int((excess < 0).sum())
+            counts["truncated"] = counts.get("truncated", 0) + int(enc.truncated)
+            yield record
+
+    window_items = []
+    for where, record, enc in checked(pairs, check, skip_invalid, counts):
+        window_items.append((where, record, enc))
+        if len(window_items) >= window:
+            yield from flush(window_items)
+            window_items = []
+    if window_items:
+        yield from flush(window_items)
+
+
+def summary(counts):
+    n, tokens = counts.get("records", 0), counts.get("tokens", 0)
+    line = f"scored {n} records, {tokens} completion tokens"
+    if tokens:
+        line += (f", mean excess {counts['sum_excess'] / tokens:+.4f}, "
+                 f"{counts['negative'] / tokens:.1%} of tokens negative")
+    if counts.get("truncated"):
+        line += f", {counts['truncated']} completions truncated (see --max-length)"
+    if counts.get("invalid"):
+        line += f", {counts['invalid']} invalid records skipped"
+    return line
+
+
+@click.command()
+@cli.input_argument
+@cli.model_options
+@cli.adapter_option
+@cli.tokenizer_options
+@click.option("--batch-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
+              help="Token budget of a batch (rows x longest row, padding included).")
+@click.option("--window", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Records read ahead and sorted by length to cut padding; bounds memory.")
+@cli.output_option
+@cli.resume_option
+@cli.shard_option
+@cli.skip_invalid_option
+@cli.command
+def main(input, model, dtype, device, trust_remote_code, adapter, chat_template, no_chat_template, max_length,
+         batch_tokens, window, output, resume, shard, skip_invalid):
+    """Add per-token contrastive excess to prompt/completion records.
+
+    For every completion token, log p under the expert (--model + --adapter) and under the
+    base (--model alone, the same weights with the adapter switched off), and their
+    difference `excess`. Adds record["titok"]["source"]; every other field passes through.
+
+    \b
+    Example:
+      titok-score --model HuggingFaceTB/SmolLM2-135M-Instruct --adapter lora/ data.jsonl \\
+        | titok-filter -k 0.3 > kept.jsonl
+    """
+    if adapter is None:
+        raise click.UsageError("--adapter is required: excess compares the expert (base + adapter) with the base")
+    tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
+    lm = load_model(model, adapter, dtype, device, trust_remote_code)
+    source = {"model": model, "adapter": adapter, "adapter_sha256": adapter_sha256(adapter),
+              "tokenizer": tokenizer_fingerprint(tokenizer)}
+    counts = {}
+    started = time.time()
+    with record_writer(output, resume) as writer, tqdm(desc="titok-score", unit="rec", mininterval=1) as progress:
+        pairs = ((w, r) for i, (w, r) in enumerate(read_records(input, skip_invalid, counts))
+                 if cli.in_shard(i, shard) and not is_done(writer, r))
+        for record in score_records(pairs, lm, tokenizer, chat_template=not no_chat_template, max_length=max_length,
+                                    batch_tokens=batch_tokens, window=window, source=source,
+                                    skip_invalid=skip_invalid, counts=counts, progress=progress):
+            writer.write(record)
+    elapsed = time.time() - started
+    log.info("%s, %.0f tokens/s", summary(counts), counts.get("tokens", 0) / max(elapsed, 1e-9))
+    if counts.get("tokens") and counts["sum_abs_excess"] / counts["tokens"] < 1e-3:
+        log.warning("mean |excess| is %.2g: the adapter barely changes these tokens (is it trained, and for this task?)",
+                    counts["sum_abs_excess"] / counts["tokens"])
