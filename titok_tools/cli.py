@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import sys
+import warnings
 
 import click
 
@@ -21,6 +22,7 @@ def setup_logging(quiet=False):
     for name in ("transformers", "peft", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _compose(*decorators):
@@ -117,10 +119,6 @@ def command(f):
             sys.exit(0)
     return run
 
-
-def format_kwargs(chat_template, no_chat_template):
-    """Keyword arguments of formatting.encode from the tokenizer options."""
-    return {"chat_template": not no_chat_template}
 
 
 def in_shard(index, shard):
