@@ -17,12 +17,14 @@ from .select import SCOPES
 
 def setup_logging(quiet=False):
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
-                        format="%(name)s: %(message)s")
+                        format="%(name)s: %(message)s", force=True)
     # transformers and peft chatter goes to stderr too, but only its warnings.
     for name in ("transformers", "peft", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # per-tensor loading bars; our own progress is per record
 
 
 def _compose(*decorators):

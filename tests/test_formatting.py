@@ -1,0 +1,91 @@
+"""Formatting and offsets on the real tokenizers (SmolLM2 byte-level BPE, Gemma SentencePiece)."""
+import pytest
+
+from titok_tools.formatting import FormatError, encode, prompt_ids, stop_token_ids
+
+TEXTS = [
+    "The answer is 42.",
+    "Ça coûte 5€ — naïve café, Zürich, São Paulo",
+    "emoji 😀👍🏽 and a flag 🇫🇷 done",
+    "東京タワーは333メートルです。北京",
+    "  leading\n\n  tabs\tand   spaces \n\n end  ",
+    "x",
+]
+PROMPT = [{"role": "user", "content": "Say something."}]
+
+
+def overlapping_groups(offsets):
+    """(first, last, start, end) of runs of consecutive tokens whose spans overlap: one
+    character split into byte tokens."""
+    groups = []
+    for i, (a, b) in enumerate(offsets):
+        if groups and a < groups[-1][3]:
+            first, _, start, end = groups[-1]
+            groups[-1] = (first, i + 1, start, max(end, b))
+        else:
+            groups.append((i, i + 1, a, b))
+    return groups
+
+
+@pytest.mark.parametrize("which", ["smollm2_tokenizer", "gemma_tokenizer"])
+@pytest.mark.parametrize("chat_template", [True, False])
+@pytest.mark.parametrize("text", TEXTS)
+def test_offsets_cover_and_spell_the_completion(request, which, chat_template, text):
+    tok = request.getfixturevalue(which)
+    enc = encode(tok, PROMPT, text, chat_template)
+    assert len(enc.offsets) == len(enc.positions) and not enc.truncated
+    # The closing token ends the turn, with the empty span at the end.
+    assert enc.offsets[-1] == [len(text), len(text)]
+    assert enc.token_ids[-1] in stop_token_ids(tok, chat_template)
+    body = enc.offsets[:-1]
+    starts = [a for a, _ in body]
+    assert starts == sorted(starts)
+    assert all(0 <= a < b <= len(text) for a, b in body)
+    covered = set()
+    for a, b in body:
+        covered.update(range(a, b))
+    assert all(i in covered for i, ch in enumerate(text) if not ch.isspace())
+    # Each token stands for the text of its span; tokens that split one character into bytes
+    # share that character's span and spell it together.
+    ids = enc.token_ids[:-1]
+    for first, last, start, end in overlapping_groups(body):
+        decoded = tok.decode(ids[first:last])
+        # A template that trims the completion, or a SentencePiece prefix space, may only
+        # differ in surrounding whitespace.
+        assert decoded.strip() == text[start:end].strip(), (decoded, text[start:end])
+
+
+def test_completion_tokens_are_the_trained_sequence(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    enc = encode(tok, PROMPT, "Paris.")
+    # The rendered prompt is a prefix of the sequence, and the sequence stops at the closing token.
+    assert enc.input_ids[: enc.positions[0]] == prompt_ids(tok, PROMPT)
+    assert enc.positions[-1] == len(enc.input_ids) - 1
+    assert tok.decode(enc.input_ids).endswith("<|im_start|>assistant\nParis.<|im_end|>")
+
+
+def test_gemma_template_and_plain_format(gemma_tokenizer):
+    tok = gemma_tokenizer
+    enc = encode(tok, PROMPT, "Paris.")
+    assert tok.decode(enc.input_ids) == "<bos><start_of_turn>user\nSay something.<end_of_turn>\n<start_of_turn>model\nParis.<end_of_turn>"
+    plain = encode(tok, PROMPT, " Paris.", chat_template=False)
+    assert tok.decode(plain.input_ids) == "<bos>Say something. Paris.<eos>"
+
+
+def test_truncation_cuts_prompt_left_and_completion_right(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    long_prompt = [{"role": "user", "content": "word " * 200}]
+    full = encode(tok, long_prompt, "one two three four five six seven")
+    cut = encode(tok, long_prompt, "one two three four five six seven", max_length=5)
+    assert cut.truncated and len(cut.positions) == 5
+    assert cut.token_ids == full.token_ids[:5] and cut.offsets == full.offsets[:5]
+    assert cut.positions[0] == 5  # the prompt keeps its last 5 tokens
+    assert cut.input_ids[:5] == full.input_ids[full.positions[0] - 5: full.positions[0]]
+
+
+def test_template_that_rewrites_the_completion_is_an_error(smollm2_tokenizer):
+    import copy
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] | upper }}<|im_end|>{% endfor %}"
+    with pytest.raises(FormatError, match="changes the completion"):
+        encode(tok, PROMPT, "paris")

@@ -1,0 +1,231 @@
+"""titok-score: numbers against an independent two-model reference, batching, bad input, pipes."""
+import os
+
+import numpy as np
+import orjson
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import make_lora, read_jsonl, run_pipe, write_jsonl
+from titok_tools.formatting import encode
+from titok_tools.models import load_model, load_tokenizer
+from titok_tools.records import prompt_and_completion
+from titok_tools.score import main, score_records
+
+RECORDS = [
+    {"id": "a", "prompt": "What is the capital of France?", "completion": "The capital of France is Paris."},
+    {"id": "b", "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to three."}],
+     "completion": "1, 2, 3", "extra": {"kept": [1, 2]}},
+    {"id": "c", "messages": [{"role": "user", "content": "Translate 'Tokyo' to Japanese, with an emoji."},
+                             {"role": "assistant", "content": "東京 🗼 — naïve café"}]},
+    {"id": "d", "prompt": "Say something long. " * 12, "completion": "Well,   here  is\n\na long answer " * 4},
+]
+
+
+def reference_excess(model_dir, adapter, record):
+    """Independent reference: two separately loaded models, one record at a time, no padding,
+    full logits and log-softmax in float32."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(model_dir)
+    messages, completion = prompt_and_completion(record, "ref")
+    enc = encode(tokenizer, messages, completion)
+    ids = torch.tensor([enc.input_ids])
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    expert = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter).eval()
+    out = []
+    with torch.no_grad():
+        for model in (expert, base):
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+            out.append(np.array([logp[p - 1, enc.input_ids[p]].item() for p in enc.positions]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def smollm2_scored(smollm2_dir, smollm2_lora, tmp_path_factory):
+    data = write_jsonl(tmp_path_factory.mktemp("score") / "in.jsonl", RECORDS)
+    result = CliRunner().invoke(main, ["--model", smollm2_dir, "--adapter", smollm2_lora, "--dtype", "float32",
+                                       "--batch-tokens", "2048", data])
+    assert result.exit_code == 0, result.output
+    return read_jsonl(result.stdout_bytes)
+
+
+def test_excess_matches_two_model_reference(smollm2_dir, smollm2_lora, smollm2_scored):
+    for record, scored in zip(RECORDS, smollm2_scored):
+        source = scored["titok"]["source"]
+        ref_expert, ref_base = reference_excess(smollm2_dir, smollm2_lora, record)
+        np.testing.assert_allclose(source["logp_expert"], ref_expert, atol=1e-4)
+        np.testing.assert_allclose(source["logp_base"], ref_base, atol=1e-4)
+        np.testing.assert_allclose(source["excess"], ref_expert - ref_base, atol=1e-4)
+        assert source["mean_excess"] == pytest.approx(np.mean(ref_expert - ref_base), abs=1e-4)
+        # The adapter is random but real: it changes the tokens' probabilities.
+        assert np.abs(source["excess"]).max() > 0.01
+
+
+def test_record_format_and_pass_through(smollm2_scored, smollm2_dir, smollm2_lora, tmp_path):
+    assert [r["id"] for r in smollm2_scored] == ["a", "b", "c", "d"]
+    assert smollm2_scored[1]["extra"] == {"kept": [1, 2]} and smollm2_scored[1]["prompt"] == RECORDS[1]["prompt"]
+    source = smollm2_scored[0]["titok"]["source"]
+    assert set(source) == {"model", "adapter", "adapter_sha256", "tokenizer", "token_ids", "offsets", "logp_expert",
+                           "logp_base", "excess", "mean_excess", "truncated"}
+    assert source["model"] == smollm2_dir and source["adapter"] == smollm2_lora and source["truncated"] is False
+    assert len(source["adapter_sha256"]) == 64 and source["tokenizer"].startswith("sha256:")
+    path = tmp_path / "scored.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in smollm2_scored))
+    check = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "check-records")
+    if os.path.exists(check):
+        _, rc, err = run_pipe(["python", check, path], check=False)
+        assert rc == 0, err
+
+
+def test_scores_do_not_depend_on_the_batch(tiny_llama, tiny_llama_lora):
+    model = load_model(tiny_llama, tiny_llama_lora, dtype="float32")
+    tokenizer = load_tokenizer(tiny_llama)
+    pairs = [(f"x:{i}", dict(r)) for i, r in enumerate(RECORDS)]
+
+    def excess(batch_tokens, window, subset):
+        out = score_records([pairs[i] for i in subset], model, tokenizer, batch_tokens=batch_tokens, window=window,
+                            source={})
+        return {r["id"]: r["titok"]["source"]["excess"] for r in out}
+
+    alone = {}
+    for i in range(len(RECORDS)):
+        alone.update(excess(1, 1, [i]))
+    mixed = excess(100000, 8, range(len(RECORDS)))  # one padded batch of mixed lengths
+    assert list(mixed) == ["a", "b", "c", "d"]  # output order = input order after length sorting
+    for key in alone:
+        np.testing.assert_allclose(mixed[key], alone[key], atol=1e-5)
+
+
+def test_truncated_completion_is_marked(tiny_llama, tiny_llama_lora, tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS[3:])
+    result = CliRunner().invoke(main, ["--model", tiny_llama, "--adapter", tiny_llama_lora, "--max-length", "8", data])
+    assert result.exit_code == 0, result.output
+    source = read_jsonl(result.stdout_bytes)[0]["titok"]["source"]
+    assert source["truncated"] is True and len(source["excess"]) == 8
+    assert "1 completions truncated" in result.stderr
+
+
+def test_pipe_score_into_filter(tiny_llama, tiny_llama_lora, tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    out, _, err = run_pipe(["titok-score", "--model", tiny_llama, "--adapter", tiny_llama_lora, data],
+                           ["titok-filter", "-k", "0.3", "--keep", "0.5"])
+    kept = read_jsonl(out)
+    assert len(kept) == 2 and "scored 4 records" in err and "kept 2 of 4 samples" in err
+    for r in kept:
+        n = len(r["titok"]["source"]["excess"])
+        assert sum(r["titok"]["source"]["mask"]) == max(1, int(0.3 * n))
+
+
+def test_closed_pipe_ends_quietly(tiny_llama, tiny_llama_lora, tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS * 30)
+    out, rc, err = run_pipe(["titok-score", "--model", tiny_llama, "--adapter", tiny_llama_lora, "--window", "4", data],
+                            ["head", "-n", "1"])
+    assert rc == 0 and len(read_jsonl(out)) == 1 and "Traceback" not in err
+
+
+def test_resume_skips_done_ids_and_output_is_atomic(tiny_llama, tiny_llama_lora, tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    out = tmp_path / "out.jsonl"
+    args = ["--model", tiny_llama, "--adapter", tiny_llama_lora, "-o", str(out)]
+    # A killed run leaves out.jsonl.partial: two complete records and half a line.
+    whole = CliRunner().invoke(main, args + [data])
+    assert whole.exit_code == 0
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.unlink()
+    (tmp_path / "out.jsonl.partial").write_bytes(b"".join(lines[:2]) + lines[2][:40])
+    # Marker fields show which records were rescored.
+    resumed = CliRunner().invoke(main, args + ["--resume", data])
+    assert resumed.exit_code == 0, resumed.output
+    assert "scored 2 records" in resumed.stderr
+    assert out.read_bytes() == b"".join(lines)
+    assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_failure_leaves_no_output_file(tiny_llama, tiny_llama_lora, tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", [RECORDS[0], {"id": "bad", "prompt": "x"}])
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(main, ["--model", tiny_llama, "--adapter", tiny_llama_lora, "-o", str(out), data])
+    assert result.exit_code == 1 and not out.exists()
+    assert "in.jsonl:2: completion: missing" in result.output
+
+
+@pytest.mark.parametrize("line, message", [
+    (b'{"prompt": "x", "completion": "y"', "in.jsonl:2: invalid JSON"),
+    (b'{"prompt": "x"}', "in.jsonl:2: completion: missing"),
+    (b'{"prompt": "x", "completion": "  "}', "in.jsonl:2: completion: is empty"),
+    (b'{"prompt": 3, "completion": "y"}', "in.jsonl:2: prompt: must be a string or a list"),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}', "in.jsonl:2: messages: the last message must be"),
+    (b'[1, 2]', "in.jsonl:2: a record must be a JSON object"),
+])
+def test_bad_records_give_one_line_errors(tiny_llama, tiny_llama_lora, tmp_path, line, message):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(orjson.dumps(RECORDS[0]) + b"\n" + line + b"\n")
+    args = ["--model", tiny_llama, "--adapter", tiny_llama_lora]
+    result = CliRunner().invoke(main, args + [str(path)])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if "Error" in line] == [result.output.strip().splitlines()[-1]]
+    skipped = CliRunner().invoke(main, args + ["--skip-invalid", str(path)])
+    assert skipped.exit_code == 0 and len(read_jsonl(skipped.stdout_bytes)) == 1
+    assert "1 invalid records skipped" in skipped.stderr
+
+
+def test_empty_input_gives_empty_output(tiny_llama, tiny_llama_lora, tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n")
+    result = CliRunner().invoke(main, ["--model", tiny_llama, "--adapter", tiny_llama_lora, str(path)])
+    assert result.exit_code == 0 and result.stdout_bytes == b""
+
+
+def test_adapter_for_another_base_is_refused(smollm2_dir, tiny_llama_lora, tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS[:1])
+    result = CliRunner().invoke(main, ["--model", smollm2_dir, "--adapter", tiny_llama_lora, data])
+    assert result.exit_code == 1
+    assert "was made for base" in result.output and "weight shapes do not fit" in result.output
+
+
+def test_adapter_that_changes_nothing_is_flagged(tiny_llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    fresh = tmp_path / "fresh-lora"  # B = 0: the expert equals the base
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(target_modules=["q_proj"])).save_pretrained(fresh)
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS[:2])
+    result = CliRunner().invoke(main, ["--model", tiny_llama, "--adapter", str(fresh), data])
+    assert result.exit_code == 0 and "barely changes these tokens" in result.stderr
+
+
+def test_shard_takes_every_nth_record(tiny_llama, tiny_llama_lora, tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    result = CliRunner().invoke(main, ["--model", tiny_llama, "--adapter", tiny_llama_lora, "--shard", "1/2", data])
+    assert [r["id"] for r in read_jsonl(result.stdout_bytes)] == ["b", "d"]
+    bad = CliRunner().invoke(main, ["--model", tiny_llama, "--adapter", tiny_llama_lora, "--shard", "2/2", data])
+    assert bad.exit_code == 2 and "0 <= I < N" in bad.output
+
+
+def test_no_chat_template_scores_plain_text(tiny_llama, tiny_llama_lora, tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS[:1])
+    runner = CliRunner()
+    args = ["--model", tiny_llama, "--adapter", tiny_llama_lora, data]
+    plain = read_jsonl(runner.invoke(main, args + ["--no-chat-template"]).stdout_bytes)[0]["titok"]["source"]
+    templated = read_jsonl(runner.invoke(main, args).stdout_bytes)[0]["titok"]["source"]
+    tokenizer = load_tokenizer(tiny_llama)
+    assert plain["token_ids"][-1] == tokenizer.eos_token_id and templated["token_ids"][-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert plain["token_ids"][:-1] == templated["token_ids"][:-1]
+
+
+def test_chat_template_file_is_used(tiny_llama, tiny_llama_lora, tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"
+                        "{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}")
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS[:1])
+    result = CliRunner().invoke(main, ["--model", tiny_llama, "--adapter", tiny_llama_lora, "--chat-template",
+                                       str(template), data])
+    assert result.exit_code == 0, result.output
+    source = read_jsonl(result.stdout_bytes)[0]["titok"]["source"]
+    tokenizer = load_tokenizer(tiny_llama)
+    # "assistant: " + "The": byte-level BPE merges the space into " The", a token that overlaps
+    # the completion and so belongs to it, its span clipped to the completion.
+    assert tokenizer.decode(source["token_ids"]) == " " + RECORDS[0]["completion"] + "<|im_end|>"
+    assert source["offsets"][0] == [0, 3]

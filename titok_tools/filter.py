@@ -1,0 +1,127 @@
+"""titok-filter: keep the top-M samples by mean excess, then the top-k tokens inside them.
+
+SPEC Part A item 4. Ranking needs every sample's mean excess before the first record can be
+written, so the input is read twice (stdin is spooled to a temp file): pass one keeps only one
+float per record, pass two streams the records out in input order with their token masks.
+"""
+import logging
+
+import click
+
+from . import cli
+from .records import RecordError, read_records, record_writer, spooled, titok
+from .select import n_select, select_stream
+
+log = logging.getLogger("titok.filter")
+
+
+def source_scores(record, where):
+    """The scored source side of a record, checked."""
+    source = record.get("titok", {}).get("source")
+    if not isinstance(source, dict) or "excess" not in source:
+        raise RecordError(where, "titok.source", "missing: run titok-score first")
+    excess = source["excess"]
+    if not isinstance(excess, list) or not excess:
+        raise RecordError(where, "titok.source.excess", "must be a non-empty list of numbers")
+    if not isinstance(source.get("mean_excess"), (int, float)):
+        raise RecordError(where, "titok.source.mean_excess", "must be a number")
+    return source
+
+
+def parse_keep(value, n):
+    """M from --keep: an integer count ("250") or a fraction of the input ("0.5")."""
+    try:
+        fraction = any(c in value for c in ".eE")
+        number = float(value) if fraction else int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a count nor a fraction", param_hint="--keep")
+    if fraction:
+        if not 0 < number <= 1:
+            raise click.BadParameter(f"fraction {value} is outside (0, 1]", param_hint="--keep")
+        return n_select(n, number)
+    if number < 1:
+        raise click.BadParameter(f"count {value} must be at least 1", param_hint="--keep")
+    if number > n:
+        log.warning("--keep %d is more than the %d input records: keeping all", number, n)
+    return min(number, n)
+
+
+def rank_records(pairs):
+    """Pass one: 1-based rank of each record by mean excess (stable sort, descending)."""
+    means = [source_scores(record, where)["mean_excess"] for where, record in pairs]
+    order = sorted(range(len(means)), key=lambda i: -means[i])
+    ranks = [0] * len(means)
+    for rank, i in enumerate(order, 1):
+        ranks[i] = rank
+    return ranks
+
+
+def filter_records(read, k, keep, scope, mark_only=False, counts=None):
+    """Yield the kept records (all records with mark_only) in input order, with their masks.
+
+    `read()` returns a fresh iterator of (where, record) pairs; it is called two or three times.
+    """
+    counts = {} if counts is None else counts
+    ranks = rank_records(read())
+    m = parse_keep(keep, len(ranks)) if ranks else 0
+    settings = {"k": k, "keep": m, "scope": scope}
+
+    def kept():
+        return (r for i, (_, r) in enumerate(read()) if ranks[i] <= m)
+
+    masked = select_stream(kept(), lambda r: r["titok"]["source"]["excess"], k, scope, rereader=kept)
+    for i, (where, record) in enumerate(read()):
+        source = record["titok"]["source"]
+        is_kept = ranks[i] <= m
+        if is_kept:
+            item, mask = next(masked)
+            assert item["id"] == record["id"]
+            source["mask"] = mask
+            counts["kept"] = counts.get("kept", 0) + 1
+            counts["tokens"] = counts.get("tokens", 0) + len(mask)
+            counts["tokens_kept"] = counts.get("tokens_kept", 0) + sum(mask)
+        key = "kept" if is_kept else "dropped"
+        counts[f"sum_{key}"] = counts.get(f"sum_{key}", 0.0) + source["mean_excess"]
+        counts[f"n_{key}"] = counts.get(f"n_{key}", 0) + 1
+        if is_kept or mark_only:
+            titok(record)["filter"] = dict(settings, rank=ranks[i], kept=is_kept)
+            yield record
+
+
+def summary(counts):
+    kept, dropped = counts.get("n_kept", 0), counts.get("n_dropped", 0)
+    line = f"kept {kept} of {kept + dropped} samples"
+    if kept:
+        line += (f", {counts['tokens_kept']} of their {counts['tokens']} tokens; "
+                 f"mean excess kept {counts['sum_kept'] / kept:+.4f}")
+    if dropped:
+        line += f" vs dropped {counts['sum_dropped'] / dropped:+.4f}"
+    return line
+
+
+@click.command()
+@cli.input_argument
+@cli.selection_options(0.7)
+@click.option("-M", "--keep", default="0.5", show_default=True,
+              help="Samples to keep, by mean excess: a count (250) or a fraction of the input (0.5 = the paper's 2x pool).")
+@click.option("--mark-only", is_flag=True, help="Write every record; dropped ones get titok.filter.kept = false and no mask.")
+@cli.output_option
+@cli.command
+def main(input, k, scope, keep, mark_only, output):
+    """Keep the best samples and mark their most informative tokens.
+
+    Reads records scored by titok-score. Keeps the top --keep samples by mean excess, then
+    sets titok.source.mask (0/1 per token) to the top -k share of tokens by excess. Adds
+    titok.filter = {k, keep, scope, rank, kept}. `-k 1 --keep 1.0` keeps every token of every
+    sample: the all-token (SFT/KD) baseline from the same tool.
+
+    \b
+    Example:
+      titok-score --model BASE --adapter LORA data.jsonl | titok-filter -k 0.3 --keep 0.5 > kept.jsonl
+    """
+    counts = {}
+    with spooled(input) as path, record_writer(output) as writer:
+        name = "<stdin>" if input == "-" else input
+        for record in filter_records(lambda: read_records(path, name=name), k, keep, scope, mark_only, counts):
+            writer.write(record)
+    log.info(summary(counts))
