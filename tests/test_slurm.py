@@ -77,7 +77,8 @@ def test_full_chain(env):
     assert "--dependency" not in submitted[0][0]
     assert [o["--dependency"] for o, _ in submitted[1:]] == [f"afterok:{100 + n}" for n in range(1, 10)]
     arrays = {o["--job-name"]: o["--array"] for o, _ in submitted if "--array" in o}
-    assert arrays == {"titok-score": "0-2", "titok-align": "0-2", "titok-eval": "0-2"}
+    # Global selection looks across records: align runs as one task then (see the sample-scope test).
+    assert arrays == {"titok-score": "0-2", "titok-align": "0-0", "titok-eval": "0-2"}
     gres = {o["--job-name"]: o.get("--gres") for o, _ in submitted}
     assert gres == {"titok-sft": "gpu:2", "titok-gen": "gpu:1", "titok-score": "gpu:1", "titok-score-merge": None,
                     "titok-filter": None, "titok-align": None, "titok-align-merge": None, "titok-train": "gpu:2",
@@ -99,15 +100,15 @@ def test_full_chain(env):
     for i in range(3):
         assert run_wrap(env, wraps["score"], i) == ["titok-score", "--model", source, "--adapter", adapter, "--shard", f"{i}/3",
                                                     "-o", f"{out}/shards/score.{i}.jsonl", f"{out}/synthetic.jsonl"]
-        assert run_wrap(env, wraps["align"], i) == ["titok-align", "--target-model", target, "--chat-template", "t.jinja",
-                                                    "--shard", f"{i}/3", "-o", f"{out}/shards/align.{i}.jsonl", f"{out}/filtered.jsonl"]
         assert run_wrap(env, wraps["eval"], i) == ["titok-eval", "--model", target, "--adapter", f"{out}/target-adapter",
                                                    "--shard", f"{i}/3", "-o", f"{out}/shards/eval.{i}.jsonl",
                                                    "--metrics", f"{out}/shards/metrics.{i}.json", f"{task}/test.jsonl"]
+    assert run_wrap(env, wraps["align"], 0) == ["titok-align", "--target-model", target, "--scope", "global", "--chat-template",
+                                                "t.jinja", "--shard", "0/1", "-o", f"{out}/shards/align.0.jsonl", f"{out}/filtered.jsonl"]
     assert run_wrap(env, wraps["score-merge"]) == ["titok-merge", "-o", f"{out}/scored.jsonl"] + [f"{out}/shards/score.{i}.jsonl" for i in range(3)]
     assert run_wrap(env, wraps["filter"]) == ["titok-filter", "-k", "0.3", "--keep", "5", "--scope", "global",
                                               "-o", f"{out}/filtered.jsonl", f"{out}/scored.jsonl"]
-    assert run_wrap(env, wraps["align-merge"]) == ["titok-merge", "-o", f"{out}/aligned.jsonl"] + [f"{out}/shards/align.{i}.jsonl" for i in range(3)]
+    assert run_wrap(env, wraps["align-merge"]) == ["titok-merge", "-o", f"{out}/aligned.jsonl", f"{out}/shards/align.0.jsonl"]
     assert run_wrap(env, wraps["train"]) == ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "-m", "titok_tools.train",
                                              "--model", target, "--output", f"{out}/target-adapter", f"{out}/aligned.jsonl"]
     # The eval merge also pools the shards' metrics, weighted by their record counts.
@@ -138,9 +139,26 @@ def test_given_adapter_vllm_one_gpu_from_environment(env):
     assert run_wrap(env, wraps["score"], 0)[5:] == ["--batch-tokens", "4096", "--shard", "0/1", "-o", f"{out}/shards/score.0.jsonl",
                                                     f"{out}/synthetic.jsonl"]
     assert run_wrap(env, wraps["filter"])[:8] == ["titok-filter", "-k", "0.7", "--keep", "7", "--scope", "sample", "--mark-only"]
+    assert run_wrap(env, wraps["align"], 0) == ["titok-align", "--target-model", "tgt", "--scope", "sample", "--shard", "0/1",
+                                                "-o", f"{out}/shards/align.0.jsonl", f"{out}/filtered.jsonl"]
     assert run_wrap(env, wraps["train"]) == ["accelerate", "launch", "--num_processes", "1", "-m", "titok_tools.train", "--model",
                                              "tgt", "--output", f"{out}/target-adapter", "--lora-r", "16", f"{out}/aligned.jsonl"]
     assert run_wrap(env, wraps["eval"], 0)[5:7] == ["--max-new-tokens", "32"]
+
+
+def test_sample_scope_shards_align(env):
+    result = titok_slurm(env, "--task", env["TASK_DIR"], "--source-adapter", "lora", "--shards", "3", "--out", "o")
+    assert result.returncode == 0, result.stderr
+    submitted = jobs(env)
+    align = next(w for o, w in submitted if o["--job-name"] == "titok-align")
+    assert next(o for o, _ in submitted if o["--job-name"] == "titok-align")["--array"] == "0-2"
+    out = os.path.join(env["TMP"], "o")
+    for i in range(3):
+        assert run_wrap(env, align, i) == ["titok-align", "--target-model", "meta-llama/Llama-3.1-8B-Instruct", "--scope",
+                                           "sample", "--shard", f"{i}/3", "-o", f"{out}/shards/align.{i}.jsonl",
+                                           f"{out}/filtered.jsonl"]
+    merge = next(w for o, w in submitted if o["--job-name"] == "titok-align-merge")
+    assert run_wrap(env, merge)[3:] == [f"{out}/shards/align.{i}.jsonl" for i in range(3)]
 
 
 def test_existing_outputs_are_not_submitted_again(env):
