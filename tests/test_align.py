@@ -1,0 +1,367 @@
+"""titok-align: character-offset alignment against a brute-force reference, on real tokenizers."""
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+
+from conftest import GEMMA_TEMPLATE, read_jsonl, run_pipe, write_jsonl
+from titok_tools import align
+from titok_tools.align import align_records, align_values, main, overlap_ranges
+from titok_tools.formatting import FormatError, encode
+from titok_tools.models import load_tokenizer, tokenizer_fingerprint
+from titok_tools.select import n_select, topk_mask, topk_masks
+
+TEXTS = {
+    "ascii": "The quick brown fox jumps over the lazy dog. It's 42, isn't it? Yes: (a+b)*c = 7;",
+    "accented": "Crème brûlée à la française, naïve façade — señor Ångström déjà vu, Œuvre.",
+    "emoji": "Great job 👍🏽! 🎉🎉 Family: 👨\u200d👩\u200d👧\u200d👦 done 😀. Flags 🇫🇷🇯🇵 ok ✅",
+    "cjk": "日本語のテキストと中文文本，还有한국어 문장。東京タワー「高さ」333ｍ",
+    "whitespace": "  leading\n\n\n    indented\tcode\t\tand   many      spaces   \n\n  end \t ",
+    "code": "def f(x):\n    return x**2  # square\n\nprint(f(3))\n",
+}
+PROMPT = [{"role": "user", "content": "Write something."}]
+
+
+def brute_force(source_offsets, values, target_offsets):
+    """For every target token, the source tokens whose spans overlap it, O(n*m): the reference.
+    Non-empty spans overlap when they share a character; empty spans (the closing tokens) only
+    match each other at the same place."""
+    out = []
+    for c, d in target_offsets:
+        hits = [v for (a, b), v in zip(source_offsets, values)
+                if ((a < d and c < b) if (a < b and c < d) else (a == b == c == d))]
+        total = 0.0
+        for v in hits:  # left to right, as the aligner sums
+            total += v
+        out.append(total / len(hits) if hits else None)
+    return out
+
+
+def brute_force_groups(source_offsets, values, target_offsets):
+    """The paper's grouping, O(n*m): connected groups of overlapping tokens; every target token
+    of a group gets the mean over the group's source tokens."""
+    parent = list(range(len(source_offsets) + len(target_offsets)))
+
+    def root(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for ranges_j, hits in enumerate(brute_force_ranges(source_offsets, target_offsets)):
+        for i in hits:
+            parent[root(len(source_offsets) + ranges_j)] = root(i)
+    out = []
+    for j in range(len(target_offsets)):
+        members = [i for i in range(len(source_offsets)) if root(i) == root(len(source_offsets) + j)]
+        total = 0.0
+        for i in members:
+            total += values[i]
+        out.append(total / len(members) if members else None)
+    return out
+
+
+def brute_force_ranges(source_offsets, target_offsets):
+    return [[i for i, (a, b) in enumerate(source_offsets)
+             if ((a < d and c < b) if (a < b and c < d) else (a == b == c == d))] for c, d in target_offsets]
+
+
+def random_values(n, seed):
+    return np.random.default_rng(seed).normal(size=n).tolist()
+
+
+def scored(tokenizer, completion, id=0, k=0.5, seed=0, prompt=PROMPT):
+    """A record as titok-score + titok-filter write it, with synthetic excess (no model run)."""
+    enc = encode(tokenizer, prompt, completion)
+    excess = random_values(len(enc.positions), seed)
+    base = random_values(len(excess), seed + 1000)
+    source = {"model": "source", "adapter": "lora", "adapter_sha256": "0" * 64,
+              "tokenizer": tokenizer_fingerprint(tokenizer), "token_ids": enc.token_ids, "offsets": enc.offsets,
+              "logp_expert": [b + e for b, e in zip(base, excess)], "logp_base": base, "excess": excess,
+              "mean_excess": float(np.mean(excess)), "truncated": enc.truncated,
+              "mask": topk_mask(excess, k)}
+    return {"id": id, "prompt": prompt[0]["content"], "completion": completion,
+            "titok": {"source": source, "filter": {"k": k, "keep": 1, "scope": "sample", "rank": id}}}
+
+
+def check_against_reference(source_tok, target_tok, completion, seed=0):
+    src = encode(source_tok, PROMPT, completion)
+    tgt = encode(target_tok, PROMPT, completion)
+    for offsets in (src.offsets, tgt.offsets):  # the sweep relies on ordered spans
+        assert align.offsets_problem(offsets, len(completion)) is None, offsets
+    values = random_values(len(src.offsets), seed)
+    lo, hi = overlap_ranges(src.offsets, tgt.offsets, len(completion))
+    assert [list(range(a, b)) for a, b in zip(lo.tolist(), hi.tolist())] == brute_force_ranges(src.offsets, tgt.offsets)
+    assert align_values(src.offsets, values, tgt.offsets, len(completion)) == brute_force(src.offsets, values, tgt.offsets)
+    mask = [int(v > 0) for v in values]
+    assert (align_values(src.offsets, mask, tgt.offsets, len(completion), groups=True)
+            == brute_force_groups(src.offsets, mask, tgt.offsets))
+    return tgt
+
+
+@pytest.mark.parametrize("kind", sorted(TEXTS))
+def test_matches_brute_force_on_real_tokenizers(kind, smollm2_tokenizer, gemma_tokenizer):
+    text = TEXTS[kind]
+    for source, target in ((smollm2_tokenizer, gemma_tokenizer), (gemma_tokenizer, smollm2_tokenizer)):
+        tgt = check_against_reference(source, target, text)
+        # The closing tokens map to each other.
+        src_values = random_values(len(encode(source, PROMPT, text).offsets), 0)
+        assert align_values(encode(source, PROMPT, text).offsets, src_values, tgt.offsets, len(text))[-1] == src_values[-1]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(min_size=1, max_size=40), seed=st.integers(0, 100))
+def test_matches_brute_force_on_random_unicode(text, seed, smollm2_tokenizer, gemma_tokenizer):
+    assume(text.strip())
+    try:
+        check_against_reference(smollm2_tokenizer, gemma_tokenizer, text, seed)
+        check_against_reference(gemma_tokenizer, smollm2_tokenizer, text, seed)
+    except FormatError:
+        assume(False)  # a template that rewrites this text is refused by encode, not our case
+
+
+def test_paper_example_fractional_mask():
+    # right|eou|sness with mask 1,0,1 onto righteous|ness: 2/3 and 2/3; closing tokens map 1:1.
+    word = "righteousness"
+    source = [[0, 5], [5, 8], [8, 13], [13, 13]]
+    target = [[0, 9], [9, 13], [13, 13]]
+    assert align_values(source, [1, 0, 1, 1], target, len(word), groups=True) == pytest.approx([2 / 3, 2 / 3, 1])
+    assert brute_force_groups(source, [1, 0, 1, 1], target) == pytest.approx([2 / 3, 2 / 3, 1])
+    # --from excess: each target token averages only the source tokens it overlaps
+    assert align_values(source, [1, 0, 1, 1], target, len(word)) == pytest.approx([2 / 3, 1, 1])
+    # one-to-many replicates; a target span no source token covers gets no score.
+    assert align_values([[0, 9], [9, 9]], [0.5, 0.25], [[0, 3], [3, 9], [9, 9]], 9) == [0.5, 0.5, 0.25]
+    assert align_values([[0, 4], [8, 9]], [1.0, 2.0], [[0, 4], [4, 8], [8, 9], [9, 9]], 9) == [1.0, None, 2.0, None]
+    # groups end at shared boundaries: a|bc|d onto ab|cd is one group, x|y onto xy another
+    assert align_values([[0, 1], [1, 3], [3, 4], [4, 5], [5, 6]], [1, 0, 0, 1, 0], [[0, 2], [2, 4], [4, 6]], 6,
+                        groups=True) == [1 / 3, 1 / 3, 0.5]
+
+
+def test_offsets_problems():
+    assert align.offsets_problem([[0, 3], [3, 5], [5, 5]], 5) is None
+    assert "outside" in align.offsets_problem([[0, 3], [3, 9]], 5)
+    assert "order" in align.offsets_problem([[2, 3], [0, 5]], 5)
+    assert "empty" in align.offsets_problem([[0, 0], [0, 5]], 5)
+    assert "pairs" in align.offsets_problem([[0, 3, 1]], 5)
+    assert "integer" in align.offsets_problem("nope", 5)
+
+
+def test_identity_same_tokenizer(smollm2_tokenizer):
+    records = [scored(smollm2_tokenizer, text, i, seed=i) for i, text in enumerate(TEXTS.values())]
+    sources = [json.loads(json.dumps(r["titok"]["source"])) for r in records]
+    counts = {}
+    out = list(align_records(((f"in:{i}", r) for i, r in enumerate(records)), smollm2_tokenizer, model="same",
+                             k=0.3, counts=counts))
+    for record, source in zip(out, sources):
+        target = record["titok"]["target"]
+        assert target["score"] == source["excess"]
+        assert target["token_ids"] == source["token_ids"] and target["offsets"] == source["offsets"]
+        assert target["coverage"] == 1.0
+        assert target["mask"] == topk_mask(source["excess"], 0.3)
+        assert record["titok"]["source"] == source  # passes through unchanged
+    assert counts["same_tokens"] == len(records)
+
+
+def test_cross_family_records(smollm2_tokenizer, gemma_tokenizer):
+    records = [scored(smollm2_tokenizer, text, i, seed=i) for i, text in enumerate(TEXTS.values())]
+    out = list(align_records(((f"in:{i}", r) for i, r in enumerate(records)), gemma_tokenizer, model="gemma",
+                             k=None, scope="batch"))
+    scores = []
+    for record in out:
+        target, source = record["titok"]["target"], record["titok"]["source"]
+        tgt = encode(gemma_tokenizer, PROMPT, record["completion"])
+        assert target["token_ids"] == tgt.token_ids and target["offsets"] == tgt.offsets
+        assert target["score"] == brute_force(source["offsets"], source["excess"], tgt.offsets)
+        assert target["coverage"] == sum(s is not None for s in target["score"]) / len(target["score"])
+        assert target["tokenizer"] == tokenizer_fingerprint(gemma_tokenizer) != source["tokenizer"]
+        scores.append(target["score"])
+    # default k = the filter's; batch scope = groups of 4 records, the same rule as titok-filter
+    masks = topk_masks(scores[:4], 0.5) + topk_masks(scores[4:], 0.5)
+    assert [r["titok"]["target"]["mask"] for r in out] == masks
+
+
+def test_whitespace_completion_trimmed_by_template(smollm2_tokenizer, gemma_tokenizer):
+    # Gemma's template strips the completion: its untouched leading/trailing spaces get no token.
+    text = TEXTS["whitespace"]
+    [record] = align_records([("in:1", scored(smollm2_tokenizer, text))], gemma_tokenizer, model="g", k=0.5)
+    target = record["titok"]["target"]
+    assert target["offsets"][0][0] == 2 and target["score"][-1] == record["titok"]["source"]["excess"][-1]
+
+
+@pytest.fixture(scope="module")
+def lowercasing_tokenizer(smollm2_dir, tmp_path_factory):
+    """SmolLM2's tokenizer with a Lowercase normalizer in front: it tokenizes a changed text."""
+    from tokenizers import Tokenizer, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = load_tokenizer(smollm2_dir)
+    backend = Tokenizer.from_str(base.backend_tokenizer.to_str())
+    backend.normalizer = normalizers.Sequence([normalizers.Lowercase()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=base.eos_token, bos_token=base.bos_token,
+                                   pad_token=base.pad_token)
+    fast.chat_template = base.chat_template
+    directory = tmp_path_factory.mktemp("lowercasing-tokenizer")
+    fast.save_pretrained(directory)
+    return load_tokenizer(str(directory))
+
+
+def test_normalizer_that_changes_text(smollm2_tokenizer, lowercasing_tokenizer, caplog):
+    text = "Hello World, this is fine. ÉCOLE and école."
+    record = scored(smollm2_tokenizer, text, id="rec-7")
+    excess, offsets = record["titok"]["source"]["excess"], record["titok"]["source"]["offsets"]
+    counts = {}
+    with caplog.at_level(logging.WARNING, logger="titok.align"):
+        [out] = align_records([("in.jsonl:3", record)], lowercasing_tokenizer, model="lower", k=1.0, counts=counts)
+    target = out["titok"]["target"]
+    reference = brute_force(offsets, excess, target["offsets"])
+    for (a, b), score, ref in zip(target["offsets"], target["score"], reference):
+        piece = text[a:b]
+        # a token whose text lowercasing changes gets no score; every other one is aligned as usual
+        assert score == (None if piece != piece.lower() else ref), piece
+    changed = sum(1 for a, b in target["offsets"] if text[a:b] != text[a:b].lower())
+    assert changed >= 3 and counts["normalized_records"] == 1 and counts["normalized_tokens"] == changed
+    assert all(m == 0 for m, s in zip(target["mask"], target["score"]) if s is None)
+    assert target["coverage"] == pytest.approx(1 - changed / len(target["score"]))
+    assert "in.jsonl:3" in caplog.text and "rec-7" in caplog.text
+    # A text the normalizer leaves alone aligns fully.
+    [clean] = align_records([("x:1", scored(smollm2_tokenizer, "all lower case here."))], lowercasing_tokenizer,
+                            model="lower", k=0.5)
+    assert clean["titok"]["target"]["coverage"] == 1.0
+
+
+# --- the command -------------------------------------------------------------------------------
+
+def run(args, input_path=None):
+    result = CliRunner().invoke(main, args + ([str(input_path)] if input_path else []), catch_exceptions=False)
+    return result
+
+
+@pytest.fixture(scope="module")
+def gemma_scored(gemma_tokenizer, tmp_path_factory):
+    """Records scored (synthetically) on Gemma's tokens, to align onto SmolLM2 (quick to load)."""
+    records = [scored(gemma_tokenizer, text, i, k=0.4, seed=i) for i, text in enumerate(TEXTS.values())]
+    return write_jsonl(tmp_path_factory.mktemp("scored") / "scored.jsonl", records), records
+
+
+def test_cli_aligns_and_selects(gemma_scored, smollm2_dir, smollm2_tokenizer, tmp_path):
+    path, records = gemma_scored
+    result = run(["--target-model", smollm2_dir, "--scope", "global", "-o", str(tmp_path / "out.jsonl")], path)
+    assert result.exit_code == 0, result.output
+    out = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["id"] for r in out] == [r["id"] for r in records]
+    scores = []
+    for record, original in zip(out, records):
+        target = record["titok"]["target"]
+        tgt = encode(smollm2_tokenizer, PROMPT, record["completion"])
+        source = original["titok"]["source"]
+        assert target["score"] == brute_force(source["offsets"], source["excess"], tgt.offsets)
+        assert target["model"] == smollm2_dir
+        assert {k: v for k, v in record.items() if k != "titok"} == {k: v for k, v in original.items() if k != "titok"}
+        scores.append(target["score"])
+    # global scope: one threshold over all records, k from titok-filter (0.4)
+    assert [r["titok"]["target"]["mask"] for r in out] == topk_masks(scores, 0.4)
+    total = sum(v is not None for s in scores for v in s)  # unscored tokens do not count
+    assert sum(sum(r["titok"]["target"]["mask"]) for r in out) == n_select(total, 0.4)
+    assert "aligned 6 records" in result.stderr and "coverage" in result.stderr
+
+
+def test_cli_from_mask_shard_and_k(gemma_scored, smollm2_dir, smollm2_tokenizer):
+    path, records = gemma_scored
+    result = run(["--target-model", smollm2_dir, "--from", "mask", "-k", "0.2", "--shard", "1/2"], path)
+    assert result.exit_code == 0, result.output
+    out = read_jsonl(result.stdout.encode())
+    assert [r["id"] for r in out] == [1, 3, 5]
+    for record in out:
+        target, source = record["titok"]["target"], records[record["id"]]["titok"]["source"]
+        tgt = encode(smollm2_tokenizer, PROMPT, record["completion"])
+        assert target["score"] == brute_force_groups(source["offsets"], source["mask"], tgt.offsets)
+        assert target["mask"] == topk_mask(target["score"], 0.2)
+
+
+def test_cli_plain_format_and_max_length(gemma_scored, smollm2_dir, smollm2_tokenizer):
+    path, records = gemma_scored
+    result = run(["--target-model", smollm2_dir, "--no-chat-template", "--max-length", "5", "-k", "1"], path)
+    assert result.exit_code == 0, result.output
+    out = read_jsonl(result.stdout.encode())
+    for record in out:
+        target = record["titok"]["target"]
+        tgt = encode(smollm2_tokenizer, PROMPT, record["completion"], chat_template=False, max_length=5)
+        assert target["token_ids"] == tgt.token_ids and len(target["score"]) == 5 and target["truncated"]
+    assert "6 completions truncated" in result.stderr
+
+
+def test_cli_chat_template_file(gemma_gguf, smollm2_tokenizer, tmp_path):
+    # A base model without a template (Gemma GGUF) gets one from a file: the target's own format.
+    gemma = load_tokenizer(gemma_gguf, GEMMA_TEMPLATE)
+    path = write_jsonl(tmp_path / "in.jsonl", [scored(smollm2_tokenizer, TEXTS["accented"], k=0.5)])
+    result = run(["--target-model", gemma_gguf, "--chat-template", GEMMA_TEMPLATE], path)
+    assert result.exit_code == 0, result.output
+    [record] = read_jsonl(result.stdout.encode())
+    assert record["titok"]["target"]["token_ids"] == encode(gemma, PROMPT, TEXTS["accented"]).token_ids
+    assert gemma.convert_ids_to_tokens(record["titok"]["target"]["token_ids"][-1]) == "<end_of_turn>"
+
+
+def bad_records(smollm2_tokenizer):
+    good = scored(smollm2_tokenizer, "A fine completion.", id="good")
+    unscored = {"id": "raw", "prompt": "p", "completion": "c"}
+    edited = scored(smollm2_tokenizer, "A completion that was longer.", id="edited")
+    edited["completion"] = "A completion"
+    return good, unscored, edited
+
+
+def test_bad_input(smollm2_dir, smollm2_tokenizer, tmp_path):
+    good, unscored, edited = bad_records(smollm2_tokenizer)
+    target = ["--target-model", smollm2_dir, "-k", "0.5"]
+    result = run(target + ["-o", str(tmp_path / "out.jsonl")], write_jsonl(tmp_path / "a.jsonl", [good, unscored]))
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'a.jsonl'}:2: titok.source: missing: run titok-score first" in result.output
+    assert not os.path.exists(tmp_path / "out.jsonl")  # nothing half-written
+
+    result = run(target, write_jsonl(tmp_path / "b.jsonl", [edited]))
+    assert result.exit_code == 1
+    assert "b.jsonl:1: titok.source.offsets: record 'edited'" in result.output and "completion" in result.output
+
+    no_mask = scored(smollm2_tokenizer, "Fine.", id="nm")
+    del no_mask["titok"]["source"]["mask"]
+    result = run(target + ["--from", "mask"], write_jsonl(tmp_path / "c.jsonl", [no_mask]))
+    assert result.exit_code == 1 and "titok.source.mask: missing: run titok-filter first" in result.output
+
+    del no_mask["titok"]["filter"]
+    result = run(["--target-model", smollm2_dir], write_jsonl(tmp_path / "d.jsonl", [no_mask]))
+    assert result.exit_code == 1 and "d.jsonl:1: titok.filter.k: missing: pass -k" in result.output
+
+    nan = scored(smollm2_tokenizer, "Fine.", id="nan")
+    nan["titok"]["source"]["excess"][0] = None
+    result = run(target, write_jsonl(tmp_path / "e.jsonl", [nan]))
+    assert result.exit_code == 1 and "record 'nan': values must be finite numbers" in result.output
+
+    short = scored(smollm2_tokenizer, "Fine words here.", id="short")
+    short["titok"]["source"]["excess"].pop()
+    result = run(target, write_jsonl(tmp_path / "f.jsonl", [short]))
+    assert result.exit_code == 1 and "values for" in result.output
+
+    result = run(target + ["--skip-invalid"], write_jsonl(tmp_path / "g.jsonl", [good, unscored, edited, nan, good]))
+    assert result.exit_code == 0
+    assert [r["id"] for r in read_jsonl(result.stdout.encode())] == ["good", "good"]
+    assert "3 invalid records skipped" in result.stderr
+
+
+def test_help_lists_every_flag():
+    result = CliRunner().invoke(main, ["--help"])
+    for flag in ("--target-model", "--chat-template", "--no-chat-template", "--max-length", "--from", "-k",
+                 "--scope", "--output", "--shard", "--skip-invalid"):
+        assert flag in result.output
+
+
+def test_pipe(smollm2_tokenizer, gemma_gguf, tmp_path):
+    """A real pipe into the installed console script, Gemma GGUF target (tokenizer only)."""
+    records = [scored(smollm2_tokenizer, text, i, seed=i) for i, text in enumerate(TEXTS.values())]
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    out, codes, err = run_pipe(["cat", path], ["titok-align", "--target-model", gemma_gguf, "--chat-template", GEMMA_TEMPLATE],
+                               ["head", "-n", "3"])
+    got = read_jsonl(out)
+    assert [r["id"] for r in got] == [0, 1, 2] and all(r["titok"]["target"]["mask"] for r in got)
+    assert "Traceback" not in err

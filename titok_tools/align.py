@@ -1,0 +1,372 @@
+"""titok-align: carry token scores from the source tokenizer onto the target's (SPEC Part A item 5).
+
+Both tokenizations cover the same completion string, and both store each token's character span
+in it. A target token's score is the mean of the source excess values of the source tokens whose
+spans overlap it: many-to-one averages, one-to-many replicates, the closing tokens (empty span at
+the end) map to each other. With --from mask the source's 0/1 mask is carried the paper's way
+instead: averaged over aligned groups (spans grown until both tokenizations share a boundary),
+giving its fractional masks. A target token that overlaps no source token gets no score (null)
+and is never selected. Then the target grid gets its own top-k mask with the same rule as
+titok-filter.
+
+Only the target's tokenizer is loaded, never its weights.
+"""
+import logging
+import tempfile
+import time
+from itertools import chain
+
+import click
+import numpy as np
+import orjson
+from tqdm import tqdm
+
+from . import cli
+from .formatting import FormatError, encode
+from .models import load_tokenizer, tokenizer_fingerprint
+from .records import RecordError, checked, dumps, prompt_and_completion, read_records, record_writer, titok
+from .select import select_stream
+
+log = logging.getLogger("titok.align")
+
+SOURCE_VALUES = {"excess": "run titok-score first", "mask": "run titok-filter first"}
+
+
+# --- the alignment itself: plain functions over offsets and values ---------------------------
+
+def overlap_ranges(source_offsets, target_offsets, length):
+    """For each target span, the range [lo, hi) of the source tokens whose spans overlap it.
+
+    Spans are [start, end) character offsets into a completion of `length` characters, both
+    starts and ends in non-decreasing order (as tokenizers produce them; byte pieces of one
+    character share its span), so the source tokens overlapping a span are a contiguous run:
+    those ending after its start (a suffix) and starting before its end (a prefix). Counting
+    starts and ends per character gives every run in O(n + m + length). An empty span (the
+    closing token, [length, length]) overlaps only an empty span at the same place.
+    """
+    src = np.asarray(source_offsets, dtype=np.int64).reshape(-1, 2)
+    tgt = np.asarray(target_offsets, dtype=np.int64).reshape(-1, 2)
+    # starts_before[x]: source tokens starting before char x; ends_by[x]: ending at or before x.
+    starts_before = np.concatenate(([0], np.cumsum(np.bincount(src[:, 0], minlength=length + 1))))
+    ends_by = np.cumsum(np.bincount(src[:, 1], minlength=length + 1))
+    lo, hi = ends_by[tgt[:, 0]], starts_before[tgt[:, 1]]
+    empty = tgt[:, 0] == tgt[:, 1]
+    if empty.any():
+        # Only the source's own closing token (the last, empty at `length`) matches an empty span.
+        closing = len(src) and src[-1, 0] == src[-1, 1] == length
+        at_end = empty & (tgt[:, 0] == length) & bool(closing)
+        lo = np.where(at_end, len(src) - 1, lo)
+        hi = np.where(at_end, len(src), np.where(empty, 0, hi))
+    return lo, np.maximum(hi, lo)
+
+
+def align_values(source_offsets, values, target_offsets, length, groups=False):
+    """The source values carried onto the target spans; None where no source token overlaps.
+
+    Default (SPEC Part A item 5): each target token gets the mean of the source values whose
+    spans overlap it. groups=True (the paper's alignment, used for --from mask): overlapping
+    tokens chain into groups that end where both tokenizations share a boundary (the paper
+    grows both spans until their texts match), and every target token of a group gets the mean
+    over the group's source tokens: right|eou|sness (1, 0, 1) onto righteous|ness is 2/3, 2/3.
+    Sums run left to right, so a one-to-one token keeps its value bit for bit.
+    """
+    lo, hi = overlap_ranges(source_offsets, target_offsets, length)
+    values = np.asarray(values, dtype=np.float64)
+    if not groups:
+        return _range_means(values, lo, hi)
+    # Consecutive target tokens are in one group when their source runs share a token.
+    joined = (hi[:-1] > lo[1:]) & (hi[:-1] > lo[:-1]) & (hi[1:] > lo[1:])
+    group = np.concatenate(([0], np.cumsum(~joined)))
+    first = np.flatnonzero(np.concatenate(([True], ~joined)))
+    last = np.concatenate((first[1:], [len(lo)])) - 1
+    # a group's source run: from its first token's first source to its last token's last
+    means = _range_means(values, lo[first], np.maximum(hi[last], lo[first]))
+    return [means[g] for g in group.tolist()]
+
+
+def _range_means(values, lo, hi):
+    """Mean of values[lo[j]:hi[j]] for each j, None for an empty run."""
+    count = hi - lo
+    total = np.zeros(len(lo))
+    rows, step = np.flatnonzero(count > 0), 0
+    while rows.size:  # one pass per position inside the runs: sum(count) additions in all
+        total[rows] += values[lo[rows] + step]
+        step += 1
+        rows = rows[count[rows] > step]
+    with np.errstate(invalid="ignore"):
+        means = (total / count).tolist()
+    return [None if c == 0 else m for m, c in zip(means, count.tolist())]
+
+
+def offsets_problem(offsets, length):
+    """Why `offsets` cannot be spans of tokens of a completion of `length` characters, or None."""
+    try:
+        spans = np.asarray(offsets, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        return "are not [start, end] integer pairs"
+    if spans.ndim != 2 or spans.shape[1] != 2 or not len(spans):
+        return "are not a non-empty list of [start, end] pairs"
+    starts, ends = spans[:, 0], spans[:, 1]
+    if starts.min() < 0 or ends.max() > length:
+        return f"reach outside the completion (length {length}): was it edited after scoring?"
+    if (np.diff(starts) < 0).any() or (np.diff(ends) < 0).any():
+        return "are not in order"
+    nonempty = starts[:-1] < ends[:-1]
+    if not nonempty.all() or starts[-1] > ends[-1] or (starts[-1] == ends[-1] != length):
+        return "hold an empty span other than the closing token's [length, length]"
+    return None
+
+
+# --- target tokenizer --------------------------------------------------------------------------
+
+class TargetTokenizer:
+    """The target tokenizer as `formatting.encode` uses it, with its special-token set read once.
+
+    encode collects the special ids on every call; for Gemma (6,000 added tokens) that costs
+    8 ms a record, far more than tokenizing it. Every other attribute is the tokenizer's own.
+    """
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.all_special_ids = tokenizer.all_special_ids
+        self.added_tokens_decoder = tokenizer.added_tokens_decoder
+        self.text_normalizer = _text_normalizer(tokenizer)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+
+def _text_normalizer(tokenizer):
+    """The target's normalizer minus what only marks spaces (Prepend "▁", Replace " " by "▁"), or None
+    if nothing else is left.
+
+    What is left may change the text (Lowercase, NFKC, Strip...): then tokens no longer stand
+    for the completion's own characters, and `unreproducible` finds which.
+    """
+    from tokenizers import Tokenizer
+
+    normalizer = tokenizer.backend_tokenizer.normalizer
+    spec = orjson.loads(normalizer.__getstate__()) if normalizer is not None else None  # its JSON form
+    steps = spec["normalizers"] if spec and spec.get("type") == "Sequence" else [spec] if spec else []
+    steps = [s for s in steps if s.get("type") != "Prepend" and not _marks_spaces(s)]
+    if not steps:
+        return None
+    # tokenizers builds normalizers from JSON only as part of a tokenizer: give it an empty one.
+    carrier = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+               "normalizer": {"type": "Sequence", "normalizers": steps}, "pre_tokenizer": None,
+               "post_processor": None, "decoder": None,
+               "model": {"type": "WordLevel", "vocab": {"[UNK]": 0}, "unk_token": "[UNK]"}}
+    return Tokenizer.from_str(orjson.dumps(carrier).decode()).normalizer
+
+
+def _marks_spaces(step):
+    return step.get("type") == "Replace" and step.get("pattern") == {"String": " "} and step.get("content") == "\u2581"
+
+
+def _same_text(normalizer, text):
+    # SentencePiece normalizers write spaces as "▁": that is a spelling, not a change of text.
+    return normalizer.normalize_str(text).replace("\u2581", " ") == text.replace("\u2581", " ")
+
+
+def unreproducible(normalizer, completion, offsets):
+    """Indices of target tokens whose text the normalizer changes (they must get no score).
+
+    None when the normalizer leaves the whole completion as it is (the usual case: one check).
+    """
+    if normalizer is None or _same_text(normalizer, completion):
+        return None
+    return [i for i, (a, b) in enumerate(offsets) if a < b and not _same_text(normalizer, completion[a:b])]
+
+
+# --- records -------------------------------------------------------------------------------------
+
+def source_values(record, where, use):
+    """The source's offsets and the values to carry (excess or 0/1 mask), checked against the
+    completion; raises a one-line RecordError naming file:line, field and record id."""
+    messages, completion = prompt_and_completion(record, where)
+    source = record.get("titok", {}).get("source") if isinstance(record.get("titok"), dict) else None
+    if not isinstance(source, dict):
+        raise RecordError(where, "titok.source", f"missing: {SOURCE_VALUES['excess']}")
+    values = source.get(use)
+    if not isinstance(values, list):
+        raise RecordError(where, f"titok.source.{use}", f"missing: {SOURCE_VALUES[use]}")
+    offsets = source.get("offsets")
+    problem = offsets_problem(offsets, len(completion))
+    if problem:
+        raise RecordError(where, "titok.source.offsets", f"record {record.get('id')!r}: the offsets {problem}")
+    if len(values) != len(offsets):
+        raise RecordError(where, f"titok.source.{use}", f"record {record.get('id')!r}: {len(values)} values "
+                                                        f"for {len(offsets)} tokens")
+    try:
+        finite = np.isfinite(np.asarray(values, dtype=np.float64)).all()
+    except (TypeError, ValueError):
+        finite = False
+    if not finite:
+        raise RecordError(where, f"titok.source.{use}", f"record {record.get('id')!r}: values must be finite numbers")
+    return messages, completion, source, offsets, values
+
+
+def align_record(where, record, tokenizer, fingerprint, *, model, use="excess", chat_template=True,
+                 max_length=768, counts=None):
+    """Add titok.target (all but the mask) to one record and return its score list.
+
+    `tokenizer` is a TargetTokenizer. Same tokenizer and same tokens as the source: the
+    source's values are taken over as they are.
+    """
+    counts = {} if counts is None else counts
+    messages, completion, source, src_offsets, values = source_values(record, where, use)
+    try:
+        enc = encode(tokenizer, messages, completion, chat_template, max_length)
+    except FormatError as e:
+        raise RecordError(where, "completion", f"target tokenizer: {e}")
+    token_ids, offsets = enc.token_ids, enc.offsets
+    problem = offsets_problem(offsets, len(completion))
+    if problem:  # cannot happen with a sane tokenizer; never align on broken offsets
+        raise RecordError(where, "completion", f"record {record.get('id')!r}: the target tokenizer's offsets {problem}")
+
+    if source.get("tokenizer") == fingerprint and source.get("token_ids") == token_ids and src_offsets == offsets:
+        scores = list(values)
+        counts["same_tokens"] = counts.get("same_tokens", 0) + 1
+    else:
+        scores = align_values(src_offsets, values, offsets, len(completion), groups=use == "mask")
+        changed = unreproducible(tokenizer.text_normalizer, completion, offsets)
+        if changed is not None:
+            for i in changed:
+                scores[i] = None
+            counts["normalized_records"] = counts.get("normalized_records", 0) + 1
+            counts["normalized_tokens"] = counts.get("normalized_tokens", 0) + len(changed)
+            log.warning("%s: record %r: the target tokenizer's normalizer changes the completion's text; "
+                        "%d of %d target tokens get no score", where, record.get("id"), len(changed), len(offsets))
+
+    scored = sum(s is not None for s in scores)
+    titok(record)["target"] = {"model": model, "tokenizer": fingerprint, "token_ids": token_ids, "offsets": offsets,
+                               "score": scores, "coverage": scored / len(scores), "truncated": enc.truncated}
+    counts["records"] = counts.get("records", 0) + 1
+    counts["tokens"] = counts.get("tokens", 0) + len(scores)
+    counts["scored"] = counts.get("scored", 0) + scored
+    counts["min_coverage"] = min(counts.get("min_coverage", 1.0), scored / len(scores))
+    counts["truncated"] = counts.get("truncated", 0) + int(enc.truncated)
+    return scores
+
+
+def recorded_k(record, where):
+    k = record.get("titok", {}).get("filter", {}).get("k") if isinstance(record.get("titok"), dict) else None
+    if not isinstance(k, (int, float)) or not 0 < k <= 1:
+        raise RecordError(where, "titok.filter.k", "missing: pass -k, or run titok-filter first")
+    return k
+
+
+def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="excess", chat_template=True,
+                  max_length=768, skip_invalid=False, counts=None, progress=None):
+    """Align (where, record) pairs onto `tokenizer` (a loaded tokenizer); yield the records, in
+    input order, with titok.target = {model, tokenizer, token_ids, offsets, score, coverage,
+    truncated, mask}. k=None takes the k recorded by titok-filter (one k for the whole run).
+    """
+    counts = {} if counts is None else counts
+    target = TargetTokenizer(tokenizer)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    run_k = {"k": k}
+
+    def check(where, record):
+        if k is None:
+            this_k = recorded_k(record, where)
+            if run_k["k"] is None:
+                run_k["k"] = this_k
+            elif this_k != run_k["k"]:
+                raise RecordError(where, "titok.filter.k", f"{this_k} differs from the k of earlier records "
+                                                           f"({run_k['k']}); pass -k")
+        return align_record(where, record, target, fingerprint, model=model, use=use, chat_template=chat_template,
+                            max_length=max_length, counts=counts)
+
+    def aligned():
+        for _, record, _ in checked(pairs, check, skip_invalid, counts):
+            if progress is not None:
+                progress.update(1)
+            yield record
+
+    def scores_of(record):
+        return record["titok"]["target"]["score"]
+
+    stream = aligned()
+    first = next(stream, None)
+    if first is None:
+        return
+    stream = chain([first], stream)
+    with tempfile.TemporaryFile(prefix="titok-align-") as spool:
+        rereader = None
+        if scope == "global":
+            # One threshold over every record: keep the aligned records on disk, not in memory.
+            stream = _spooled(stream, spool)
+
+            def rereader():
+                spool.seek(0)
+                return (orjson.loads(line) for line in spool)
+        for record, mask in select_stream(stream, scores_of, run_k["k"], scope, rereader):
+            record["titok"]["target"]["mask"] = mask
+            yield record
+
+
+def _spooled(records, spool):
+    for record in records:
+        spool.write(dumps(record))
+        yield record
+
+
+def summary(counts):
+    n, tokens = counts.get("records", 0), counts.get("tokens", 0)
+    line = f"aligned {n} records, {tokens} target tokens"
+    if tokens:
+        line += f", coverage {counts['scored'] / tokens:.2%} (lowest record {counts['min_coverage']:.2%})"
+    if counts.get("same_tokens"):
+        line += f", {counts['same_tokens']} records with the source's own tokens (scores taken over)"
+    if counts.get("normalized_records"):
+        line += (f", {counts['normalized_records']} records whose text the target normalizer changes "
+                 f"({counts['normalized_tokens']} tokens left unscored)")
+    if counts.get("truncated"):
+        line += f", {counts['truncated']} completions truncated (see --max-length)"
+    if counts.get("invalid"):
+        line += f", {counts['invalid']} invalid records skipped"
+    return line
+
+
+@click.command()
+@cli.input_argument
+@click.option("--target-model", required=True,
+              help="The target model whose tokens get the scores: a Hugging Face id, a local dir or a .gguf file. "
+                   "Only its tokenizer is loaded.")
+@cli.tokenizer_options
+@click.option("--from", "use", type=click.Choice(sorted(SOURCE_VALUES)), default="excess", show_default=True,
+              help="Carry the source's excess, per overlapping token (the target ranks real scores), or its 0/1 "
+                   "mask from titok-filter, averaged over aligned groups (the paper's fractional masks).")
+@cli.selection_options(None)
+@cli.output_option
+@cli.shard_option
+@cli.skip_invalid_option
+@cli.command
+def main(input, target_model, chat_template, no_chat_template, max_length, use, k, scope, output, shard, skip_invalid):
+    """Carry per-token source scores onto the target tokenizer's tokens and select top-k there.
+
+    Each record is formatted with the TARGET's chat template; each target completion token
+    scores the mean of the source values whose character spans overlap it (null where none
+    does; never selected). Adds record["titok"]["target"] = {model, tokenizer, token_ids,
+    offsets, score, coverage, truncated, mask}. Default -k: the k titok-filter recorded.
+
+    \b
+    Example:
+      titok-score ... | titok-filter -k 0.7 \\
+        | titok-align --target-model gemma-3-270m.gguf --chat-template gemma3-chat.jinja > aligned.jsonl
+    """
+    tokenizer = load_tokenizer(target_model, chat_template)
+    counts = {}
+    started = time.time()
+    with record_writer(output) as writer, tqdm(desc="titok-align", unit="rec", mininterval=1) as progress:
+        pairs = ((w, r) for i, (w, r) in enumerate(read_records(input, skip_invalid, counts)) if cli.in_shard(i, shard))
+        for record in align_records(pairs, tokenizer, model=target_model, k=k, scope=scope, use=use,
+                                    chat_template=not no_chat_template, max_length=max_length,
+                                    skip_invalid=skip_invalid, counts=counts, progress=progress):
+            writer.write(record)
+    elapsed = time.time() - started
+    log.info("%s, %.0f records/s", summary(counts), counts.get("records", 0) / max(elapsed, 1e-9))
