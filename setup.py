@@ -1,6 +1,6 @@
 from setuptools import find_packages, setup
 
-COMMANDS = ["gen", "score", "filter", "align", "train", "eval", "merge"]
+COMMANDS = ["gen", "score", "filter", "align", "train", "eval", "merge", "bigbench"]
 
 setup(
     name="titok-tools",
@@ -30,5 +30,6 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100"],
         "vllm": ["vllm>=0.6"],
     },
+    scripts=["bin/titok-slurm"],
     entry_points={"console_scripts": [f"titok-{c}=titok_tools.{c if c != 'eval' else 'evaluate'}:main" for c in COMMANDS]},
 )
