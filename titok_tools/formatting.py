@@ -67,8 +67,13 @@ def _common_prefix_length(a, b):
 
 
 def _special_ids(tokenizer):
-    ids = set(tokenizer.all_special_ids)
-    ids.update(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
+    """Ids of special tokens, computed once per tokenizer (Gemma has 6k special added tokens:
+    collecting them costs more than tokenizing a record)."""
+    ids = getattr(tokenizer, "_titok_special_ids", None)
+    if ids is None:
+        ids = frozenset(tokenizer.all_special_ids).union(
+            i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
+        tokenizer._titok_special_ids = ids
     return ids
 
 
