@@ -109,3 +109,14 @@ def test_unscored_records_say_run_titok_score_first(tmp_path):
     result = CliRunner().invoke(main, ["-o", str(out), data])
     assert result.exit_code == 1 and "in.jsonl:3: titok.source: missing: run titok-score first" in result.output
     assert not out.exists()
+
+
+def test_rank_by_random_is_seeded(tmp_path):
+    ids = {seed: [r["id"] for r in run(RECORDS, "--rank-by", "random", "--seed", str(seed), "--keep", "2",
+                                       tmp_path=tmp_path)[0]] for seed in range(6)}
+    again = [r["id"] for r in run(RECORDS, "--rank-by", "random", "--seed", "0", "--keep", "2", tmp_path=tmp_path)[0]]
+    assert again == ids[0] and all(len(v) == 2 for v in ids.values())
+    assert len({tuple(v) for v in ids.values()}) > 1  # the seed matters, not the excess
+    out = run(RECORDS, "--rank-by", "random", "--seed", "3", "--keep", "1.0", "-k", "1", tmp_path=tmp_path)[0]
+    assert sorted(r["titok"]["filter"]["rank"] for r in out) == [1, 2, 3, 4, 5]
+    assert out[0]["titok"]["filter"]["rank_by"] == "random" and out[0]["titok"]["filter"]["seed"] == 3

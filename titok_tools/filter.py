@@ -5,6 +5,7 @@ written, so the input is read twice (stdin is spooled to a temp file): pass one 
 float per record, pass two streams the records out in input order with their token masks.
 """
 import logging
+import random
 
 import click
 
@@ -46,25 +47,32 @@ def parse_keep(value, n):
     return min(number, n)
 
 
-def rank_records(pairs):
-    """Pass one: 1-based rank of each record by mean excess (stable sort, descending)."""
+def rank_records(pairs, rank_by="excess", seed=0):
+    """Pass one: 1-based rank of each record by mean excess (stable sort, descending), or in a
+    seeded random order (the paper's "without sample filtering" ablation: M random samples)."""
     means = [source_scores(record, where)["mean_excess"] for where, record in pairs]
-    order = sorted(range(len(means)), key=lambda i: -means[i])
+    if rank_by == "random":
+        order = list(range(len(means)))
+        random.Random(seed).shuffle(order)
+    else:
+        order = sorted(range(len(means)), key=lambda i: -means[i])
     ranks = [0] * len(means)
     for rank, i in enumerate(order, 1):
         ranks[i] = rank
     return ranks
 
 
-def filter_records(read, k, keep, scope, mark_only=False, counts=None):
+def filter_records(read, k, keep, scope, mark_only=False, counts=None, rank_by="excess", seed=0):
     """Yield the kept records (all records with mark_only) in input order, with their masks.
 
     `read()` returns a fresh iterator of (where, record) pairs; it is called two or three times.
     """
     counts = {} if counts is None else counts
-    ranks = rank_records(read())
+    ranks = rank_records(read(), rank_by, seed)
     m = parse_keep(keep, len(ranks)) if ranks else 0
     settings = {"k": k, "keep": m, "scope": scope}
+    if rank_by != "excess":
+        settings.update(rank_by=rank_by, seed=seed)
 
     def kept():
         return (r for i, (_, r) in enumerate(read()) if ranks[i] <= m)
@@ -104,10 +112,13 @@ def summary(counts):
 @cli.selection_options(0.7)
 @click.option("-M", "--keep", default="0.5", show_default=True,
               help="Samples to keep, by mean excess: a count (250) or a fraction of the input (0.5 = the paper's 2x pool).")
+@click.option("--rank-by", type=click.Choice(["excess", "random"]), default="excess", show_default=True,
+              help="Rank samples by mean excess (TiTok), or at random with --seed (the ablation baseline).")
+@cli.seed_option
 @click.option("--mark-only", is_flag=True, help="Write every record; dropped ones get titok.filter.kept = false and no mask.")
 @cli.output_option
 @cli.command
-def main(input, k, scope, keep, mark_only, output):
+def main(input, k, scope, keep, rank_by, seed, mark_only, output):
     """Keep the best samples and mark their most informative tokens.
 
     Reads records scored by titok-score. Keeps the top --keep samples by mean excess, then
@@ -122,6 +133,7 @@ def main(input, k, scope, keep, mark_only, output):
     counts = {}
     with spooled(input) as path, record_writer(output) as writer:
         name = "<stdin>" if input == "-" else input
-        for record in filter_records(lambda: read_records(path, name=name), k, keep, scope, mark_only, counts):
+        for record in filter_records(lambda: read_records(path, name=name), k, keep, scope, mark_only, counts,
+                                     rank_by, seed):
             writer.write(record)
     log.info(summary(counts))
