@@ -22,7 +22,7 @@ import orjson
 from tqdm import tqdm
 
 from . import cli
-from .formatting import FormatError, encode
+from .formatting import FormatError, _special_ids, encode
 from .models import load_tokenizer, tokenizer_fingerprint
 from .records import RecordError, checked, dumps, prompt_and_completion, read_records, record_writer, titok
 from .select import select_stream
@@ -98,14 +98,21 @@ def _range_means(values, lo, hi):
     return [None if c == 0 else m for m, c in zip(means, count.tolist())]
 
 
-def offsets_problem(offsets, length):
-    """Why `offsets` cannot be spans of tokens of a completion of `length` characters, or None."""
+def as_spans(offsets):
+    """offsets as an (n, 2) integer array, or None if they are not a non-empty list of pairs."""
     try:
         spans = np.asarray(offsets, dtype=np.int64)
     except (TypeError, ValueError, OverflowError):
-        return "are not [start, end] integer pairs"
-    if spans.ndim != 2 or spans.shape[1] != 2 or not len(spans):
-        return "are not a non-empty list of [start, end] pairs"
+        return None
+    return spans if spans.ndim == 2 and spans.shape[1] == 2 and len(spans) else None
+
+
+def offsets_problem(offsets, length):
+    """Why `offsets` (a list, or as_spans' array) cannot be the spans of the tokens of a completion
+    of `length` characters, or None."""
+    spans = offsets if isinstance(offsets, np.ndarray) else as_spans(offsets)
+    if spans is None:
+        return "are not a non-empty list of [start, end] integer pairs"
     starts, ends = spans[:, 0], spans[:, 1]
     if starts.min() < 0 or ends.max() > length:
         return f"reach outside the completion (length {length}): was it edited after scoring?"
@@ -122,14 +129,17 @@ def offsets_problem(offsets, length):
 class TargetTokenizer:
     """The target tokenizer as `formatting.encode` uses it, with its special-token set read once.
 
-    encode collects the special ids on every call; for Gemma (6,000 added tokens) that costs
-    8 ms a record, far more than tokenizing it. Every other attribute is the tokenizer's own.
+    encode collects the special ids on every call from `all_special_ids` and the special entries
+    of `added_tokens_decoder`; for Gemma (6,249 special added tokens) that costs 10 ms a record,
+    far more than tokenizing it. Here `all_special_ids` already holds the whole set (computed by
+    formatting's own rule) and `added_tokens_decoder` adds nothing, so encode gets the same set
+    for the price of a set copy. Every other attribute is the tokenizer's own.
     """
 
     def __init__(self, tokenizer):
         self._tokenizer = tokenizer
-        self.all_special_ids = tokenizer.all_special_ids
-        self.added_tokens_decoder = tokenizer.added_tokens_decoder
+        self.all_special_ids = frozenset(_special_ids(tokenizer))
+        self.added_tokens_decoder = {}
         self.text_normalizer = _text_normalizer(tokenizer)
 
     def __getattr__(self, name):
@@ -193,20 +203,20 @@ def source_values(record, where, use):
     values = source.get(use)
     if not isinstance(values, list):
         raise RecordError(where, f"titok.source.{use}", f"missing: {SOURCE_VALUES[use]}")
-    offsets = source.get("offsets")
-    problem = offsets_problem(offsets, len(completion))
+    spans = as_spans(source.get("offsets"))
+    problem = offsets_problem(spans, len(completion))
     if problem:
         raise RecordError(where, "titok.source.offsets", f"record {record.get('id')!r}: the offsets {problem}")
-    if len(values) != len(offsets):
+    if len(values) != len(spans):
         raise RecordError(where, f"titok.source.{use}", f"record {record.get('id')!r}: {len(values)} values "
-                                                        f"for {len(offsets)} tokens")
+                                                        f"for {len(spans)} tokens")
     try:
-        finite = np.isfinite(np.asarray(values, dtype=np.float64)).all()
+        array = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError):
-        finite = False
-    if not finite:
+        array = np.array([np.nan])
+    if not np.isfinite(array).all():
         raise RecordError(where, f"titok.source.{use}", f"record {record.get('id')!r}: values must be finite numbers")
-    return messages, completion, source, offsets, values
+    return messages, completion, source, spans, array
 
 
 def align_record(where, record, tokenizer, fingerprint, *, model, use="excess", chat_template=True,
@@ -217,21 +227,22 @@ def align_record(where, record, tokenizer, fingerprint, *, model, use="excess", 
     source's values are taken over as they are.
     """
     counts = {} if counts is None else counts
-    messages, completion, source, src_offsets, values = source_values(record, where, use)
+    messages, completion, source, src_spans, values = source_values(record, where, use)
     try:
         enc = encode(tokenizer, messages, completion, chat_template, max_length)
     except FormatError as e:
         raise RecordError(where, "completion", f"target tokenizer: {e}")
     token_ids, offsets = enc.token_ids, enc.offsets
-    problem = offsets_problem(offsets, len(completion))
+    spans = as_spans(offsets)
+    problem = offsets_problem(spans, len(completion))
     if problem:  # cannot happen with a sane tokenizer; never align on broken offsets
         raise RecordError(where, "completion", f"record {record.get('id')!r}: the target tokenizer's offsets {problem}")
 
-    if source.get("tokenizer") == fingerprint and source.get("token_ids") == token_ids and src_offsets == offsets:
-        scores = list(values)
+    if source.get("tokenizer") == fingerprint and source.get("token_ids") == token_ids and source["offsets"] == offsets:
+        scores = list(source[use])  # the source's own numbers, untouched
         counts["same_tokens"] = counts.get("same_tokens", 0) + 1
     else:
-        scores = align_values(src_offsets, values, offsets, len(completion), groups=use == "mask")
+        scores = align_values(src_spans, values, spans, len(completion), groups=use == "mask")
         changed = unreproducible(tokenizer.text_normalizer, completion, offsets)
         if changed is not None:
             for i in changed:
