@@ -186,6 +186,14 @@ def test_adapter_for_another_base_is_refused(smollm2_dir, tiny_llama_lora, tmp_p
     assert "was made for base" in result.output and "weight shapes do not fit" in result.output
 
 
+def test_adapter_naming_another_base_is_flagged(tiny_llama, tiny_llama_lora, tmp_path):
+    import shutil
+    copy = shutil.copytree(tiny_llama, tmp_path / "same-weights-other-name")
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS[:1])
+    result = CliRunner().invoke(main, ["--model", str(copy), "--adapter", tiny_llama_lora, data])
+    assert result.exit_code == 0 and "was made for base" in result.stderr and "make sure it is the same model" in result.stderr
+
+
 def test_adapter_that_changes_nothing_is_flagged(tiny_llama, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -166,6 +166,10 @@ def load_adapter(base, adapter, model_name, trainable=False):
         raise click.ClickException(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter dir)")
     with open(config_path) as f:
         made_for = json.load(f).get("base_model_name_or_path")
+    known_as = {model_name, base.name_or_path, os.path.basename(os.path.normpath(model_name))}
+    if made_for and made_for not in known_as and os.path.basename(os.path.normpath(made_for)) not in known_as:
+        log.warning("--adapter %s was made for base %r, not --model %s: make sure it is the same model",
+                    adapter, made_for, model_name)
     try:
         return PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
     except RuntimeError as e:

@@ -92,8 +92,10 @@ def score_records(pairs, model, tokenizer, *, chat_template=True, max_length=768
                 for i, lp in zip(index, _completion_logprobs(model, body, head, batch_encs, pad_id, device)):
                     base[i] = lp
             if progress is not None:
+                counts["seen_tokens"] = counts.get("seen_tokens", 0) + sum(len(e.input_ids) for e in batch_encs)
                 progress.update(len(batch))
-                progress.set_postfix_str(f"{sum(len(e.input_ids) for e in batch_encs)} tok", refresh=False)
+                progress.set_postfix_str(f"{counts['seen_tokens'] / progress.format_dict['elapsed']:.0f} tok/s",
+                                         refresh=False)
         for (where, record, enc), lp_e, lp_b in zip(window_items, expert, base):
             excess = lp_e - lp_b
             titok(record)["source"] = dict(source, token_ids=enc.token_ids, offsets=enc.offsets, logp_expert=lp_e,
