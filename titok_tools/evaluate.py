@@ -1,0 +1,139 @@
+"""titok-eval: greedy answers of a model (optionally + adapter) to records with a reference completion.
+
+Writes each record with "prediction" added; metrics (exact match after normalization,
+ROUGE-1 and ROUGE-L F) go to stderr and to --metrics FILE. Generation is the shared
+`generation.generate` (batched, left padding, the same chat template as every stage).
+"""
+import json
+import logging
+import re
+import string
+
+import click
+from tqdm import tqdm
+
+from . import cli
+from .generation import generate
+from .models import load_model, load_tokenizer
+from .records import checked, prompt_and_completion, read_records, record_writer
+
+log = logging.getLogger("titok.eval")
+
+# Surrounding characters that do not change an answer: quotes, sentence punctuation.
+_SURROUNDING = string.whitespace + "\"'`“”‘’.,;:!?"
+_CHOICE = re.compile(r"^\(?([a-z])\)?$")
+
+
+def normalize(text):
+    """The form answers are compared in: stripped, lowercased, without surrounding quotes or
+    punctuation, inner whitespace collapsed; a multiple-choice letter ("A", "(A)", "a)") as "(a)"."""
+    text = " ".join(text.lower().split()).strip(_SURROUNDING)
+    choice = _CHOICE.match(text)
+    return f"({choice.group(1)})" if choice else text
+
+
+def exact_match(prediction, reference):
+    return normalize(prediction) == normalize(reference)
+
+
+class Metrics:
+    """Running means of exact match, ROUGE-1 F and ROUGE-L F (stemmed, as in SPEC item 8)."""
+
+    def __init__(self):
+        from rouge_score import rouge_scorer
+        self.scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+        self.n = 0
+        self.sums = {"exact_match": 0.0, "rouge1": 0.0, "rougeL": 0.0}
+
+    def add(self, prediction, reference):
+        scores = self.scorer.score(reference, prediction)
+        self.sums["exact_match"] += float(exact_match(prediction, reference))
+        self.sums["rouge1"] += scores["rouge1"].fmeasure
+        self.sums["rougeL"] += scores["rougeL"].fmeasure
+        self.n += 1
+
+    def result(self):
+        return {"records": self.n, **{k: (v / self.n if self.n else None) for k, v in self.sums.items()}}
+
+
+def evaluate_records(pairs, model, tokenizer, *, chat_template=True, max_new_tokens=200, batch_size=8, max_length=768,
+                     metrics=None, skip_invalid=False, counts=None, progress=None):
+    """Yield the (where, record) pairs' records with "prediction", in order; add to `metrics`."""
+    metrics = metrics if metrics is not None else Metrics()
+    window = []
+
+    def flush():
+        predictions = generate(model, tokenizer, [messages for _, _, (messages, _) in window], chat_template=chat_template,
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
+        for (_, record, (_, reference)), prediction in zip(window, predictions):
+            metrics.add(prediction, reference)
+            record["prediction"] = prediction
+            yield record
+        if progress is not None:
+            progress.update(len(window))
+        window.clear()
+
+    for item in checked(pairs, lambda where, record: prompt_and_completion(record, where), skip_invalid, counts):
+        window.append(item)
+        if len(window) >= batch_size:
+            yield from flush()
+    if window:
+        yield from flush()
+
+
+def summary(result):
+    if not result["records"]:
+        return "no records evaluated"
+    return (f"{result['records']} records: exact match {result['exact_match']:.4f}, "
+            f"ROUGE-1 {result['rouge1']:.4f}, ROUGE-L {result['rougeL']:.4f}")
+
+
+def _selected(pairs, limit, shard):
+    """The first `limit` records (all without), then this shard's share of them; stops reading at the limit."""
+    for i, pair in enumerate(pairs):
+        if limit is not None and i >= limit:
+            return
+        if cli.in_shard(i, shard):
+            yield pair
+
+
+@click.command()
+@cli.input_argument
+@cli.model_options
+@cli.adapter_option
+@cli.tokenizer_options
+@click.option("--max-new-tokens", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Prompts generated together (left padding).")
+@click.option("--limit", type=click.IntRange(min=0), help="Evaluate only the first N records of the input.")
+@click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False, writable=True), help="Also write the metrics here as JSON.")
+@cli.output_option
+@cli.shard_option
+@cli.skip_invalid_option
+@cli.command
+def main(input, model, dtype, device, trust_remote_code, adapter, chat_template, no_chat_template, max_length,
+         max_new_tokens, batch_size, limit, metrics_file, output, shard, skip_invalid):
+    """Greedy predictions for records with a prompt and a reference completion, and their scores.
+
+    Writes every record with "prediction" added. Metrics, on stderr and in --metrics FILE:
+    exact match after normalization (case, surrounding whitespace, quotes and punctuation;
+    "(A)" = "A"), and ROUGE-1 / ROUGE-L F-measures. Without --adapter the vanilla base answers.
+
+    \b
+    Example:
+      titok-eval --model google/gemma-3-270m --adapter adapters/target --metrics m.json test.jsonl > predictions.jsonl
+    """
+    tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
+    lm = load_model(model, adapter, dtype, device, trust_remote_code)
+    counts, metrics = {}, Metrics()
+    with record_writer(output) as writer, tqdm(desc="titok-eval", unit="rec", mininterval=1) as progress:
+        pairs = _selected(read_records(input, skip_invalid, counts), limit, shard)
+        for record in evaluate_records(pairs, lm, tokenizer, chat_template=not no_chat_template,
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length,
+                                       metrics=metrics, skip_invalid=skip_invalid, counts=counts, progress=progress):
+            writer.write(record)
+            writer.flush()
+    result = dict(metrics.result(), model=model, adapter=adapter, invalid=counts.get("invalid", 0))
+    log.info("%s%s", summary(result), f", {counts['invalid']} invalid records skipped" if counts.get("invalid") else "")
+    if metrics_file:
+        with open(metrics_file, "w") as f:
+            json.dump(result, f, indent=1)
