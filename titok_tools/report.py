@@ -1,0 +1,52 @@
+"""The results table of a pipeline run, from titok-eval's --metrics files.
+
+    python -m titok_tools.report -o report.md --title "..." --setting M=100 \\
+        source-base=eval/source-base.json target-titok=eval/target-titok.json ...
+
+Writes a Markdown table (one row per NAME=FILE, in the order given) followed by the run's
+settings; every number comes from the metrics files of this run.
+"""
+import json
+import os
+import platform
+import time
+
+import click
+
+
+def table(rows):
+    lines = ["| model | records | exact match | ROUGE-1 | ROUGE-L |", "|---|---:|---:|---:|---:|"]
+    for name, m in rows:
+        lines.append(f"| {name} | {m['records']} | {m['exact_match']:.1%} | {m['rouge1']:.3f} | {m['rougeL']:.3f} |")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("results", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The Markdown file to write.")
+@click.option("--title", default="TiTok transfer", show_default=True)
+@click.option("--setting", "settings", multiple=True, metavar="KEY=VALUE", help="A setting of the run to list under the table.")
+def main(results, output, title, settings):
+    """Tabulate NAME=METRICS.json results into a Markdown report."""
+    rows = []
+    for item in results:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: use NAME=METRICS.json", param_hint="RESULTS")
+        try:
+            with open(path) as f:
+                rows.append((name, json.load(f)))
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f"{path}: cannot read metrics: {e}")
+    setting_lines = [f"- {s.partition('=')[0]}: `{s.partition('=')[2]}`" for s in settings]
+    setting_lines.append(f"- machine: {platform.machine()}, {os.cpu_count()} CPU threads, {platform.python_version()}")
+    setting_lines.append(f"- written: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    text = f"# {title}\n\n{table(rows)}\n\nSettings:\n" + "\n".join(setting_lines) + "\n"
+    tmp = output + ".partial"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, output)
+
+
+if __name__ == "__main__":
+    main()
