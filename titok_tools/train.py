@@ -310,10 +310,11 @@ def train(model, examples, pad_id, *, epochs=2, batch_size=4, grad_accum=1, lr=5
     start = 0
     if resume and checkpoint and find_checkpoint(checkpoint):
         found = find_checkpoint(checkpoint)
+        with open(os.path.join(found, "state.json")) as f:
+            if json.load(f).get("run_key") != run_key:
+                raise click.ClickException(f"{found} was made by a run with other arguments or input; "
+                                           "delete it or drop --resume")
         state = load_checkpoint(found, model, optimizer, scheduler, procs)
-        if state.get("run_key") != run_key:
-            raise click.ClickException(f"{found} was made by a run with other arguments or input; "
-                                       "delete it or drop --resume")
         start, history = state["step"], state["history"]
         log.info("resuming from %s at step %d of %d", found, start, total)
 

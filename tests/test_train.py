@@ -1,0 +1,329 @@
+"""titok-train: the masked loss against hand computations, its invariance to how a step is split
+(accumulation, processes), reload, resume, bad input, and one real LoRA run on SmolLM2-135M."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from conftest import ROOT, read_jsonl, write_jsonl
+from titok_tools import train as train_module
+from titok_tools.evaluate import main as eval_main
+from titok_tools.formatting import encode
+from titok_tools.models import load_model, load_tokenizer, tokenizer_fingerprint
+from titok_tools.train import add_lora, main, masked_loss, prepare_examples, train, write_adapter
+
+WORDS = """apple river candle forest mirror garden pencil window rabbit silver castle bottle dragon pepper button
+jacket ladder marble needle orange pillow rocket saddle tunnel velvet wallet anchor basket cactus donkey engine
+falcon guitar hammer island jungle kettle lemon magnet napkin oyster parrot quartz ribbon shadow tomato violin
+walnut yogurt zipper blanket cherry dolphin feather giraffe helmet iceberg jigsaw kitten lantern mountain noodle
+ostrich pumpkin raccoon sandal teapot umbrella volcano whistle airport bicycle compass diamond elephant fountain
+glacier harbor insect lobster meadow""".split()
+
+
+def repeat_records(words, start=0):
+    return [{"id": start + i, "prompt": f"Repeat twice: {w}", "completion": f"{w} {w}"} for i, w in enumerate(words)]
+
+
+def masked_records(tokenizer, records, seed=0, field="source"):
+    """Records with a random 0/1 mask on their completion tokens, as titok-filter/align would add."""
+    g = torch.Generator().manual_seed(seed)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    out = []
+    for r in records:
+        enc = encode(tokenizer, [{"role": "user", "content": r["prompt"]}], r["completion"])
+        mask = (torch.rand(len(enc.positions), generator=g) < 0.6).int().tolist()
+        mask[-1] = 1
+        out.append(dict(r, titok={field: {"tokenizer": fingerprint, "token_ids": enc.token_ids, "mask": mask}}))
+    return out
+
+
+def examples_of(records, tokenizer, model="tiny", all_tokens=False, counts=None):
+    return prepare_examples(((f"in:{i + 1}", r) for i, r in enumerate(records)), tokenizer, model=model,
+                            all_tokens=all_tokens, counts=counts)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    tokenizer = load_tokenizer(tiny_llama)
+    return tiny_llama, tokenizer
+
+
+def fresh_lora(model_dir, seed=0, dropout=0.0, target_modules="q_proj,v_proj"):
+    model = load_model(model_dir, dtype="float32", device="cpu")
+    return add_lora(model, model_dir, r=4, alpha=8, dropout=dropout, target_modules=target_modules, seed=seed)
+
+
+def test_masked_loss_is_hand_computed_sum_m_ce_over_sum_m(tiny):
+    model_dir, tokenizer = tiny
+    records = masked_records(tokenizer, repeat_records(["apple", "forest", "velvet wallet"]))
+    examples = examples_of(records, tokenizer)
+    model = load_model(model_dir, dtype="float32", device="cpu")
+    loss = masked_loss(model, examples, tokenizer.pad_token_id).item()
+
+    # Independent reference: each record alone through the full forward (logits everywhere).
+    total, weight = 0.0, 0.0
+    for r in records:
+        enc = encode(tokenizer, [{"role": "user", "content": r["prompt"]}], r["completion"])
+        with torch.no_grad():
+            logp = model(torch.tensor([enc.input_ids])).logits[0].double().log_softmax(-1)
+        for p, m in zip(enc.positions, r["titok"]["source"]["mask"]):
+            total += m * -logp[p - 1, enc.input_ids[p]].item()
+            weight += m
+    assert sum(sum(r["titok"]["source"]["mask"]) for r in records) < sum(len(r["titok"]["source"]["mask"]) for r in records)
+    assert loss == pytest.approx(total / weight, rel=1e-5)
+
+
+def test_all_ones_mask_equals_completion_only_sft_loss(tiny):
+    model_dir, tokenizer = tiny
+    records = repeat_records(["apple", "forest", "velvet wallet", "a much longer completion with more words"])
+    model = load_model(model_dir, dtype="float32", device="cpu")
+    ones = [dict(r, titok={"target": {"tokenizer": tokenizer_fingerprint(tokenizer), "mask": [1] * len(
+        encode(tokenizer, [{"role": "user", "content": r["prompt"]}], r["completion"]).positions)}}) for r in records]
+    loss_all_tokens = masked_loss(model, examples_of(records, tokenizer, all_tokens=True), tokenizer.pad_token_id).item()
+    loss_ones = masked_loss(model, examples_of(ones, tokenizer), tokenizer.pad_token_id).item()
+
+    # Reference: the model's own forward with labels = completion tokens, -100 elsewhere.
+    encs = [encode(tokenizer, [{"role": "user", "content": r["prompt"]}], r["completion"]) for r in records]
+    width = max(len(e.input_ids) for e in encs)
+    ids = torch.full((len(encs), width), tokenizer.pad_token_id)
+    labels = torch.full((len(encs), width), -100)
+    attention = torch.zeros((len(encs), width), dtype=torch.long)
+    for b, e in enumerate(encs):
+        ids[b, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        attention[b, :len(e.input_ids)] = 1
+        labels[b, e.positions] = torch.tensor(e.token_ids)
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=attention, labels=labels).loss.item()
+    assert loss_all_tokens == pytest.approx(reference, rel=1e-5)
+    assert loss_ones == pytest.approx(reference, rel=1e-5)
+
+
+def _train_tiny(model_dir, examples, pad_id, **kwargs):
+    model = fresh_lora(model_dir)
+    history = train(model, examples, pad_id, lr=1e-2, seed=3, progress=False, **kwargs)
+    return history, {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def test_grad_accumulation_gives_the_same_steps_as_one_big_batch(tiny):
+    model_dir, tokenizer = tiny
+    examples = examples_of(masked_records(tokenizer, repeat_records(WORDS[:10] + ["one two three four five six"])),
+                           tokenizer)
+    big, w_big = _train_tiny(model_dir, examples, tokenizer.pad_token_id, batch_size=4, grad_accum=1)
+    acc, w_acc = _train_tiny(model_dir, examples, tokenizer.pad_token_id, batch_size=2, grad_accum=2)
+    one, w_one = _train_tiny(model_dir, examples, tokenizer.pad_token_id, batch_size=1, grad_accum=4)
+    assert len(big["loss"]) == 6 and big["tokens"] == acc["tokens"] == one["tokens"]
+    assert acc["loss"] == pytest.approx(big["loss"], rel=1e-5)
+    assert one["loss"] == pytest.approx(big["loss"], rel=1e-5)
+    assert big["loss"][-1] < big["loss"][0]
+    for k in w_big:
+        torch.testing.assert_close(w_acc[k], w_big[k], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(w_one[k], w_big[k], atol=1e-6, rtol=1e-5)
+
+
+def _cli_args(model_dir, out, data, *extra):
+    return ["--model", model_dir, "--output", str(out), "--dtype", "float32", "--lr", "1e-2", "--lora-r", "4",
+            *extra, str(data)]
+
+
+def test_two_processes_give_the_same_loss_and_weights_as_one(tiny, tmp_path):
+    model_dir, tokenizer = tiny
+    data = write_jsonl(tmp_path / "data.jsonl", masked_records(tokenizer, repeat_records(WORDS[:11])))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = _cli_args(model_dir, tmp_path / "two", data, "--lora-dropout", "0", "--batch-size", "2")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "-m", "titok_tools.train", *common], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = CliRunner().invoke(main, _cli_args(model_dir, tmp_path / "one", data, "--lora-dropout", "0", "--batch-size", "4"))
+    assert result.exit_code == 0, result.output
+    two = json.load(open(tmp_path / "two" / "titok_train.json"))
+    one = json.load(open(tmp_path / "one" / "titok_train.json"))
+    assert two["processes"] == 2 and len(two["loss"]) == len(one["loss"]) == 6
+    assert two["tokens_trained"] == one["tokens_trained"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    w1, w2 = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-6, rtol=1e-5)
+
+
+def test_adapter_reloads_with_peft_and_gives_the_same_logits(tiny, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir, tokenizer = tiny
+    examples = examples_of(masked_records(tokenizer, repeat_records(WORDS[:8])), tokenizer)
+    model = fresh_lora(model_dir, dropout=0.05)
+    train(model, examples, tokenizer.pad_token_id, lr=1e-2, progress=False)
+    write_adapter(model, str(tmp_path / "adapter"), {"test": True})
+    assert {"adapter_config.json", "adapter_model.safetensors", "titok_train.json"} <= set(os.listdir(tmp_path / "adapter"))
+
+    ids = torch.tensor([examples[0].input_ids])
+    with torch.no_grad():
+        trained = model(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        plain = base(ids).logits
+        reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(ids).logits
+    assert (trained - plain).abs().max() > 1e-3         # the adapter changed something...
+    torch.testing.assert_close(reloaded, trained, atol=1e-5, rtol=1e-5)   # ...and it is what was saved
+
+
+def test_resume_after_an_interruption_reaches_the_same_weights(tiny, tmp_path, monkeypatch):
+    model_dir, tokenizer = tiny
+    data = write_jsonl(tmp_path / "data.jsonl", masked_records(tokenizer, repeat_records(WORDS[:12])))
+    # Dropout and NEFTune on: the resumed run must also restore the random state.
+    args = ["--neftune-alpha", "5", "--lora-dropout", "0.1", "--epochs", "2", "--save-every", "2"]
+    runner = CliRunner()
+    assert runner.invoke(main, _cli_args(model_dir, tmp_path / "straight", data, *args)).exit_code == 0
+
+    real_train = train_module.train
+
+    def crash_at_step_5(step, loss):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", lambda *a, **kw: real_train(*a, **dict(kw, on_step=crash_at_step_5)))
+    crashed = runner.invoke(main, _cli_args(model_dir, tmp_path / "resumed", data, *args))
+    assert crashed.exit_code != 0 and not os.path.exists(tmp_path / "resumed")
+    state = json.load(open(tmp_path / "resumed.checkpoint" / "state.json"))
+    assert state["step"] == 4
+    monkeypatch.setattr(train_module, "train", real_train)
+    resumed = runner.invoke(main, _cli_args(model_dir, tmp_path / "resumed", data, *args, "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    assert not os.path.exists(tmp_path / "resumed.checkpoint")
+
+    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    info_a = json.load(open(tmp_path / "straight" / "titok_train.json"))
+    info_b = json.load(open(tmp_path / "resumed" / "titok_train.json"))
+    assert info_b["loss"] == pytest.approx(info_a["loss"], abs=1e-6) and len(info_a["loss"]) == 6
+
+    # A checkpoint from other arguments is refused, not silently continued.
+    monkeypatch.setattr(train_module, "train", lambda *a, **kw: real_train(*a, **dict(kw, on_step=crash_at_step_5)))
+    runner.invoke(main, _cli_args(model_dir, tmp_path / "other", data, *args))
+    monkeypatch.setattr(train_module, "train", real_train)
+    other = runner.invoke(main, _cli_args(model_dir, tmp_path / "other", data, *args, "--resume", "--seed", "9"))
+    assert other.exit_code == 1 and "other arguments" in other.output
+
+
+def test_output_json_and_existing_output_dir(tiny, tmp_path):
+    model_dir, tokenizer = tiny
+    records = masked_records(tokenizer, repeat_records(WORDS[:6]))
+    records[2]["titok"]["source"]["mask"] = [0] * len(records[2]["titok"]["source"]["mask"])   # nothing selected
+    records[3]["titok"]["filter"] = {"kept": False}                                            # dropped by titok-filter
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    runner = CliRunner()
+    result = runner.invoke(main, _cli_args(model_dir, tmp_path / "out", data))
+    assert result.exit_code == 0, result.output
+    info = json.load(open(tmp_path / "out" / "titok_train.json"))
+    assert info["records"] == 4 and info["skipped"]["no_selected"] == 1 and info["skipped"]["not_kept"] == 1
+    assert info["tokens_trained"] == 2 * sum(sum(r["titok"]["source"]["mask"]) for r in records if r["id"] != 3)
+    assert len(info["loss"]) == 2 and info["input_sha256"] and info["arguments"]["lora_r"] == 4
+
+    again = runner.invoke(main, _cli_args(model_dir, tmp_path / "out", data))
+    assert again.exit_code == 1 and "exists" in again.output and "--overwrite" in again.output
+    before = os.path.getmtime(tmp_path / "out" / "adapter_model.safetensors")
+    assert runner.invoke(main, _cli_args(model_dir, tmp_path / "out", data, "--overwrite", "--seed", "1")).exit_code == 0
+    assert os.path.getmtime(tmp_path / "out" / "adapter_model.safetensors") >= before
+    assert json.load(open(tmp_path / "out" / "titok_train.json"))["arguments"]["seed"] == 1
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".out")] == []   # no temp dir left behind
+
+
+@pytest.mark.parametrize("case, message", [
+    ("mask_length", "has 2 entries but the completion has"),
+    ("other_tokenizer", "run `titok-align --target-model"),
+    ("no_mask", "--all-tokens"),
+    ("token_ids", "token_ids: differ"),
+    ("nothing_selected", "no records to train on (skipped: 2 with no selected token)"),
+    ("empty", "no records to train on"),
+])
+def test_bad_input_is_one_clear_error(tiny, tmp_path, case, message):
+    model_dir, tokenizer = tiny
+    records = masked_records(tokenizer, repeat_records(["apple", "forest"]))
+    source = records[1]["titok"]["source"]
+    if case == "mask_length":
+        source["mask"] = [1, 0]
+    elif case == "other_tokenizer":
+        source["tokenizer"] = "sha256:another"
+    elif case == "no_mask":
+        records[1].pop("titok")
+    elif case == "token_ids":
+        source["token_ids"] = source["token_ids"][::-1]
+    elif case == "nothing_selected":
+        for r in records:
+            r["titok"]["source"]["mask"] = [0] * len(r["titok"]["source"]["mask"])
+    elif case == "empty":
+        records = []
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    result = CliRunner().invoke(main, _cli_args(model_dir, tmp_path / "out", data))
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    if case in ("mask_length", "other_tokenizer", "no_mask", "token_ids"):
+        assert f"{data}:2" in result.output                       # names the record
+    assert len(result.output.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_nan_loss_is_refused(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model_dir, tokenizer = tiny
+    broken = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        broken.model.norm.weight.fill_(float("nan"))
+    broken.save_pretrained(tmp_path / "broken")
+    tokenizer.save_pretrained(tmp_path / "broken")
+    data = write_jsonl(tmp_path / "data.jsonl", repeat_records(["apple", "forest"]))
+    result = CliRunner().invoke(main, _cli_args(str(tmp_path / "broken"), tmp_path / "out", data, "--all-tokens"))
+    assert result.exit_code == 1 and "the loss is nan at step 1" in result.output
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_help_lists_every_flag():
+    text = CliRunner().invoke(main, ["--help"]).output
+    for flag in ("--model", "--output", "--overwrite", "--all-tokens", "--lora-r", "--lora-alpha", "--lora-dropout",
+                 "--target-modules", "--lr", "--weight-decay", "--warmup-ratio", "--max-grad-norm", "--epochs",
+                 "--batch-size", "--grad-accum", "--max-length", "--seed", "--neftune-alpha", "--save-every",
+                 "--resume", "--dtype", "--chat-template", "--no-chat-template", "--skip-invalid"):
+        assert flag in text
+
+
+def test_real_lora_sft_on_smollm2_learns_the_task(smollm2_dir, smollm2_tokenizer, tmp_path):
+    """2 epochs of LoRA SFT on 64 "Repeat twice: X" records: held-out loss falls and titok-eval's
+    exact match rises over the vanilla model (vanilla SmolLM2 chats instead of repeating)."""
+    train_data = write_jsonl(tmp_path / "train.jsonl", repeat_records(WORDS[:64]))
+    test_records = repeat_records(WORDS[64:80], start=1000)
+    test_data = write_jsonl(tmp_path / "test.jsonl", test_records)
+    runner = CliRunner()
+    result = runner.invoke(main, ["--model", smollm2_dir, "--output", str(tmp_path / "adapter"), "--all-tokens",
+                                  "--dtype", "bfloat16", "--lr", "1e-3", "--lora-r", "16", "--lora-alpha", "16",
+                                  "--target-modules", "all-linear", "--epochs", "2", train_data])
+    assert result.exit_code == 0, result.output
+    info = json.load(open(tmp_path / "adapter" / "titok_train.json"))
+    assert info["steps"] == 32 and info["records"] == 64
+
+    held_out = examples_of(test_records, smollm2_tokenizer, all_tokens=True)
+    with torch.no_grad():
+        vanilla_loss = masked_loss(load_model(smollm2_dir, dtype="bfloat16"), held_out, smollm2_tokenizer.pad_token_id).item()
+        tuned_loss = masked_loss(load_model(smollm2_dir, str(tmp_path / "adapter"), dtype="bfloat16"), held_out,
+                                 smollm2_tokenizer.pad_token_id).item()
+
+    scores = {}
+    for name, extra in (("vanilla", []), ("tuned", ["--adapter", str(tmp_path / "adapter")])):
+        result = runner.invoke(eval_main, ["--model", smollm2_dir, *extra, "--dtype", "bfloat16", "--max-new-tokens", "8",
+                                           "--batch-size", "16", "--metrics", str(tmp_path / f"{name}.json"),
+                                           "-o", str(tmp_path / f"{name}.jsonl"), test_data])
+        assert result.exit_code == 0, result.output
+        scores[name] = json.load(open(tmp_path / f"{name}.json"))
+    print(f"\nSmolLM2-135M 'Repeat twice' task, 16 held-out records: loss {vanilla_loss:.3f} -> {tuned_loss:.3f}; "
+          f"exact match {scores['vanilla']['exact_match']:.3f} -> {scores['tuned']['exact_match']:.3f}; "
+          f"ROUGE-L {scores['vanilla']['rougeL']:.3f} -> {scores['tuned']['rougeL']:.3f}; train loss "
+          f"{info['loss'][0]:.3f} -> {info['loss'][-1]:.3f} in {info['seconds']:.0f} s")
+    assert tuned_loss < 0.5 * vanilla_loss
+    assert scores["tuned"]["exact_match"] >= scores["vanilla"]["exact_match"] + 0.5
+    predictions = read_jsonl(tmp_path / "tuned.jsonl")
+    assert [p["id"] for p in predictions] == [r["id"] for r in test_records]
