@@ -1,0 +1,120 @@
+"""titok-eval: normalization, metrics against rouge-score computed here, the shared generation,
+--limit/--shard, stdout piping, and an adapter made for another base."""
+import json
+
+import pytest
+from click.testing import CliRunner
+from rouge_score import rouge_scorer
+
+from conftest import read_jsonl, run_pipe, write_jsonl
+from titok_tools.evaluate import exact_match, main, normalize
+from titok_tools.generation import generate
+from titok_tools.models import load_model, load_tokenizer
+
+
+@pytest.mark.parametrize("prediction, reference", [
+    ("(A)", "A"), ("a", "(A)"), (" (b) ", "B)"), ('"Yes."', "yes"), ("  True ", "true"), ("Hello   world!", "hello world"),
+    ("'valid'", "valid"), ("“No”", "no"),
+])
+def test_normalized_answers_match(prediction, reference):
+    assert exact_match(prediction, reference)
+
+
+@pytest.mark.parametrize("prediction, reference", [
+    ("(A)", "(B)"), ("A", "Answer: A"), ("yes no", "yes"), ("12", "1 2"), ("(ab)", "ab"),
+])
+def test_different_answers_do_not_match(prediction, reference):
+    assert not exact_match(prediction, reference)
+
+
+def test_normalize_keeps_inner_punctuation():
+    assert normalize("It's 3.5, isn't it?") == "it's 3.5, isn't it"
+
+
+@pytest.fixture(scope="module")
+def qa(tmp_path_factory):
+    records = [{"id": i, "prompt": f"Say {w}", "completion": w} for i, w in
+               enumerate(["apple", "river", "candle", "forest", "mirror", "garden", "pencil"])]
+    records.append({"id": 7, "messages": [{"role": "user", "content": "Say window"}, {"role": "assistant", "content": "window"}]})
+    return records, write_jsonl(tmp_path_factory.mktemp("eval") / "qa.jsonl", records)
+
+
+def test_predictions_are_the_shared_generation_and_metrics_are_recomputable(tiny_llama, tiny_llama_lora, qa, tmp_path):
+    records, data = qa
+    result = CliRunner().invoke(main, ["--model", tiny_llama, "--adapter", tiny_llama_lora, "--dtype", "float32",
+                                       "--max-new-tokens", "6", "--batch-size", "3", "--metrics", str(tmp_path / "m.json"),
+                                       "-o", str(tmp_path / "out.jsonl"), data])
+    assert result.exit_code == 0, result.output
+    out = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["id"] for r in out] == [r["id"] for r in records]
+    assert all(set(r) - {"prediction"} == set(o) for r, o in zip(out, records))
+
+    # The same texts from the shared generation function called directly (same batches).
+    model = load_model(tiny_llama, tiny_llama_lora, dtype="float32", device="cpu")
+    tokenizer = load_tokenizer(tiny_llama)
+    prompts = [[{"role": "user", "content": r["prompt"] if "prompt" in r else r["messages"][0]["content"]}] for r in records]
+    assert [r["prediction"] for r in out] == generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    assert any(r["prediction"] for r in out)
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    references = [r.get("completion") or r["messages"][-1]["content"] for r in records]
+    metrics = json.load(open(tmp_path / "m.json"))
+    n = len(records)
+    assert metrics["records"] == n and metrics["adapter"] == tiny_llama_lora
+    assert metrics["exact_match"] == pytest.approx(sum(exact_match(r["prediction"], ref) for r, ref in zip(out, references)) / n)
+    assert metrics["rouge1"] == pytest.approx(sum(scorer.score(ref, r["prediction"])["rouge1"].fmeasure
+                                                  for r, ref in zip(out, references)) / n)
+    assert metrics["rougeL"] == pytest.approx(sum(scorer.score(ref, r["prediction"])["rougeL"].fmeasure
+                                                  for r, ref in zip(out, references)) / n)
+    assert "exact match" in result.output and "ROUGE-L" in result.output     # metrics on stderr too
+
+
+def test_limit_and_shards_partition_the_first_records(tiny_llama, qa, tmp_path):
+    records, data = qa
+    runner = CliRunner()
+    common = ["--model", tiny_llama, "--dtype", "float32", "--max-new-tokens", "3", "--batch-size", "8", "--limit", "5"]
+    limited = runner.invoke(main, [*common, "-o", str(tmp_path / "all.jsonl"), data])
+    assert limited.exit_code == 0, limited.output
+    ids = [r["id"] for r in read_jsonl(tmp_path / "all.jsonl")]
+    assert ids == [0, 1, 2, 3, 4]
+    shards = []
+    for i in range(2):
+        result = runner.invoke(main, [*common, "--shard", f"{i}/2", "--metrics", str(tmp_path / f"m{i}.json"),
+                                      "-o", str(tmp_path / f"s{i}.jsonl"), data])
+        assert result.exit_code == 0, result.output
+        shards.append([r["id"] for r in read_jsonl(tmp_path / f"s{i}.jsonl")])
+    assert shards == [[0, 2, 4], [1, 3]]
+    assert [json.load(open(tmp_path / f"m{i}.json"))["records"] for i in range(2)] == [3, 2]
+
+
+def test_writes_records_to_stdout_in_a_pipe(tiny_llama, qa):
+    records, data = qa
+    out, codes, err = run_pipe(["titok-eval", "--model", tiny_llama, "--max-new-tokens", "2", "--limit", "3", data],
+                               ["head", "-n", "2"])
+    assert len(read_jsonl(out)) == 2 and all("prediction" in r for r in read_jsonl(out))
+
+
+def test_bad_records_are_named_or_skipped(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"id": 0, "prompt": "Say a", "completion": "a"}, {"id": 1, "prompt": "no reference"}])
+    runner = CliRunner()
+    result = runner.invoke(main, ["--model", tiny_llama, "--max-new-tokens", "2", data])
+    assert result.exit_code == 1 and f"{data}:2: completion: missing" in result.output
+    result = runner.invoke(main, ["--model", tiny_llama, "--max-new-tokens", "2", "--skip-invalid",
+                                  "--metrics", str(tmp_path / "m.json"), data])
+    assert result.exit_code == 0, result.output
+    metrics = json.load(open(tmp_path / "m.json"))
+    assert metrics["records"] == 1 and metrics["invalid"] == 1
+
+
+def test_adapter_for_another_base_is_a_clear_error(smollm2_dir, tiny_llama_lora, qa):
+    records, data = qa
+    result = CliRunner().invoke(main, ["--model", smollm2_dir, "--adapter", tiny_llama_lora, data])
+    assert result.exit_code == 1
+    assert "was made for base" in result.output and "weight shapes do not fit" in result.output
+
+
+def test_help_lists_every_flag():
+    text = CliRunner().invoke(main, ["--help"]).output
+    for flag in ("--model", "--adapter", "--max-new-tokens", "--batch-size", "--limit", "--shard", "--metrics",
+                 "--output", "--dtype", "--chat-template", "--no-chat-template", "--max-length", "--skip-invalid"):
+        assert flag in text
