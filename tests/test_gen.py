@@ -1,0 +1,432 @@
+"""titok-gen: query synthesis (few-shot, ROUGE-L dedup, resume) and labelling.
+
+The real SmolLM2-135M-Instruct (with a random LoRA) checks what the issue asks of real output:
+counts, dedup, labels, resume == uninterrupted. A tiny random Llama covers the plumbing, and a
+scripted backend (a list of replies) drives the retry and dedup logic case by case.
+"""
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings as hsettings, strategies as st
+from rouge_score import rouge_scorer
+
+from conftest import read_jsonl, write_jsonl
+from titok_tools import gen
+from titok_tools.gen import GenSettings, RougeDedup, generate_records, load_seeds, load_template, main
+
+SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+SPORTS = [
+    'Is the following sentence plausible? "Lionel Messi scored a touchdown."',
+    'Is the following sentence plausible? "Tom Brady threw a perfect pass in the Super Bowl."',
+    'Is the following sentence plausible? "Serena Williams hit a home run."',
+    'Is the following sentence plausible? "LeBron James dunked the ball."',
+    'Is the following sentence plausible? "Connor McDavid scored a power play goal."',
+    'Is the following sentence plausible? "Aaron Judge took a penalty kick."',
+]
+ANSWERS = ["no", "yes", "no", "yes", "yes", "no"]
+# For the tiny random model: it writes random tokens and never stops, so read whole replies.
+# Its greedy answer is the end-of-turn token (an empty label), so tiny runs sample labels too.
+LOOSE_TEMPLATE = "example: Input: {text}\nkeep: all\nmin_words: 1\nallow_cut: yes\n---\n{task_description}\n\n{examples}\n\nInput:"
+
+
+@pytest.fixture
+def seed_file(tmp_path):
+    records = [{"id": f"s{i}", "prompt": p, "completion": a} for i, (p, a) in enumerate(zip(SPORTS, ANSWERS))]
+    records[0]["task_description"] = "Decide whether a sentence about sports is plausible."
+    return write_jsonl(tmp_path / "seeds.jsonl", records)
+
+
+@pytest.fixture
+def loose_template(tmp_path):
+    path = tmp_path / "loose.txt"
+    path.write_text(LOOSE_TEMPLATE)
+    return str(path)
+
+
+def invoke(args, expect=0):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == expect, (result.output, result.exception)
+    return result
+
+
+def rouge(a, b):
+    return SCORER.score(a, b)["rougeL"].fmeasure
+
+
+# --- the real model -----------------------------------------------------------------------------
+
+REAL = ["--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", 48, "--label-max-new-tokens", 24, "--seed", 7]
+
+
+@pytest.fixture(scope="module")
+def real_runs(smollm2_dir, smollm2_lora, tmp_path_factory):
+    """An uninterrupted run of 6 queries, and one stopped at 3 then resumed to 6."""
+    tmp = tmp_path_factory.mktemp("gen-real")
+    seeds = [{"id": f"s{i}", "prompt": p, "completion": a} for i, (p, a) in enumerate(zip(SPORTS, ANSWERS))]
+    seeds[0]["task_description"] = "Decide whether a sentence about sports is plausible."
+    seed_path = write_jsonl(tmp / "seeds.jsonl", seeds)
+    common = ["--model", smollm2_dir, "--adapter", smollm2_lora, "--seed-examples", seed_path, *REAL]
+    full, part = tmp / "full.jsonl", tmp / "part.jsonl"
+    full_log = invoke([*common, "--num", 6, "-o", full]).output
+    invoke([*common, "--num", 3, "-o", part])
+    first_part = read_jsonl(part)
+    invoke([*common, "--num", 6, "-o", part, "--resume"])
+    return {"full": read_jsonl(full), "first_part": first_part, "resumed": read_jsonl(part), "log": full_log,
+            "seeds": SPORTS, "adapter": smollm2_lora}
+
+
+def test_real_queries_count_dedup_and_labels(real_runs):
+    records = real_runs["full"]
+    assert len(records) == 6
+    assert len({r["id"] for r in records}) == 6
+    queries = [r["prompt"] for r in records]
+    assert all(isinstance(q, str) and q.strip() for q in queries)
+    assert all(r["completion"].strip() for r in records)
+    # No pair at or over the threshold, with rouge-score itself, among queries and against seeds.
+    for a, b in itertools.combinations(queries, 2):
+        assert rouge(a, b) < 0.7, (a, b)
+    for q in queries:
+        assert max(rouge(s, q) for s in real_runs["seeds"]) < 0.7, q
+    for r in records:
+        meta = r["titok_gen"]
+        assert meta["adapter"] == real_runs["adapter"] and meta["seed"] == 7
+        assert len(meta["shots"]) == 3 and len(set(meta["shots"])) == 3
+        assert set(meta["shots"]) <= {f"s{i}" for i in range(6)}
+    assert "kept 6 queries; rejected" in real_runs["log"]
+
+
+def test_real_records_pass_the_record_checker(real_runs, tmp_path):
+    path = write_jsonl(tmp_path / "out.jsonl", real_runs["full"])
+    check = subprocess.run([sys.executable, "/work/shared/check-records", path], capture_output=True, text=True)
+    if check.returncode == 127 or not os.path.exists("/work/shared/check-records"):
+        pytest.skip("no record checker here")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_real_resume_equals_uninterrupted(real_runs):
+    assert len(real_runs["first_part"]) == 3
+    assert real_runs["first_part"] == real_runs["full"][:3]
+    assert real_runs["resumed"] == real_runs["full"]
+
+
+# --- the tiny model: plumbing, resume after a kill, determinism ------------------------------------
+
+def tiny_gen(tiny_llama, seed_file, template, *extra):
+    return ["--model", tiny_llama, "--dtype", "float32", "--device", "cpu", "--seed-examples", seed_file,
+            "--template", template, "--max-new-tokens", 8, "--label-max-new-tokens", 6, "--label-temperature", 1.0, *extra]
+
+
+def test_same_seed_same_file_other_seed_other_file(tiny_llama, seed_file, loose_template, tmp_path):
+    args = tiny_gen(tiny_llama, seed_file, loose_template, "--num", 5, "--batch-size", 3)
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        invoke([*args, "--seed", seed, "-o", tmp_path / f"{name}.jsonl"])
+    a, b, c = (open(tmp_path / f"{n}.jsonl", "rb").read() for n in "abc")
+    assert a == b
+    assert a != c
+    assert len(read_jsonl(a)) == 5
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny_llama, seed_file, loose_template, tmp_path):
+    args = tiny_gen(tiny_llama, seed_file, loose_template, "--num", 30, "--batch-size", 2, "--seed", 5)
+    full = tmp_path / "full.jsonl"
+    invoke([*args, "-o", full])
+    out = tmp_path / "killed.jsonl"
+    command = [sys.executable, "-c", "from titok_tools.gen import main; main()", *map(str, args), "-o", str(out)]
+    proc = subprocess.Popen(command, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    partial = str(out) + ".partial"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(partial) and open(partial, "rb").read().count(b"\n") >= 4:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not out.exists()
+    written = read_jsonl(open(partial, "rb").read().rsplit(b"\n", 1)[0])
+    assert 4 <= len(written) < 30
+    invoke([*args, "-o", out, "--resume"])
+    assert open(out, "rb").read() == open(full, "rb").read()
+
+
+def test_resume_rejects_another_seed(tiny_llama, seed_file, loose_template, tmp_path):
+    out = tmp_path / "out.jsonl"
+    invoke([*tiny_gen(tiny_llama, seed_file, loose_template, "--num", 2, "--seed", 1), "-o", out])
+    result = invoke([*tiny_gen(tiny_llama, seed_file, loose_template, "--num", 4, "--seed", 2), "-o", out, "--resume"], 1)
+    assert "--seed 1" in result.output
+
+
+def test_options_reach_the_generator(tiny_llama, seed_file, loose_template, tmp_path, monkeypatch):
+    calls = []
+    real = gen.HfBackend.complete
+
+    def spy(self, prompts, max_new_tokens, temperature, top_p, seed):
+        calls.append((len(prompts), max_new_tokens, temperature, top_p))
+        return real(self, prompts, max_new_tokens, temperature, top_p, seed)
+
+    monkeypatch.setattr(gen.HfBackend, "complete", spy)
+    invoke([*tiny_gen(tiny_llama, seed_file, loose_template, "--num", 3, "--batch-size", 4, "--temperature", 0.8,
+                      "--top-p", 0.5, "--max-length", 64, "--no-chat-template"),
+            "-o", tmp_path / "o.jsonl"])
+    assert calls[0] == (4, 8, 0.8, 0.5)             # one round = --batch-size query prompts
+    assert calls[1][1:] == (6, 1.0, 0.5)            # labels: --label-max-new-tokens, --label-temperature
+    assert len(read_jsonl(tmp_path / "o.jsonl")) == 3
+
+
+def test_unparsable_replies_are_counted_and_rounds_capped(tiny_llama, seed_file, tmp_path):
+    # Random tokens never make an "Options:" block: every reply is a format rejection.
+    result = invoke(["--model", tiny_llama, "--dtype", "float32", "--seed-examples", seed_file, "--template",
+                     "multiple-choice", "--num", 2, "--batch-size", 3, "--max-rounds", 2, "--max-new-tokens", 8,
+                     "-o", tmp_path / "o.jsonl"])
+    assert "rejected 6 (format), 0 (duplicate)" in result.output
+    assert "stopped after --max-rounds 2 with 0 of 2" in result.output
+    assert read_jsonl(tmp_path / "o.jsonl") == []
+
+
+def test_label_mode_shards_and_formats(tiny_llama, tmp_path):
+    prompts = [{"id": i, "prompt": f"Question {i}: is {i} even?"} for i in range(5)]
+    prompts.append({"id": "m", "messages": [{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "Name a colour."},
+                                            {"role": "assistant", "content": "old answer"}]})
+    source = write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    common = ["--model", tiny_llama, "--dtype", "float32", "--label", source, "--label-max-new-tokens", 5, "--batch-size", 4,
+              "--label-temperature", 1.0]
+    invoke([*common, "-o", tmp_path / "all.jsonl"])
+    records = read_jsonl(tmp_path / "all.jsonl")
+    assert [r["id"] for r in records] == [0, 1, 2, 3, 4, "m"]
+    assert all(r["completion"].strip() for r in records)
+    assert records[0]["prompt"] == prompts[0]["prompt"]
+    assert records[5]["prompt"] == prompts[5]["messages"][:2] and "messages" not in records[5]
+    assert records[5]["completion"] != "old answer"
+    assert records[0]["titok_gen"] == {"model": tiny_llama, "adapter": None, "shots": [], "seed": 0}
+    for i in range(2):
+        invoke([*common, "--shard", f"{i}/2", "-o", tmp_path / f"shard{i}.jsonl"])
+    shards = [read_jsonl(tmp_path / f"shard{i}.jsonl") for i in range(2)]
+    assert [r["id"] for r in shards[0]] == [0, 2, 4] and [r["id"] for r in shards[1]] == [1, 3, "m"]
+    assert all(r["completion"].strip() for s in shards for r in s)
+
+
+def test_label_resume_skips_done(tiny_llama, tmp_path):
+    source = write_jsonl(tmp_path / "p.jsonl", [{"id": i, "prompt": f"Say {i}."} for i in range(4)])
+    out = tmp_path / "o.jsonl"
+    args = ["--model", tiny_llama, "--dtype", "float32", "--label", source, "--label-max-new-tokens", 4, "--label-temperature", 1]
+    invoke([*args, "-o", out])
+    full = read_jsonl(out)
+    with open(str(out) + ".partial", "wb") as f:   # an interrupted run: two records and half a line
+        f.write(b"".join(open(out, "rb").readlines()[:2]) + b'{"id": 2, "pro')
+    os.remove(out)
+    invoke([*args, "-o", out, "--resume"])
+    resumed = read_jsonl(out)
+    assert resumed[:2] == full[:2]                 # kept as written, not redone
+    assert [r["id"] for r in resumed] == [0, 1, 2, 3] and all(r["completion"].strip() for r in resumed)
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "cannot read"),
+    ("empty", "no seed examples"),
+    ("few", "2 seed examples, fewer than --shots 3"),
+    ("no_user", "prompt"),
+])
+def test_bad_seed_files(case, message, tiny_llama, tmp_path):
+    path = tmp_path / "seeds.jsonl"
+    if case == "empty":
+        path.write_text("\n")
+    elif case == "few":
+        write_jsonl(path, [{"prompt": "a b c", "completion": "x"}, {"prompt": "d e f", "completion": "y"}])
+    elif case == "no_user":
+        write_jsonl(path, [{"messages": [{"role": "assistant", "content": "hi"}]}])
+    result = invoke(["--model", tiny_llama, "--seed-examples", path, "--num", 2, "-o", tmp_path / "o.jsonl"], 1)
+    assert message in result.output
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num", "0"], "0 is not in the range x>=1"),
+    ([], "--seed-examples needs --num"),
+    (["--num", "2", "--label", "x.jsonl"], "exactly one of"),
+    (["--num", "2", "--shard", "0/2"], "--shard splits --label work"),
+    (["--num", "2", "--top-p", "1.5"], "outside (0, 1]"),
+    (["--num", "2", "--rouge-threshold", "0"], "outside (0, 1]"),
+    (["--num", "2", "--template", "nonesuch"], "no bundled template"),
+])
+def test_bad_options(args, message, tiny_llama, seed_file):
+    result = CliRunner().invoke(main, ["--model", tiny_llama, "--seed-examples", seed_file, *args])
+    assert result.exit_code != 0
+    assert message in result.output
+
+
+@pytest.mark.parametrize("text, message", [
+    ("keep: paragraph\n", "no '---' line"),
+    ("colour: red\n---\n{examples}", "expected 'key: value'"),
+    ("---\nNo examples here {task_description}", "must use {examples}"),
+    ("---\n{examples} {oops}", "must use {examples}"),
+    ("keep: sometimes\n---\n{examples}", "keep must be"),
+    ("label: (unclosed\n---\n{examples}", "bad label regex"),
+])
+def test_bad_templates(text, message, tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    with pytest.raises(Exception) as e:
+        load_template(str(path))
+    assert message in str(e.value)
+
+
+# --- templates, parsing, prompts ---------------------------------------------------------------------
+
+def test_bundled_templates_resolve_and_parse():
+    default, mc = load_template("default"), load_template("multiple-choice")
+    assert default.path.endswith(os.path.join("data", "templates", "query-default.txt"))
+    assert default.parse("Sure! Here it is.\nInput: Is water wet?\n\nOutput: yes") == ("Is water wet?", None)
+    assert default.parse("New input:\n\nInput: Is fire hot today?") == ("Is fire hot today?", None)
+    assert default.parse("Is ice cold or not") == ("Is ice cold or not", None)
+    assert default.parse("Is ice cold or not", used_whole_budget=True)[0] is None  # cut off
+    assert default.parse("Is ice cold?\n\nMore text", used_whole_budget=True)[0] == "Is ice cold?"
+    assert default.parse("Input: ok")[0] is None                                   # min_words
+    reply = "**Input:** Which is red?\nOptions:\n(A) apple\n(B) sky\n\nAnswer: (A)"
+    assert mc.parse(reply) == ("Which is red?\nOptions:\n(A) apple\n(B) sky", None)
+    assert mc.parse("Which is red?\nOptions:\n(A) apple")[0] is None
+    assert mc.parse("Which is red? no options")[0] is None
+    assert mc.dedup_key("Which is red?\nOptions:\n(A) apple\n(B) sky").strip() == "Which is red?"
+
+
+def test_template_from_file_and_prompt_fields(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("example: Q{number}) {text}\n---\nTask: {task_description} ({shots} shown, braces {{x}})\n{examples}\nQ:")
+    t = load_template(str(path))
+    assert t.prompt("Count.", ["one", "two"]) == "Task: Count. (2 shown, braces {x})\nQ1) one\n\nQ2) two\nQ:"
+
+
+class Scripted:
+    """A backend that returns given replies in order and records the prompts it was asked."""
+
+    def __init__(self, replies, label="an answer"):
+        self.replies, self.label, self.prompts = list(replies), label, []
+
+    def complete(self, prompts, max_new_tokens, temperature, top_p, seed):
+        if temperature > 0:  # query calls sample; label calls are greedy
+            self.prompts.extend(p[-1]["content"] for p in prompts)
+            return [self.replies.pop(0) if self.replies else "" for _ in prompts]
+        return [self.label(p[-1]["content"]) if callable(self.label) else self.label for p in prompts]
+
+
+class WordTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+
+def run_scripted(replies, seeds, num, label="an answer", **kw):
+    backend, counts = Scripted(replies, label), {}
+    settings = GenSettings(num=num, batch_size=kw.pop("batch_size", 2), max_new_tokens=50, **kw)
+    records = list(generate_records(backend, WordTokenizer(), load_template("default"), seeds, settings,
+                                    {"model": "m", "adapter": "a"}, counts=counts))
+    return records, counts, backend
+
+
+def test_unparsable_replies_are_retried(seed_file):
+    seeds = load_seeds(seed_file, 3)
+    replies = ["", "ok", "Input: What sport does Naomi Osaka play?", "Input:\n\n", "Input: Who won the 1998 World Cup final?"]
+    records, counts, _ = run_scripted(replies, seeds, 2)
+    assert [r["prompt"] for r in records] == ["What sport does Naomi Osaka play?", "Who won the 1998 World Cup final?"]
+    # The whole round is read before labelling: the last slot ("", the script ran out) counts too.
+    assert counts["format"] == 4 and counts["duplicate"] == 0
+    assert [r["titok_gen"]["round"] for r in records] == [1, 2]
+
+
+def test_duplicates_rejected_unless_no_dedup(seed_file):
+    seeds = load_seeds(seed_file, 3)
+    near = ['Is the following sentence plausible? "Lionel Messi scored a goal."',    # ~ a seed example
+            "Which team does Naomi Osaka play for in the league?",
+            "Which team does Naomi Osaka play for in this league?",                  # ~ the kept one
+            "How many players are on a hockey team on the ice?"]
+    records, counts, _ = run_scripted(near, seeds, 2)
+    assert [r["prompt"] for r in records] == [near[1], near[3]] and counts["duplicate"] == 2
+    records, counts, _ = run_scripted(near, seeds, 4, dedup=False)
+    assert [r["prompt"] for r in records] == near and counts["duplicate"] == 0
+    # A threshold above the pairs' F keeps them.
+    f = max(rouge(near[1], near[2]), max(rouge(s, near[0]) for s in SPORTS))
+    records, _, _ = run_scripted(near, seeds, 4, rouge_threshold=min(1.0, f + 0.01))
+    assert len(records) == 4
+
+
+def test_empty_labels_are_dropped(seed_file):
+    seeds = load_seeds(seed_file, 3)
+    replies = ["Input: Who scored the most goals in 2010?", "Input: What sport is played at Wimbledon?",
+               "Input: How long is a marathon race?"]
+    records, counts, _ = run_scripted(replies, seeds, 2, label=lambda q: "" if "Wimbledon" in q else "42")
+    assert [r["prompt"] for r in records] == [replies[0][7:], replies[2][7:]]
+    assert counts["empty_label"] == 1
+
+
+def test_shots_redrawn_per_call_and_task_description(seed_file, tmp_path):
+    seeds = load_seeds(seed_file, 2)
+    assert seeds.task_description == "Decide whether a sentence about sports is plausible."
+    replies = ["Input: " + q for q in ["Who won the 1998 World Cup?", "How long is a marathon race?",
+                                       "What colour is a tennis ball usually?", "Name a famous cricket stadium in India.",
+                                       "Can a goalkeeper score in ice hockey?", "Which country hosts the Tour de France?",
+                                       "Is curling played on grass fields?", "Why do swimmers shave their arms?"]]
+    records, _, backend = run_scripted(replies, seeds, 8, shots=2, batch_size=4)
+    shown = [tuple(s for s in SPORTS if s in prompt) for prompt in backend.prompts]
+    assert all(len(s) == 2 for s in shown) and len(set(shown)) > 1
+    assert all(p.startswith("Decide whether a sentence about sports is plausible.") for p in backend.prompts)
+    assert [set(r["titok_gen"]["shots"]) for r in records] == [{f"s{SPORTS.index(x)}" for x in s} for s in shown]
+    # --task-description wins; else a shared system message; else a generic line.
+    assert load_seeds(seed_file, 2, "Mine.").task_description == "Mine."
+    system = [{"role": "system", "content": "Judge sports sentences."}]
+    path = write_jsonl(tmp_path / "sys.jsonl", [{"messages": system + [{"role": "user", "content": p},
+                                                                       {"role": "assistant", "content": "no"}]}
+                                                for p in SPORTS])
+    with_system = load_seeds(path, 2)
+    assert with_system.task_description == "Judge sports sentences." and with_system.system == system
+    records, _, _ = run_scripted(replies, with_system, 1)
+    assert records[0]["prompt"] == system + [{"role": "user", "content": "Who won the 1998 World Cup?"}]
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": p, "completion": "no"} for p in SPORTS])
+    assert load_seeds(plain, 2).task_description == gen.GENERIC_TASK
+
+
+# --- dedup = rouge-score ------------------------------------------------------------------------------
+
+WORDS = ["the", "cat", "cats", "running", "runs", "run", "dog", "is", "was", "of", "blue", "3", "jumped", "jumping", "Élan", "!"]
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(WORDS), max_size=12).map(" ".join), min_size=1, max_size=12),
+       st.lists(st.sampled_from(WORDS), max_size=12).map(" ".join),
+       st.sampled_from([0.3, 0.5, 0.7, 1.0]))
+def test_dedup_matches_rouge_score(pool_texts, text, threshold):
+    pool = RougeDedup(threshold)
+    for p in pool_texts:
+        pool.add(p)
+    scores = [rouge(p, text) for p in pool_texts]
+    f, index = pool.best(text)
+    if max(scores) >= threshold:
+        assert index is not None and f == scores[index] and f >= threshold
+    else:  # pairs pruned by the bounds are not scored, so f is the best of those scored
+        assert index is None and f < threshold
+
+
+def test_dedup_scores_equal_rouge_score_exactly():
+    texts = ["The cats are running quickly to the blue house", "A cat runs quickly to a blue house!",
+             "running running running", "Dogs jumped over 3 cats", "", "the the the cat"]
+    for a, b in itertools.product(texts, repeat=2):
+        pool = RougeDedup(1e-12)
+        pool.add(a)
+        f, _ = pool.best(b)
+        assert f == rouge(a, b), (a, b)
+
+
+# --- vLLM ----------------------------------------------------------------------------------------------
+
+def test_vllm_backend(smollm2_dir, seed_file, tmp_path):
+    pytest.importorskip("vllm", reason="vllm is not installed (pip install 'titok-tools[vllm]'; needs a GPU)")
+    out = tmp_path / "v.jsonl"
+    invoke(["--model", smollm2_dir, "--backend", "vllm", "--tensor-parallel-size", 1, "--seed-examples", seed_file,
+            "--num", 3, "--max-new-tokens", 48, "-o", out])
+    assert len(read_jsonl(out)) == 3
