@@ -1,0 +1,213 @@
+"""Benchmark titok-align: SmolLM2 -> Gemma 3, completions of 50/200/800/3000 target tokens.
+
+For each length, records/s of
+  align     titok-align's whole per-record path (read + parse JSONL, format + tokenize with the
+            target, align, top-k, serialize), in process (the one-time tokenizer load and
+            fingerprint, about 1-4 s, excluded: timed from the second record);
+  floor     only tokenizing the same already-formatted texts with the target tokenizer (batched,
+            with offsets), and floor+fmt: also rendering the chat template (what encode must do);
+  baseline  the paper's incremental dual-pointer alignment (grow source and target spans until
+            their whitespace-stripped texts match), re-implemented below, including its target
+            tokenization and per-token decoding.
+Then the ratios against the issue's targets: align within 2x of the floor, >= 10x the baseline at
+200 tokens, >= 100x at 3,000, per-record time linear in length.
+
+    python bench/bench_align.py [--records 1000] [--baseline-seconds 20]
+
+The baseline is quadratic: it runs on as many records as fit in --baseline-seconds per length
+(at least 2), and its records/s come from those.
+"""
+import argparse
+import os
+import pydoc
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GEMMA_TEMPLATE = os.path.join(ROOT, "data", "templates", "gemma3-chat.jinja")
+os.environ.setdefault("TITOK_CACHE", os.path.join(ROOT, "models"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from titok_tools import bundled  # noqa: E402
+from titok_tools.align import align_records  # noqa: E402
+from titok_tools.formatting import _render, encode  # noqa: E402
+from titok_tools.models import load_tokenizer, tokenizer_fingerprint  # noqa: E402
+from titok_tools.records import dumps, read_records  # noqa: E402
+from titok_tools.select import topk_mask  # noqa: E402
+
+LENGTHS = (50, 200, 800, 3000)
+PROMPT = [{"role": "user", "content": "Explain this part of the Python documentation."}]
+
+
+def corpus():
+    """Deterministic English + code text: the plain-text docs of some standard modules."""
+    import argparse as a, collections as c, json as j, os as o, re as r, textwrap as t
+    return "\n".join(pydoc.plaintext.document(m) for m in (o, r, j, c, a, t))
+
+
+def completions(tokenizer, text, length, count):
+    """`count` completions of about `length` target tokens, cut from the corpus at spread starts."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    starts = np.linspace(0, len(ids) - length - 1, count).astype(int)
+    return [tokenizer.decode(ids[s:s + length]).strip() for s in starts]
+
+
+def write_scored(path, source, texts, k=0.7):
+    """Records as titok-score + titok-filter write them (synthetic excess: no model run)."""
+    fingerprint = tokenizer_fingerprint(source)
+    rng = np.random.default_rng(0)
+    with open(path, "wb") as f:
+        for i, text in enumerate(texts):
+            enc = encode(source, PROMPT, text, max_length=8192)
+            excess = rng.normal(size=len(enc.positions))
+            base = rng.normal(size=len(excess)) - 2
+            record = {"id": i, "prompt": PROMPT[0]["content"], "completion": text,
+                      "titok": {"source": {"model": "smollm2", "adapter": "lora", "adapter_sha256": "0" * 64,
+                                           "tokenizer": fingerprint, "token_ids": enc.token_ids, "offsets": enc.offsets,
+                                           "logp_expert": base + excess, "logp_base": base, "excess": excess,
+                                           "mean_excess": float(excess.mean()), "truncated": enc.truncated,
+                                           "mask": topk_mask(excess.tolist(), k)},
+                                "filter": {"k": k, "keep": 1, "scope": "sample", "rank": i}}}
+            f.write(dumps(record))
+
+
+# --- the paper's dual-pointer alignment (SPEC Part B section 5), the baseline ----------------
+
+def norm(s):
+    return s.strip().replace(" ", "").replace("\n", "").replace("\t", "")
+
+
+def dual_pointer(s_tok, t_tok):
+    alignments, i, j, S, T = [], 0, 0, len(s_tok), len(t_tok)
+    while i < S and j < T:
+        i0, src, matched = i, "", False
+        while i < S:
+            src += s_tok[i]
+            i += 1
+            tgt, j0 = "", j
+            for jj in range(j0, T):
+                tgt += t_tok[jj]
+                if norm(src) == norm(tgt) and norm(src) != "":
+                    alignments.append(((i0, i), (j0, jj + 1)))
+                    j, matched = jj + 1, True
+                    break
+            if matched:
+                break
+    return alignments
+
+
+def baseline_record(record, source, target):
+    """Tokenize the formatted record with the target, decode tokens one by one, align, propagate."""
+    src = record["titok"]["source"]
+    text, start, (lo, hi), plain = _render(target, PROMPT, record["completion"], True)
+    ids = target(text, add_special_tokens=False)["input_ids"]
+    prompt_len = len(target(target.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False),
+                            add_special_tokens=False)["input_ids"])
+    t_ids = ids[prompt_len:]
+    s_tok = [source.decode([t], skip_special_tokens=True) for t in src["token_ids"]]
+    t_tok = [target.decode([t], skip_special_tokens=True) for t in t_ids]
+    mask, out = src["mask"], [0.0] * len(t_tok)
+    for (a, b), (c, d) in dual_pointer(s_tok, t_tok):
+        value = sum(mask[a:b]) / (b - a)
+        out[c:d] = [value] * (d - c)
+    return out
+
+
+# --- timings -------------------------------------------------------------------------------------
+
+def time_align(path, target):
+    """Records/s after the first record (which also pays the one-time tokenizer fingerprint)."""
+    with open(os.devnull, "wb") as sink:
+        records = align_records(read_records(path), target, model="gemma", max_length=8192)
+        sink.write(dumps(next(records)))
+        started, n = time.perf_counter(), 0
+        for record in records:
+            sink.write(dumps(record))
+            n += 1
+        return n, time.perf_counter() - started
+
+
+def time_floor(texts, target, batch=256):
+    rendered = [_render(target, PROMPT, t, True)[0] for t in texts]
+    started = time.perf_counter()
+    for i in range(0, len(rendered), batch):
+        target(rendered[i:i + batch], add_special_tokens=False, return_offsets_mapping=True)
+    tokenize = time.perf_counter() - started
+    started = time.perf_counter()
+    for t in texts:
+        _render(target, PROMPT, t, True)
+    return tokenize, time.perf_counter() - started
+
+
+def time_stages(path, target):
+    """ms per record of the pieces of the align path that are not alignment: reading + parsing the
+    JSONL, the shared formatting.encode with the target, writing the output records."""
+    from titok_tools.align import TargetTokenizer
+    view = TargetTokenizer(target)
+    started = time.perf_counter()
+    records = [record for _, record in read_records(path)]
+    read_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for record in records:
+        encode(view, PROMPT, record["completion"], True, 8192)
+    encode_s = time.perf_counter() - started
+    aligned = list(align_records((("x", r) for r in records), target, model="gemma", max_length=8192))
+    started = time.perf_counter()
+    for record in aligned:
+        dumps(record)
+    write_s = time.perf_counter() - started
+    return [1000 * t / len(records) for t in (read_s, encode_s, write_s)]
+
+
+def time_baseline(path, source, target, budget):
+    started, n = time.perf_counter(), 0
+    for _, record in read_records(path):
+        baseline_record(record, source, target)
+        n += 1
+        if n >= 2 and time.perf_counter() - started > budget:
+            break
+    return n, time.perf_counter() - started
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=1000)
+    parser.add_argument("--baseline-seconds", type=float, default=20.0)
+    args = parser.parse_args()
+
+    source = load_tokenizer(bundled.smollm2())
+    target = load_tokenizer(bundled.gemma(), GEMMA_TEMPLATE)
+    text = corpus()
+    print(f"SmolLM2-135M -> Gemma-3-270m tokenizers; {args.records} records per length; CPU, one process\n")
+    header = (f"{'tokens':>6} {'align rec/s':>12} {'floor rec/s':>12} {'floor+fmt':>10} {'baseline':>10} "
+              f"{'floor/align':>12} {'fmt+floor/align':>16} {'align/baseline':>15} {'align us/tok':>13}")
+    print(header)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for length in LENGTHS:
+            texts = completions(target, text, length, args.records)
+            path = os.path.join(tmp, f"scored-{length}.jsonl")
+            write_scored(path, source, texts)
+            n, align_s = time_align(path, target)
+            tokenize_s, render_s = time_floor(texts, target)
+            nb, baseline_s = time_baseline(path, source, target, args.baseline_seconds)
+            align_rps, floor_rps = n / align_s, len(texts) / tokenize_s
+            fmt_rps, base_rps = len(texts) / (tokenize_s + render_s), nb / baseline_s
+            rows.append((length, align_s / n, nb, time_stages(path, target)))
+            print(f"{length:>6} {align_rps:>12.0f} {floor_rps:>12.0f} {fmt_rps:>10.0f} {base_rps:>10.2f} "
+                  f"{floor_rps / align_rps:>11.2f}x {fmt_rps / align_rps:>15.2f}x {align_rps / base_rps:>14.0f}x "
+                  f"{1e6 * align_s / n / length:>13.1f}", flush=True)
+    print(f"\nbaseline records timed per length: {', '.join(f'{l}: {nb}' for l, _, nb, _ in rows)}")
+    print("\nwhere align's time goes, ms per record (align = read + encode + alignment and top-k + write):")
+    print(f"{'tokens':>6} {'align':>8} {'read':>8} {'encode':>8} {'write':>8} {'align+topk':>11}")
+    for length, per_record, _, (read_ms, encode_ms, write_ms) in rows:
+        own = 1000 * per_record - read_ms - encode_ms - write_ms
+        print(f"{length:>6} {1000 * per_record:>8.2f} {read_ms:>8.2f} {encode_ms:>8.2f} {write_ms:>8.2f} {own:>11.2f}")
+    print("targets: align within 2x of the floor (floor/align <= 2); align/baseline >= 10x at 200 tokens, "
+          ">= 100x at 3000; per-record time linear in length (align us/tok flat)")
+
+
+if __name__ == "__main__":
+    main()
