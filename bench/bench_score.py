@@ -74,11 +74,10 @@ def measure(mode, name, dtype, n, batch_tokens):
     def forward_full(model, batch):
         width = max(len(e.input_ids) for _, e in batch)
         ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        mask = torch.zeros_like(ids)
         for b, (_, e) in enumerate(batch):
             ids[b, :len(e.input_ids)] = torch.tensor(e.input_ids)
-            mask[b, :len(e.input_ids)] = 1
-        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
+        # Right padding, causal attention: no mask needed, as in titok-score (same kernels).
+        return model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)
 
     if mode == "score":
         model = load_model(model_dir, adapter, dtype=dtype, device="cpu")

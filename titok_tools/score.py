@@ -41,17 +41,17 @@ def _completion_logprobs(model, body, head, encs, pad_id, device):
     """log p of every completion token of each encoded record, one float32 array per record."""
     width = max(len(e.input_ids) for e in encs)
     ids = torch.full((len(encs), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(encs), width), dtype=torch.long)
     rows, cols = [], []
     for b, e in enumerate(encs):
         ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        attention[b, : len(e.input_ids)] = 1
         rows += [b] * len(e.positions)
         cols += e.positions
-    ids, attention = ids.to(device), attention.to(device)
+    ids = ids.to(device)
     rows, cols = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
-    # Right padding: real tokens keep positions 0..n-1, so scores do not depend on the batch.
-    hidden = body(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+    # Right padding and causal attention: a real token never sees the padding after it, so no
+    # attention mask is needed (and without one, attention takes its fast causal kernel: 2x on
+    # CPU here). Real tokens keep positions 0..n-1: scores do not depend on the batch.
+    hidden = body(input_ids=ids, use_cache=False).last_hidden_state
     # The hidden state at p-1 predicts the token at p.
     logp = token_logprobs(model, head, hidden[rows, cols - 1], ids[rows, cols]).cpu().numpy()
     return np.split(logp, np.cumsum([len(e.positions) for e in encs])[:-1])
