@@ -144,14 +144,12 @@ def time_floor(texts, target, batch=256):
 def time_stages(path, target):
     """ms per record of the pieces of the align path that are not alignment: reading + parsing the
     JSONL, the shared formatting.encode with the target, writing the output records."""
-    from titok_tools.align import TargetTokenizer
-    view = TargetTokenizer(target)
     started = time.perf_counter()
     records = [record for _, record in read_records(path)]
     read_s = time.perf_counter() - started
     started = time.perf_counter()
     for record in records:
-        encode(view, PROMPT, record["completion"], True, 8192)
+        encode(target, PROMPT, record["completion"], True, 8192)
     encode_s = time.perf_counter() - started
     aligned = list(align_records((("x", r) for r in records), target, model="gemma", max_length=8192))
     started = time.perf_counter()

@@ -22,7 +22,7 @@ import orjson
 from tqdm import tqdm
 
 from . import cli
-from .formatting import FormatError, _special_ids, encode
+from .formatting import FormatError, encode
 from .models import load_tokenizer, tokenizer_fingerprint
 from .records import RecordError, checked, dumps, prompt_and_completion, read_records, record_writer, titok
 from .select import select_stream
@@ -126,29 +126,6 @@ def offsets_problem(offsets, length):
 
 # --- target tokenizer --------------------------------------------------------------------------
 
-class TargetTokenizer:
-    """The target tokenizer as `formatting.encode` uses it, with its special-token set read once.
-
-    encode collects the special ids on every call from `all_special_ids` and the special entries
-    of `added_tokens_decoder`; for Gemma (6,249 special added tokens) that costs 10 ms a record,
-    far more than tokenizing it. Here `all_special_ids` already holds the whole set (computed by
-    formatting's own rule) and `added_tokens_decoder` adds nothing, so encode gets the same set
-    for the price of a set copy. Every other attribute is the tokenizer's own.
-    """
-
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
-        self.all_special_ids = frozenset(_special_ids(tokenizer))
-        self.added_tokens_decoder = {}
-        self.text_normalizer = _text_normalizer(tokenizer)
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
-
-    def __call__(self, *args, **kwargs):
-        return self._tokenizer(*args, **kwargs)
-
-
 def _text_normalizer(tokenizer):
     """The target's normalizer minus what only marks spaces (Prepend "▁", Replace " " by "▁"), or None
     if nothing else is left.
@@ -219,12 +196,12 @@ def source_values(record, where, use):
     return messages, completion, source, spans, array
 
 
-def align_record(where, record, tokenizer, fingerprint, *, model, use="excess", chat_template=True,
+def align_record(where, record, tokenizer, fingerprint, text_normalizer, *, model, use="excess", chat_template=True,
                  max_length=768, counts=None):
     """Add titok.target (all but the mask) to one record and return its score list.
 
-    `tokenizer` is a TargetTokenizer. Same tokenizer and same tokens as the source: the
-    source's values are taken over as they are.
+    `text_normalizer` is _text_normalizer(tokenizer). Same tokenizer and same tokens as the
+    source: the source's values are taken over as they are.
     """
     counts = {} if counts is None else counts
     messages, completion, source, src_spans, values = source_values(record, where, use)
@@ -243,7 +220,7 @@ def align_record(where, record, tokenizer, fingerprint, *, model, use="excess", 
         counts["same_tokens"] = counts.get("same_tokens", 0) + 1
     else:
         scores = align_values(src_spans, values, spans, len(completion), groups=use == "mask")
-        changed = unreproducible(tokenizer.text_normalizer, completion, offsets)
+        changed = unreproducible(text_normalizer, completion, offsets)
         if changed is not None:
             for i in changed:
                 scores[i] = None
@@ -277,8 +254,8 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
     truncated, mask}. k=None takes the k recorded by titok-filter (one k for the whole run).
     """
     counts = {} if counts is None else counts
-    target = TargetTokenizer(tokenizer)
     fingerprint = tokenizer_fingerprint(tokenizer)
+    text_normalizer = _text_normalizer(tokenizer)
     run_k = {"k": k}
 
     def check(where, record):
@@ -289,7 +266,7 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
             elif this_k != run_k["k"]:
                 raise RecordError(where, "titok.filter.k", f"{this_k} differs from the k of earlier records "
                                                            f"({run_k['k']}); pass -k")
-        return align_record(where, record, target, fingerprint, model=model, use=use, chat_template=chat_template,
+        return align_record(where, record, tokenizer, fingerprint, text_normalizer, model=model, use=use, chat_template=chat_template,
                             max_length=max_length, counts=counts)
 
     def aligned():

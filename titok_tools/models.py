@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import tempfile
-from functools import lru_cache
 
 import click
 import orjson
@@ -192,7 +191,6 @@ def adapter_sha256(adapter):
     raise click.ClickException(f"--adapter {adapter}: no adapter_model.safetensors")
 
 
-@lru_cache(maxsize=8)
 def _fingerprint_of_json(backend_json):
     spec = orjson.loads(backend_json)
     added = [{k: t.get(k) for k in ("id", "content", "special", "normalized", "lstrip", "rstrip", "single_word")}
@@ -204,8 +202,12 @@ def _fingerprint_of_json(backend_json):
 
 
 def tokenizer_fingerprint(tokenizer):
-    """Equal for two tokenizers iff they map every string to the same ids."""
-    return _fingerprint_of_json(tokenizer.backend_tokenizer.to_str())
+    """Equal for two tokenizers iff they map every string to the same ids (computed once per
+    tokenizer: serializing Gemma's 262k vocabulary takes a second or more)."""
+    fingerprint = getattr(tokenizer, "_titok_fingerprint", None)
+    if fingerprint is None:
+        fingerprint = tokenizer._titok_fingerprint = _fingerprint_of_json(tokenizer.backend_tokenizer.to_str())
+    return fingerprint
 
 
 def decoder_and_head(model):
