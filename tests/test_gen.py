@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 from click.testing import CliRunner
 from hypothesis import given, settings as hsettings, strategies as st
 from rouge_score import rouge_scorer
@@ -102,10 +103,11 @@ def test_real_queries_count_dedup_and_labels(real_runs):
 
 
 def test_real_records_pass_the_record_checker(real_runs, tmp_path):
+    checker = "/work/shared/check-records"
+    if not os.path.exists(checker):
+        pytest.skip("the shared record checker is not on this machine")
     path = write_jsonl(tmp_path / "out.jsonl", real_runs["full"])
-    check = subprocess.run([sys.executable, "/work/shared/check-records", path], capture_output=True, text=True)
-    if check.returncode == 127 or not os.path.exists("/work/shared/check-records"):
-        pytest.skip("no record checker here")
+    check = subprocess.run([sys.executable, checker, path], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
 
 
@@ -133,12 +135,13 @@ def test_same_seed_same_file_other_seed_other_file(tiny_llama, seed_file, loose_
 
 
 def test_resume_after_kill_equals_uninterrupted(tiny_llama, seed_file, loose_template, tmp_path):
-    args = tiny_gen(tiny_llama, seed_file, loose_template, "--num", 30, "--batch-size", 2, "--seed", 5)
+    args = tiny_gen(tiny_llama, seed_file, loose_template, "--num", 12, "--batch-size", 2, "--seed", 5)
     full = tmp_path / "full.jsonl"
     invoke([*args, "-o", full])
     out = tmp_path / "killed.jsonl"
     command = [sys.executable, "-c", "from titok_tools.gen import main; main()", *map(str, args), "-o", str(out)]
-    proc = subprocess.Popen(command, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    # Same thread count as this process, so the child's float sums match the in-process runs'.
+    proc = subprocess.Popen(command, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
     partial = str(out) + ".partial"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -150,7 +153,7 @@ def test_resume_after_kill_equals_uninterrupted(tiny_llama, seed_file, loose_tem
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not out.exists()
     written = read_jsonl(open(partial, "rb").read().rsplit(b"\n", 1)[0])
-    assert 4 <= len(written) < 30
+    assert 4 <= len(written) < 12
     invoke([*args, "-o", out, "--resume"])
     assert open(out, "rb").read() == open(full, "rb").read()
 
@@ -269,7 +272,9 @@ def test_bad_options(args, message, tiny_llama, seed_file):
     ("---\nNo examples here {task_description}", "must use {examples}"),
     ("---\n{examples} {oops}", "must use {examples}"),
     ("keep: sometimes\n---\n{examples}", "keep must be"),
-    ("label: (unclosed\n---\n{examples}", "bad label regex"),
+    ("label: (unclosed\n---\n{examples}", "bad label or preamble regex"),
+    ("preamble: [\n---\n{examples}", "bad label or preamble regex"),
+    ("min_words: many\n---\n{examples}", "min_words"),
 ])
 def test_bad_templates(text, message, tmp_path):
     path = tmp_path / "t.txt"
@@ -290,6 +295,8 @@ def test_bundled_templates_resolve_and_parse():
     assert default.parse("Is ice cold or not", used_whole_budget=True)[0] is None  # cut off
     assert default.parse("Is ice cold?\n\nMore text", used_whole_budget=True)[0] == "Is ice cold?"
     assert default.parse("Input: ok")[0] is None                                   # min_words
+    assert default.parse("Sure! Here is a new input:\n\nIs the moon made of rock?") == ("Is the moon made of rock?", None)
+    assert default.parse("Here is why: the sky is blue")[0] == "Here is why: the sky is blue"  # not a line of its own
     reply = "**Input:** Which is red?\nOptions:\n(A) apple\n(B) sky\n\nAnswer: (A)"
     assert mc.parse(reply) == ("Which is red?\nOptions:\n(A) apple\n(B) sky", None)
     assert mc.parse("Which is red?\nOptions:\n(A) apple")[0] is None

@@ -166,8 +166,9 @@ def rouge_f(lcs, target_len, prediction_len):
 # Query templates
 
 DEFAULT_LABEL = r"(?:new |another )?(?:input|question|query|output)(?: \d+)?"
-SETTINGS = {"example": "Input: {text}", "label": DEFAULT_LABEL, "keep": "paragraph", "compare": "query",
-            "min_words": "3", "allow_cut": "no"}
+DEFAULT_PREAMBLE = r"(?:sure|here|of course|okay|ok|certainly|great)\b.*:"
+SETTINGS = {"example": "Input: {text}", "label": DEFAULT_LABEL, "preamble": DEFAULT_PREAMBLE, "keep": "paragraph",
+            "compare": "query", "min_words": "3", "allow_cut": "no"}
 FIELDS = ("task_description", "examples", "shots")
 OPTION_LINE = re.compile(r"^\s*(?:\([A-Za-z]\)|[A-Za-z][.)]|-|\*)\s*\S")
 OPTIONS_HEADER = re.compile(r"(?im)^[ \t*]*options[ \t*]*:[ \t*]*$")
@@ -181,6 +182,7 @@ class QueryTemplate:
     body: str
     example: str
     label: re.Pattern
+    preamble: re.Pattern
     keep: str
     compare: str
     min_words: int
@@ -197,6 +199,9 @@ class QueryTemplate:
         while labelled:  # "New input:\n\nInput: ..." carries two labels
             text = text[labelled.end():].strip()
             labelled = self.label.match(text)
+        first, newline, rest = text.partition("\n")
+        if newline and rest.strip() and self.preamble.fullmatch(first.strip()):
+            text = rest.strip()  # "Here is a new input:" on a line of its own
         if self.keep == "paragraph":
             parts = re.split(r"\n[ \t]*\n", text, maxsplit=1)
             query, runs_to_end = parts[0].strip(), len(parts) == 1
@@ -288,10 +293,11 @@ def load_template(name):
         raise click.ClickException(f"{where}: allow_cut must be yes or no")
     try:
         label = re.compile(rf"(?im)^[ \t*#>_-]*(?:{settings['label']})[ \t*_]*:[ \t*_]*")
+        preamble = re.compile(settings["preamble"], re.IGNORECASE)
         min_words = int(settings["min_words"])
     except (re.error, ValueError) as e:
-        raise click.ClickException(f"{where}: bad label regex or min_words ({e})")
-    return QueryTemplate(path, body, settings["example"], label, settings["keep"], settings["compare"], min_words,
+        raise click.ClickException(f"{where}: bad label or preamble regex, or min_words ({e})")
+    return QueryTemplate(path, body, settings["example"], label, preamble, settings["keep"], settings["compare"], min_words,
                          settings["allow_cut"] == "yes")
 
 
@@ -373,9 +379,11 @@ class VllmBackend:
         if adapter:
             with open(os.path.join(adapter, "adapter_config.json")) as f:
                 rank = int(json.load(f).get("r", 16))
+        # vLLM accepts only these maximum ranks: take the smallest that fits the adapter.
+        max_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), 512)
         self.llm = LLM(model=resolve(model, trust_remote_code=trust_remote_code), dtype=dtype, seed=seed,
                        trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size,
-                       enable_lora=adapter is not None, max_lora_rank=max(16, rank))
+                       enable_lora=adapter is not None, max_lora_rank=max_rank)
         self.lora = LoRARequest("expert", 1, os.path.abspath(adapter)) if adapter else None
         self.tokenizer, self.chat_template, self.max_length = tokenizer, chat_template, max_length
         self.stops = stop_token_ids(tokenizer, chat_template)
