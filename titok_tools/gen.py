@@ -595,7 +595,7 @@ def _probability(ctx, param, value):
 @click.option("--max-rounds", type=click.IntRange(min=1), help="Stop after this many rounds even if fewer than --num "
                                                                 "queries were kept [default: 20 x ceil(num / batch-size) + 10].")
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
-              help="transformers generate (CPU or GPU), or vLLM (pip install 'titok-tools[vllm]').")
+              help="transformers generate (CPU or GPU), or vLLM (pip install 'titok-tools[vllm]'; give it a large --batch-size).")
 @click.option("--tensor-parallel-size", default=1, show_default=True, type=click.IntRange(min=1), help="GPUs per model (vllm).")
 @cli.output_option
 @cli.resume_option
@@ -614,6 +614,9 @@ def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_cha
     kept if their ROUGE-L F (rouge-score, stemming) with every seed example and kept query is
     below --rouge-threshold; each kept query is answered greedily, as a user turn. Output:
     {"id", "prompt", "completion", "titok_gen": {"model", "adapter", "shots", "seed", "round"}}.
+
+    A run is a function of its options and --seed: `-o FILE --resume` (with the same options)
+    continues an interrupted run and gives the records an uninterrupted one would.
 
     \b
     Examples:
