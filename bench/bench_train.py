@@ -64,7 +64,7 @@ def step_plain(model, optimizer, params, rows, autocast_dtype, device):
     labels = ids.clone()
     labels[:, :PROMPT] = -100
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        loss = model(input_ids=ids, labels=labels).loss  # unpadded rows: no mask, as in titok-train
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 0.3)
     optimizer.step()

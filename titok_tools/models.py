@@ -220,6 +220,30 @@ def decoder_and_head(model):
     return getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
 
 
+def right_padded(sequences, pad_id):
+    """One batch of tokenized sequences (objects with input_ids and positions): right-padded ids,
+    and the (row, column) of every completion token in it."""
+    width = max(len(s.input_ids) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    rows, cols = [], []
+    for b, s in enumerate(sequences):
+        ids[b, : len(s.input_ids)] = torch.tensor(s.input_ids)
+        rows += [b] * len(s.positions)
+        cols += s.positions
+    return ids, torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+
+
+def predicting_hidden(body, ids, rows, cols):
+    """The hidden states that predict the tokens ids[rows, cols]: the state at p-1 predicts p.
+
+    ids are right-padded, and attention is causal: a real token never sees the padding after
+    it, so no attention mask is passed (without one, attention takes its fast causal kernel,
+    about 2x on CPU here). Real tokens keep positions 0..n-1, so results do not depend on the
+    batch they are in.
+    """
+    return body(input_ids=ids, use_cache=False).last_hidden_state[rows, cols - 1]
+
+
 def project_logits(model, head, hidden):
     """Logits for some hidden states, with the model's own final transforms (Gemma's soft-capping,
     Cohere's/Granite's logit scaling), exactly as its forward() would compute them."""

@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from . import cli
 from .formatting import FormatError, encode
-from .models import adapter_sha256, decoder_and_head, load_model, load_tokenizer, token_logprobs, tokenizer_fingerprint
+from .models import (adapter_sha256, decoder_and_head, load_model, load_tokenizer, predicting_hidden, right_padded,
+                     token_logprobs, tokenizer_fingerprint)
 from .records import RecordError, checked, is_done, prompt_and_completion, read_records, record_writer, titok
 
 log = logging.getLogger("titok.score")
@@ -39,21 +40,8 @@ def _batches(items, batch_tokens):
 
 def _completion_logprobs(model, body, head, encs, pad_id, device):
     """log p of every completion token of each encoded record, one float32 array per record."""
-    width = max(len(e.input_ids) for e in encs)
-    ids = torch.full((len(encs), width), pad_id, dtype=torch.long)
-    rows, cols = [], []
-    for b, e in enumerate(encs):
-        ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        rows += [b] * len(e.positions)
-        cols += e.positions
-    ids = ids.to(device)
-    rows, cols = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
-    # Right padding and causal attention: a real token never sees the padding after it, so no
-    # attention mask is needed (and without one, attention takes its fast causal kernel: 2x on
-    # CPU here). Real tokens keep positions 0..n-1: scores do not depend on the batch.
-    hidden = body(input_ids=ids, use_cache=False).last_hidden_state
-    # The hidden state at p-1 predicts the token at p.
-    logp = token_logprobs(model, head, hidden[rows, cols - 1], ids[rows, cols]).cpu().numpy()
+    ids, rows, cols = (t.to(device) for t in right_padded(encs, pad_id))
+    logp = token_logprobs(model, head, predicting_hidden(body, ids, rows, cols), ids[rows, cols]).cpu().numpy()
     return np.split(logp, np.cumsum([len(e.positions) for e in encs])[:-1])
 
 

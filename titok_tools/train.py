@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from . import cli
 from .formatting import FormatError, encode
-from .models import DTYPES, decoder_and_head, load_model, load_tokenizer, project_logits, resolve_device, resolve_dtype, tokenizer_fingerprint
+from .models import (DTYPES, decoder_and_head, load_model, load_tokenizer, predicting_hidden, project_logits, resolve_device,
+                     resolve_dtype, right_padded, tokenizer_fingerprint)
 from .records import RecordError, checked, prompt_and_completion, read_records, spooled
 
 log = logging.getLogger("titok.train")
@@ -130,31 +131,21 @@ def prepare_examples(pairs, tokenizer, *, model, all_tokens=False, chat_template
 
 
 def collate(examples, pad_id):
-    """Right-padded ids and attention, and the (row, position, weight) of every trained token."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    rows, cols, weights = [], [], []
-    for b, e in enumerate(examples):
-        ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        attention[b, : len(e.input_ids)] = 1
-        rows += [b] * len(e.positions)
-        cols += e.positions
-        weights += e.weights
-    return ids, attention, torch.tensor(rows), torch.tensor(cols), torch.tensor(weights, dtype=torch.float32)
+    """Right-padded ids and the (row, position, weight) of every trained token."""
+    ids, rows, cols = right_padded(examples, pad_id)
+    weights = torch.tensor([w for e in examples for w in e.weights], dtype=torch.float32)
+    return ids, rows, cols, weights
 
 
 def token_losses(model, batch, device, autocast_dtype=None):
     """(CE per trained token in float32, its weight) for a collated micro-batch.
 
-    The body gives hidden states; only the rows that predict a trained token are projected to
-    the vocabulary (the hidden state at p-1 predicts the token at p).
+    Only the rows that predict a trained token are projected to the vocabulary.
     """
     body, head = decoder_and_head(model)
-    ids, attention, rows, cols, weights = (t.to(device) for t in batch)
+    ids, rows, cols, weights = (t.to(device) for t in batch)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        hidden = body(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
-        logits = project_logits(model, head, hidden[rows, cols - 1])
+        logits = project_logits(model, head, predicting_hidden(body, ids, rows, cols))
     return F.cross_entropy(logits.float(), ids[rows, cols], reduction="none"), weights
 
 
