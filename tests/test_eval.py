@@ -118,3 +118,21 @@ def test_help_lists_every_flag():
     for flag in ("--model", "--adapter", "--max-new-tokens", "--batch-size", "--limit", "--shard", "--metrics",
                  "--output", "--dtype", "--chat-template", "--no-chat-template", "--max-length", "--skip-invalid"):
         assert flag in text
+
+
+def test_references_list_counts_the_best_answer():
+    from rouge_score import rouge_scorer
+    from titok_tools.evaluate import Metrics, references
+
+    record = {"completion": "three", "references": ["three", "3"]}
+    assert references(record, "three") == ["three", "3"]
+    assert references({"references": "3"}, "three") == ["three"]  # not a list: the completion only
+    metrics = Metrics()
+    metrics.add("3", ["three", "3"])
+    metrics.add("four", ["three", "3"])
+    metrics.add("It is 3 apples", ["three", "3"])
+    result = metrics.result()
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    assert result["exact_match"] == 1 / 3
+    best = max(scorer.score(r, "It is 3 apples")["rougeL"].fmeasure for r in ["three", "3"])
+    assert result["rougeL"] == (1.0 + 0.0 + best) / 3

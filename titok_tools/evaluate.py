@@ -45,15 +45,25 @@ class Metrics:
         self.n = 0
         self.sums = {"exact_match": 0.0, "rouge1": 0.0, "rougeL": 0.0}
 
-    def add(self, prediction, reference):
-        scores = self.scorer.score(reference, prediction)
-        self.sums["exact_match"] += float(exact_match(prediction, reference))
-        self.sums["rouge1"] += scores["rouge1"].fmeasure
-        self.sums["rougeL"] += scores["rougeL"].fmeasure
+    def add(self, prediction, references):
+        """Score one prediction against its acceptable answers (the best one counts)."""
+        scores = [self.scorer.score(reference, prediction) for reference in references]
+        self.sums["exact_match"] += float(any(exact_match(prediction, reference) for reference in references))
+        self.sums["rouge1"] += max(s["rouge1"].fmeasure for s in scores)
+        self.sums["rougeL"] += max(s["rougeL"].fmeasure for s in scores)
         self.n += 1
 
     def result(self):
         return {"records": self.n, **{k: (v / self.n if self.n else None) for k, v in self.sums.items()}}
+
+
+def references(record, completion):
+    """The acceptable answers: the record's "references" list when it has one (BIG-bench's
+    "three" and "3"), else its completion."""
+    extra = record.get("references")
+    if isinstance(extra, list) and extra and all(isinstance(r, str) for r in extra):
+        return extra
+    return [completion]
 
 
 def evaluate_records(pairs, model, tokenizer, *, chat_template=True, max_new_tokens=200, batch_size=8, max_length=768,
@@ -66,7 +76,7 @@ def evaluate_records(pairs, model, tokenizer, *, chat_template=True, max_new_tok
         predictions = generate(model, tokenizer, [messages for _, _, (messages, _) in window], chat_template=chat_template,
                                max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
         for (_, record, (_, reference)), prediction in zip(window, predictions):
-            metrics.add(prediction, reference)
+            metrics.add(prediction, references(record, reference))
             record["prediction"] = prediction
             yield record
         if progress is not None:
@@ -114,7 +124,8 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
          max_new_tokens, batch_size, limit, metrics_file, output, shard, skip_invalid):
     """Greedy predictions for records with a prompt and a reference completion, and their scores.
 
-    Writes every record with "prediction" added. Metrics, on stderr and in --metrics FILE:
+    Writes every record with "prediction" added. Metrics, on stderr and in --metrics FILE,
+    against the completion (or the best of a "references" list of acceptable answers):
     exact match after normalization (case, surrounding whitespace, quotes and punctuation;
     "(A)" = "A"), and ROUGE-1 / ROUGE-L F-measures. Without --adapter the vanilla base answers.
 
