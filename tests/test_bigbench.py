@@ -136,6 +136,11 @@ def test_split_is_seeded_and_sized(sdist, tmp_path):
     assert split("--seed", "4") != [train, test]
     assert [len(p) for p in split("--test-size", "7")] == [12, 7]
     assert [len(p) for p in split("--test-fraction", "0.5")] == [9, 10]  # round(9.5) = 10 (to even)
+    # --train-size: a seeded subset of the train part; the test part does not change.
+    small_train, same_test = split("--seed", "3", "--train-size", "5")
+    assert same_test == test and len(small_train) == 5 and set(small_train) <= set(train)
+    assert small_train == sorted(small_train, key=lambda i: int(i.split(":")[1]))
+    assert split("--seed", "3", "--train-size", "50")[0] == train
 
 
 def test_unknown_and_programmatic_tasks(sdist, tmp_path):

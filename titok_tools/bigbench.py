@@ -188,18 +188,21 @@ def task_records(entries, seed=0, counts=None):
     return records
 
 
-def split(records, seed=0, test_fraction=0.2, test_size=None):
-    """(train, test): a seeded random choice of test records; both keep the file order."""
+def split(records, seed=0, test_fraction=0.2, test_size=None, train_size=None):
+    """(train, test): a seeded random choice of test records, then of at most train_size train
+    records from the rest; both keep the file order."""
     n_test = round(len(records) * test_fraction) if test_size is None else test_size
     if n_test > len(records):
         raise click.ClickException(f"--test-size {n_test} is more than the {len(records)} examples")
-    test_index = set(random.Random(seed).sample(range(len(records)), n_test))
-    train = [r for i, r in enumerate(records) if i not in test_index]
-    test = [r for i, r in enumerate(records) if i in test_index]
-    return train, test
+    rng = random.Random(seed)
+    test_index = set(rng.sample(range(len(records)), n_test))
+    rest = [i for i in range(len(records)) if i not in test_index]
+    if train_size is not None and train_size < len(rest):
+        rest = sorted(rng.sample(rest, train_size))
+    return [records[i] for i in rest], [records[i] for i in sorted(test_index)]
 
 
-def convert(sdist, names, out, seed=0, test_fraction=0.2, test_size=None):
+def convert(sdist, names, out, seed=0, test_fraction=0.2, test_size=None, train_size=None):
     """Write out/<name>/{train,test}.jsonl for every task name; return {name: (n_train, n_test)}.
 
     Every name is checked before anything is written."""
@@ -208,7 +211,7 @@ def convert(sdist, names, out, seed=0, test_fraction=0.2, test_size=None):
     for name, entries in tasks.items():
         counts = {}
         records = task_records(entries, seed, counts)
-        train, test = split(records, seed, test_fraction, test_size)
+        train, test = split(records, seed, test_fraction, test_size, train_size)
         for part, rows in (("train", train), ("test", test)):
             with record_writer(os.path.join(out, name, f"{part}.jsonl")) as writer:
                 for record in rows:
@@ -238,9 +241,10 @@ def _names(ctx, param, value):
 @click.option("--test-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1),
               help="Share of each task's examples that go to test.jsonl.")
 @click.option("--test-size", type=click.IntRange(min=0), help="Exact number of test examples per task (overrides --test-fraction).")
+@click.option("--train-size", type=click.IntRange(min=1), help="At most this many train examples per task (a seeded choice).")
 @cli.seed_option
 @cli.command
-def main(tasks, out, sdist, cache, test_fraction, test_size, seed):
+def main(tasks, out, sdist, cache, test_fraction, test_size, train_size, seed):
     """Convert BIG-bench tasks into prompt/completion records for titok-train, titok-gen and titok-eval.
 
     \b
@@ -248,7 +252,7 @@ def main(tasks, out, sdist, cache, test_fraction, test_size, seed):
       python -m titok_tools.bigbench --tasks object_counting,logical_deduction/three_objects
     """
     sdist = sdist or fetch_sdist(cache or cache_dir())
-    convert(sdist, tasks, out, seed, test_fraction, test_size)
+    convert(sdist, tasks, out, seed, test_fraction, test_size, train_size)
 
 
 if __name__ == "__main__":

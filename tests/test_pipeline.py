@@ -1,0 +1,91 @@
+"""The whole transfer end to end on tiny random models, every command a real subprocess:
+source SFT -> gen -> score | filter | align (another tokenizer) -> train -> eval, plus the
+Makefile's wiring (make -n) and the report table."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import GEMMA_TEMPLATE, ROOT, read_jsonl, run_pipe, write_jsonl
+
+FAST = ["--dtype", "float32", "--device", "cpu"]
+LOOSE_TEMPLATE = "example: Input: {text}\nkeep: all\nmin_words: 1\nallow_cut: yes\n---\n{task_description}\n\n{examples}\n\nInput:"
+
+
+def task_records(n, offset=0):
+    words = ["apple", "river", "seven", "blue", "market", "engine", "paper", "violin"]
+    return [{"id": f"t{offset + i}", "prompt": f"Repeat the word: {words[i % 8]} {i}",
+             "completion": f"{words[i % 8]} {i}", "task_description": "Repeat the word you are given."}
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    d = tmp_path_factory.mktemp("task")
+    write_jsonl(d / "train.jsonl", task_records(12))
+    write_jsonl(d / "test.jsonl", task_records(4, offset=100))
+    (d / "loose.txt").write_text(LOOSE_TEMPLATE)
+    return d
+
+
+def test_all_five_commands_end_to_end(tiny_llama, tiny_gemma, task, tmp_path):
+    source_lora, target_lora = tmp_path / "source-lora", tmp_path / "target-lora"
+    # 1. the source expert: plain SFT on the task data
+    run_pipe(["titok-train", "--model", tiny_llama, *FAST, "--all-tokens", "--epochs", "1", "--batch-size", "4",
+              "--lr", "1e-3", "--output", source_lora, task / "train.jsonl"])
+    assert (source_lora / "adapter_model.safetensors").exists()
+    # 2. synthetic queries and labels from the expert
+    synthetic = tmp_path / "synthetic.jsonl"
+    run_pipe(["titok-gen", "--model", tiny_llama, "--adapter", source_lora, *FAST, "--seed-examples",
+              task / "train.jsonl", "--template", task / "loose.txt", "--num", "6", "--batch-size", "3",
+              "--max-new-tokens", "8", "--label-max-new-tokens", "6", "--label-temperature", "1.0", "-o", synthetic])
+    generated = read_jsonl(synthetic)
+    assert len(generated) == 6 and all(r["completion"].strip() for r in generated)
+    # 3-5. score | filter | align onto another tokenizer (Gemma's), as one pipe
+    out, _, err = run_pipe(["titok-score", "--model", tiny_llama, "--adapter", source_lora, *FAST, synthetic],
+                           ["titok-filter", "-k", "0.5", "--keep", "4"],
+                           ["titok-align", "--target-model", tiny_gemma, "--chat-template", GEMMA_TEMPLATE])
+    aligned = read_jsonl(out)
+    assert len(aligned) == 4 and "scored 6 records" in err and "kept 4 of 6" in err and "aligned 4 records" in err
+    for r in aligned:
+        source, target = r["titok"]["source"], r["titok"]["target"]
+        assert source["tokenizer"] != target["tokenizer"]
+        assert len(target["mask"]) == len(target["token_ids"]) and sum(target["mask"]) >= 1
+        assert r["titok_gen"]["adapter"] == str(source_lora)  # fields of earlier stages pass through
+    aligned_file = write_jsonl(tmp_path / "aligned.jsonl", aligned)
+    # 6. the target LoRA on the selected tokens
+    run_pipe(["titok-train", "--model", tiny_gemma, *FAST, "--epochs", "1", "--batch-size", "2",
+              "--output", target_lora, aligned_file])
+    info = json.loads((target_lora / "titok_train.json").read_text())
+    assert info["tokens_trained"] == sum(sum(r["titok"]["target"]["mask"]) for r in aligned)  # one epoch
+    # 7. evaluation
+    metrics = tmp_path / "metrics.json"
+    out, _, _ = run_pipe(["titok-eval", "--model", tiny_gemma, "--adapter", target_lora, *FAST, "--max-new-tokens", "4",
+                          "--metrics", metrics, task / "test.jsonl"])
+    assert len(read_jsonl(out)) == 4 and json.loads(metrics.read_text())["records"] == 4
+    # The report table from the metrics file.
+    report = tmp_path / "report.md"
+    run_pipe(["python", "-m", "titok_tools.report", "-o", report, "--setting", "M=4", f"target-titok={metrics}"])
+    text = report.read_text()
+    assert "| target-titok | 4 |" in text and "- M: `4`" in text
+
+
+def test_make_wires_every_stage():
+    """make -n shows the GPU pipeline's commands in dependency order without running them."""
+    out = subprocess.run(["make", "-n", "-C", ROOT, "pipeline", "OUT=/tmp/titok-make-n", "DATA=/tmp/titok-make-n/data"],
+                         capture_output=True, text=True, check=True).stdout
+    order = ["titok-train --output /tmp/titok-make-n/source-expert", "titok-gen", "titok-score", "titok-filter -k 0.7",
+             "titok-align --target-model meta-llama/Llama-3.1-8B-Instruct", "titok-train --output /tmp/titok-make-n/target-titok",
+             "titok_tools.report"]
+    positions = [out.find(cmd) for cmd in order]
+    assert all(p >= 0 for p in positions), dict(zip(order, positions))
+    assert positions == sorted(positions)
+    assert "--model mistralai/Mistral-7B-Instruct-v0.3" in out and "--num $((2 * 250))" in out
+    # A user's own file replaces a stage: with aligned.jsonl present, make starts after it.
+    os.makedirs("/tmp/titok-make-n2", exist_ok=True)
+    for name in ("aligned.jsonl",):
+        open(f"/tmp/titok-make-n2/{name}", "w").close()
+    out = subprocess.run(["make", "-n", "-C", ROOT, "/tmp/titok-make-n2/target-titok/adapter_config.json",
+                          "OUT=/tmp/titok-make-n2"], capture_output=True, text=True, check=True).stdout
+    assert "titok-train --output /tmp/titok-make-n2/target-titok" in out and "titok-score" not in out
