@@ -120,3 +120,64 @@ def test_rank_by_random_is_seeded(tmp_path):
     out = run(RECORDS, "--rank-by", "random", "--seed", "3", "--keep", "1.0", "-k", "1", tmp_path=tmp_path)[0]
     assert sorted(r["titok"]["filter"]["rank"] for r in out) == [1, 2, 3, 4, 5]
     assert out[0]["titok"]["filter"]["rank_by"] == "random" and out[0]["titok"]["filter"]["seed"] == 3
+
+
+# -k auto. Kept a..e (--keep 1.0), scope sample: positive excess a 2.0, b 4.0, c 1.5, d 0, e 3.0
+# = 10.5. Every sample's best token is always kept: 1 + 2 + 0.5 + 0 + 3 = 6.5 (61.9%). Then the
+# breakpoints j/n add: a's 2nd 0.5 at k = 2/4, c's 2nd 0.5 at 2/3, a's 3rd 0.5 at 3/4, and at
+# k = 1 b's 2nd 2.0 + c's 3rd 0.5: 7.0 (66.7%), 7.5 (71.4%), 8.0 (76.2%), 10.5 (100%).
+@pytest.mark.parametrize("mass, k, held", [
+    ("0.6", 1 / 4, 6.5), ("0.7", 2 / 3, 7.5), ("0.75", 3 / 4, 8.0), ("0.8", 1.0, 10.5), ("1", 1.0, 10.5)])
+def test_k_auto_sample_scope_by_hand(tmp_path, mass, k, held):
+    out, err = run(RECORDS, "-k", "auto", "--mass", mass, "--keep", "1.0", tmp_path=tmp_path)
+    assert out[0]["titok"]["filter"]["k"] == k
+    assert out[0]["titok"]["filter"]["k_auto"] == {"mass": float(mass), "share": pytest.approx(held / 10.5)}
+    assert f"chose k = {k:.6g}" in err
+    # the recorded k reproduces the masks, and they hold the share said
+    kept_mass = sum(max(v, 0) for r in out for v, m in zip(r["titok"]["source"]["excess"], r["titok"]["source"]["mask"]) if m)
+    assert kept_mass == pytest.approx(held)
+    fixed, _ = run(RECORDS, "-k", str(k), "--keep", "1.0", tmp_path=tmp_path)
+    assert masks(fixed) == masks(out)
+
+
+def test_k_auto_counts_only_kept_samples_and_global_scope(tmp_path):
+    # --keep 4 drops d; global: 11 tokens 3, 2, 2, 1, 0.5 x5, -1, -2 (positive 10.5). 90% = 9.45
+    # needs 3+2+2+1+0.5+0.5+0.5 = 9.5: the top 7 of 11 -> k = 7/11.
+    out, err = run(RECORDS, "-k", "auto", "--keep", "4", "--scope", "global", tmp_path=tmp_path)
+    assert {r["titok"]["filter"]["k"] for r in out} == {7 / 11}
+    assert sum(sum(r["titok"]["source"]["mask"]) for r in out) == 7
+    # batch: the 4 kept records make one group of 4, the same 11 tokens
+    out, _ = run(RECORDS, "-k", "auto", "--keep", "4", "--scope", "batch", tmp_path=tmp_path)
+    assert out[0]["titok"]["filter"]["k"] == 7 / 11
+
+
+def test_k_auto_without_positive_excess_takes_one_token_per_sample(tmp_path):
+    records = [scored("x", [-1.0, -2.0]), scored("y", [0.0, -3.0, -1.0])]
+    out, err = run(records, "-k", "auto", "--keep", "1.0", tmp_path=tmp_path)
+    assert out[0]["titok"]["filter"]["k"] == 1 / 3 and out[0]["titok"]["filter"]["k_auto"]["share"] is None
+    assert masks(out) == {"x": [1, 0], "y": [1, 0, 0]}
+    assert "no kept token has a positive excess" in err
+
+
+def test_k_auto_on_empty_input(tmp_path):
+    assert run([], "-k", "auto", tmp_path=tmp_path)[0] == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-k", "auto", "--mass", "0"], "0<x<=1"),
+    (["-k", "auto", "--mass", "1.01"], "0<x<=1"),
+    (["-k", "half"], "'half' is not a number in (0, 1] nor auto"),
+])
+def test_k_auto_bad_options(tmp_path, args, message):
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    result = CliRunner().invoke(main, [*args, data])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_align_rejects_k_auto_and_help_shows_it(tmp_path):
+    from titok_tools.align import main as align_main
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    result = CliRunner().invoke(align_main, ["--target-model", "unused", "-k", "auto", data])
+    assert result.exit_code == 2 and "leave -k out here to use that k" in result.output
+    assert "FLOAT|auto" in CliRunner().invoke(main, ["--help"]).output
+    assert "--mass" in CliRunner().invoke(main, ["--help"]).output

@@ -96,11 +96,31 @@ def _fraction(ctx, param, value):
     return value
 
 
-def selection_options(default_k):
+def _token_fraction(auto):
+    """-k: a float in (0, 1], or the word auto where the command can choose k itself."""
+    def parse(ctx, param, value):
+        if value is None or value == "auto" and auto:
+            return value
+        if value == "auto":
+            raise click.BadParameter("auto is for titok-filter, which records the k it chose in titok.filter.k: "
+                                     "leave -k out here to use that k")
+        try:
+            number = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a number in (0, 1]" + (" nor auto" if auto else ""))
+        return _fraction(ctx, param, number)
+    return parse
+
+
+def selection_options(default_k, auto=False):
+    """-k/--token-fraction and --scope. auto=True lets -k be the word auto (titok-filter)."""
+    help_k = "Share of tokens to select: max(1, floor(k*n)) highest scores, ties to the earlier token."
+    if auto:
+        help_k += " auto: the smallest k whose selection holds --mass of the positive excess."
     return _compose(
-        click.option("-k", "--token-fraction", "k", type=float, default=default_k, callback=_fraction,
-                     show_default=default_k is not None,
-                     help="Share of tokens to select: max(1, floor(k*n)) highest scores, ties to the earlier token."),
+        click.option("-k", "--token-fraction", "k", type=str, default=None if default_k is None else str(default_k),
+                     callback=_token_fraction(auto), metavar="FLOAT|auto" if auto else "FLOAT",
+                     show_default=default_k is not None, help=help_k),
         click.option("--scope", type=click.Choice(SCOPES), default="sample", show_default=True,
                      help="Select per sample (the paper), per batch of 4 consecutive records (the official code), or globally."),
     )

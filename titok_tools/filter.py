@@ -11,7 +11,7 @@ import click
 
 from . import cli
 from .records import RecordError, read_records, record_writer, spooled, titok
-from .select import n_select, select_stream
+from .select import auto_k, n_select, select_stream
 
 log = logging.getLogger("titok.filter")
 
@@ -62,20 +62,44 @@ def rank_records(pairs, rank_by="excess", seed=0):
     return ranks
 
 
-def filter_records(read, k, keep, scope, mark_only=False, counts=None, rank_by="excess", seed=0):
+def choose_k(kept_records, mass, scope):
+    """-k auto: the smallest k whose selection over the kept records holds `mass` of their
+    positive excess (select.auto_k, same scope rule as the masks). One pass, floats only."""
+    k, share = auto_k((r["titok"]["source"]["excess"] for r in kept_records), mass, scope)
+    if k is None:
+        log.info("-k auto: no kept tokens to choose k from")
+    elif share is None:
+        log.warning("-k auto: no kept token has a positive excess; chose the smallest k, %.6g "
+                    "(one token per %s)", k, "sample" if scope == "sample" else scope)
+    else:
+        log.info("-k auto: chose k = %.6g, which holds %.1f%% of the kept samples' positive excess "
+                 "(--mass %g, scope %s)", k, 100 * share, mass, scope)
+    return k, share
+
+
+def filter_records(read, k, keep, scope, mark_only=False, counts=None, rank_by="excess", seed=0, mass=0.9):
     """Yield the kept records (all records with mark_only) in input order, with their masks.
 
-    `read()` returns a fresh iterator of (where, record) pairs; it is called two or three times.
+    `read()` returns a fresh iterator of (where, record) pairs; it is called two to four times.
+    k="auto" chooses k from the kept records first (choose_k, with `mass`).
     """
     counts = {} if counts is None else counts
     ranks = rank_records(read(), rank_by, seed)
     m = parse_keep(keep, len(ranks)) if ranks else 0
-    settings = {"k": k, "keep": m, "scope": scope}
-    if rank_by != "excess":
-        settings.update(rank_by=rank_by, seed=seed)
 
     def kept():
         return (r for i, (_, r) in enumerate(read()) if ranks[i] <= m)
+
+    auto = None
+    if k == "auto":
+        k, share = choose_k(kept(), mass, scope)
+        auto = {"mass": mass, "share": share}
+        counts["k"] = k
+    settings = {"k": k, "keep": m, "scope": scope}
+    if auto:
+        settings["k_auto"] = auto
+    if rank_by != "excess":
+        settings.update(rank_by=rank_by, seed=seed)
 
     masked = select_stream(kept(), lambda r: r["titok"]["source"]["excess"], k, scope, rereader=kept)
     for i, (where, record) in enumerate(read()):
@@ -109,7 +133,9 @@ def summary(counts):
 
 @click.command()
 @cli.input_argument
-@cli.selection_options(0.7)
+@cli.selection_options(0.7, auto=True)
+@click.option("--mass", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+              help="With -k auto: the share of the kept samples' positive excess the selected tokens must hold.")
 @click.option("-M", "--keep", default="0.5", show_default=True,
               help="Samples to keep, by mean excess: a count (250) or a fraction of the input (0.5 = the paper's 2x pool).")
 @click.option("--rank-by", type=click.Choice(["excess", "random"]), default="excess", show_default=True,
@@ -118,7 +144,7 @@ def summary(counts):
 @click.option("--mark-only", is_flag=True, help="Write every record; dropped ones get titok.filter.kept = false and no mask.")
 @cli.output_option
 @cli.command
-def main(input, k, scope, keep, rank_by, seed, mark_only, output):
+def main(input, k, scope, keep, rank_by, seed, mark_only, output, mass):
     """Keep the best samples and mark their most informative tokens.
 
     Reads records scored by titok-score. Keeps the top --keep samples by mean excess, then
@@ -126,14 +152,20 @@ def main(input, k, scope, keep, rank_by, seed, mark_only, output):
     titok.filter = {k, keep, scope, rank, kept}. `-k 1 --keep 1.0` keeps every token of every
     sample: the all-token (SFT/KD) baseline from the same tool.
 
+    -k auto picks k from the data: the smallest k whose selection (same --scope rule) holds at
+    least --mass of the kept samples' positive excess. It prints k on stderr and records it in
+    titok.filter.k, with titok.filter.k_auto = {mass, share held}. With no positive excess at
+    all it takes the smallest k (one token per sample, or per scope group) and share null.
+
     \b
     Example:
       titok-score --model BASE --adapter LORA data.jsonl | titok-filter -k 0.3 --keep 0.5 > kept.jsonl
+      titok-filter -k auto --mass 0.9 scored.jsonl > kept.jsonl
     """
     counts = {}
     with spooled(input) as path, record_writer(output) as writer:
         name = "<stdin>" if input == "-" else input
         for record in filter_records(lambda: read_records(path, name=name), k, keep, scope, mark_only, counts,
-                                     rank_by, seed):
+                                     rank_by, seed, mass):
             writer.write(record)
     log.info(summary(counts))

@@ -80,3 +80,67 @@ def select_stream(items, scores_of, k, scope, rereader=None):
             start += n
     else:
         raise ValueError(f"unknown scope {scope!r}")
+
+
+
+def scope_groups(score_lists, scope):
+    """The score lists that one selection each runs over under `scope`: every record, every
+    BATCH_GROUP consecutive records concatenated, or all records concatenated (one group)."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}")
+    size = {"sample": 1, "batch": BATCH_GROUP, "global": math.inf}[scope]
+    group, count = [], 0
+    for scores in score_lists:
+        group.extend(scores)
+        count += 1
+        if count == size:
+            yield group
+            group, count = [], 0
+    if count:
+        yield group
+
+
+def auto_k(score_lists, mass, scope):
+    """The smallest k whose top-k selection (the rule above, under `scope`) holds at least
+    `mass` of the total positive score; returns (k, share held), or (None, None) with no scores.
+
+    The selection only changes where floor(k*n) does, so k is one of the breakpoints j/n (n: a
+    group's scored tokens, j: a rank in it): the j-th best token of a group is selected from
+    k = j/n on, its best one always. Each positive token is kept as (its breakpoint, its score),
+    16 bytes, not the records; negative and zero tokens add no mass. With no positive score at
+    all the answer is the smallest breakpoint, 1/(largest group): one token per group, share None.
+    """
+    thresholds, gains = array("d"), array("d")
+    always = total = 0.0
+    largest = 0
+    for group in scope_groups(score_lists, scope):
+        values = np.array([s for s in group if s is not None], dtype=np.float64)
+        n = len(values)
+        if not n:
+            continue
+        largest = max(largest, n)
+        ranked = -np.sort(-values)
+        positive = ranked > 0
+        always += max(float(ranked[0]), 0.0)
+        total += float(ranked[positive].sum())
+        ranks = np.flatnonzero(positive[1:]) + 2  # 1-based ranks from 2 on
+        thresholds.extend((ranks / n).tolist())
+        gains.extend(ranked[ranks - 1].tolist())
+    if not largest:
+        return None, None
+    smallest = 1 / largest
+    if total <= 0:
+        return smallest, None
+    target = mass * total
+    if always >= target:
+        return smallest, always / total
+    thresholds = np.frombuffer(thresholds, dtype=np.float64)
+    gains = np.frombuffer(gains, dtype=np.float64)
+    order = np.argsort(thresholds, kind="stable")
+    held = always + np.cumsum(gains[order])
+    # rounding: a sum that equals the target in exact arithmetic may fall a hair short
+    i = int(np.searchsorted(held, target * (1 - 1e-12)))
+    k = float(thresholds[order[min(i, len(order) - 1)]])
+    # every token whose breakpoint is k itself is selected at k too
+    share = (always + float(gains[thresholds <= k].sum())) / total
+    return k, share
