@@ -437,3 +437,16 @@ def test_vllm_backend(smollm2_dir, seed_file, tmp_path):
     invoke(["--model", smollm2_dir, "--backend", "vllm", "--tensor-parallel-size", 1, "--seed-examples", seed_file,
             "--num", 3, "--max-new-tokens", 48, "-o", out])
     assert len(read_jsonl(out)) == 3
+
+
+def test_queries_from_base_writes_queries_without_the_adapter(tiny_llama, tiny_llama_lora, seed_file, loose_template,
+                                                               tmp_path):
+    args = [*tiny_gen(tiny_llama, seed_file, loose_template, "--num", 4, "--batch-size", 2, "--seed", 7)]
+    invoke([*args, "--adapter", tiny_llama_lora, "--queries-from", "base", "-o", tmp_path / "mixed.jsonl"])
+    invoke([*args, "-o", tmp_path / "base.jsonl"])
+    invoke([*args, "--adapter", tiny_llama_lora, "-o", tmp_path / "expert.jsonl"])
+    mixed, base, expert = (read_jsonl(tmp_path / f"{n}.jsonl") for n in ("mixed", "base", "expert"))
+    # The queries are the base model's (same seed, same sampling), the labels the expert's.
+    assert [r["prompt"] for r in mixed] == [r["prompt"] for r in base]
+    assert [r["prompt"] for r in mixed] != [r["prompt"] for r in expert]
+    assert mixed[0]["titok_gen"]["queries_from"] == "base" and mixed[0]["titok_gen"]["adapter"] == tiny_llama_lora

@@ -18,6 +18,7 @@ exactly what the output file holds, so `--resume` rebuilds it from the file and 
 last round it finds, skipping the records already written: the result equals an uninterrupted
 run's.
 """
+import contextlib
 import hashlib
 import json
 import logging
@@ -354,6 +355,10 @@ class HfBackend:
         self.lm = load_model(model, adapter, dtype, device, trust_remote_code)
         self.tokenizer, self.chat_template, self.batch_size, self.max_length = tokenizer, chat_template, batch_size, max_length
 
+    def without_adapter(self):
+        """The base model alone (the same weights, adapter switched off) inside the block."""
+        return self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
+
     def complete(self, prompts, max_new_tokens, temperature, top_p, seed):
         from .generation import generate
 
@@ -387,6 +392,15 @@ class VllmBackend:
         self.lora = LoRARequest("expert", 1, os.path.abspath(adapter)) if adapter else None
         self.tokenizer, self.chat_template, self.max_length = tokenizer, chat_template, max_length
         self.stops = stop_token_ids(tokenizer, chat_template)
+        self.base_only = False
+
+    @contextlib.contextmanager
+    def without_adapter(self):
+        self.base_only = True
+        try:
+            yield
+        finally:
+            self.base_only = False
 
     def complete(self, prompts, max_new_tokens, temperature, top_p, seed):
         from vllm import SamplingParams
@@ -397,7 +411,7 @@ class VllmBackend:
                                  seed=derive_seed(seed, i), stop_token_ids=self.stops, skip_special_tokens=True)
                   for i in range(len(prompts))]
         inputs = [{"prompt_token_ids": prompt_ids(self.tokenizer, m, self.chat_template, self.max_length)} for m in prompts]
-        outputs = self.llm.generate(inputs, params, lora_request=self.lora, use_tqdm=False)
+        outputs = self.llm.generate(inputs, params, lora_request=None if self.base_only else self.lora, use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outputs]
 
 
@@ -418,6 +432,7 @@ class GenSettings:
     rouge_threshold: float = 0.7
     dedup: bool = True
     seed: int = 0
+    queries_from: str = "expert"
 
     def rounds(self):
         # Default cap: 20 times the rounds --num needs if every reply were kept.
@@ -470,8 +485,11 @@ def generate_records(backend, tokenizer, template, seeds, settings, meta, existi
                  for slot in range(settings.batch_size)]
         prompts = [[{"role": "user", "content": template.prompt(seeds.task_description, [seeds.texts[i] for i in pick])}]
                    for pick in picks]
-        replies = backend.complete(prompts, settings.max_new_tokens, settings.temperature, settings.top_p,
-                                   derive_seed(settings.seed, "queries", round_))
+        # The paper writes queries with the expert; a small expert tuned on short answers may
+        # answer the query prompt instead of writing a query: --queries-from base avoids that.
+        with backend.without_adapter() if settings.queries_from == "base" else contextlib.nullcontext():
+            replies = backend.complete(prompts, settings.max_new_tokens, settings.temperature, settings.top_p,
+                                       derive_seed(settings.seed, "queries", round_))
         # Within the round, a query is also compared with the round's earlier new queries.
         fresh = RougeDedup(settings.rouge_threshold) if pool is not None else None
         new = []
@@ -594,6 +612,9 @@ def _probability(ctx, param, value):
 @click.option("--no-dedup", is_flag=True, help="Keep near-duplicate queries (the paper does for history tasks).")
 @click.option("--max-rounds", type=click.IntRange(min=1), help="Stop after this many rounds even if fewer than --num "
                                                                 "queries were kept [default: 20 x ceil(num / batch-size) + 10].")
+@click.option("--queries-from", type=click.Choice(["expert", "base"]), default="expert", show_default=True,
+              help="Who writes the queries: the expert (the paper), or its base model with the adapter switched off "
+                   "(for an expert so specialized that it answers the query prompt). Labels always come from the expert.")
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
               help="transformers generate (CPU or GPU), or vLLM (pip install 'titok-tools[vllm]'; give it a large --batch-size).")
 @click.option("--tensor-parallel-size", default=1, show_default=True, type=click.IntRange(min=1), help="GPUs per model (vllm).")
@@ -604,7 +625,7 @@ def _probability(ctx, param, value):
 @cli.command
 def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_chat_template, max_length, seed_examples,
          label_file, num, task_description, shots, template, temperature, top_p, max_new_tokens, label_temperature,
-         label_max_new_tokens, batch_size, rouge_threshold, no_dedup, max_rounds, backend, tensor_parallel_size, output,
+         label_max_new_tokens, batch_size, rouge_threshold, no_dedup, max_rounds, queries_from, backend, tensor_parallel_size, output,
          resume, seed, shard):
     """Make task data with the source expert (--model + --adapter): new queries from a few
     real examples and the expert's answers, or answers to given prompts (--label).
@@ -636,7 +657,7 @@ def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_cha
     settings = GenSettings(num=num or 0, shots=shots, batch_size=batch_size, max_rounds=max_rounds, temperature=temperature,
                            top_p=top_p, max_new_tokens=max_new_tokens, label_temperature=label_temperature,
                            label_max_new_tokens=label_max_new_tokens, rouge_threshold=rouge_threshold, dedup=not no_dedup,
-                           seed=seed)
+                           seed=seed, queries_from=queries_from)
     if seed_examples is not None:
         query_template = load_template(template)
         seeds = load_seeds(seed_examples, shots, task_description)
@@ -652,6 +673,8 @@ def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_cha
         engine = HfBackend(model, adapter, dtype, device, trust_remote_code, tokenizer, use_template, batch_size, max_length)
         log.info("hf backend on %s in %s", resolve_device(device), str(resolve_dtype(dtype, resolve_device(device))).split(".")[-1])
     meta = {"model": model, "adapter": adapter}
+    if queries_from != "expert":
+        meta["queries_from"] = queries_from
     counts = {}
     with record_writer(output, resume) as writer:
         if label_file is not None:
