@@ -112,7 +112,7 @@ DEMO := OUT=work/demo TASK=object_counting DATA=work/demo/data/object_counting B
 	M=100 K=0.3 DTYPE=bfloat16 DEVICE=cpu TEST_SIZE=200 \
 	TARGET_TEMPLATE=data/templates/gemma3-chat.jinja \
 	SFT_ARGS="$(DEMO_TRAIN)" TRAIN_ARGS="$(DEMO_TRAIN)" \
-	GEN_ARGS="--max-new-tokens 96 --label-max-new-tokens 16 --batch-size 16" \
+	GEN_ARGS="--queries-from base --max-new-tokens 64 --label-max-new-tokens 16 --batch-size 16" \
 	EVAL_ARGS="--max-new-tokens 16 --batch-size 16 --limit 100"
 
 demo: install
