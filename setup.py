@@ -1,6 +1,6 @@
 from setuptools import find_packages, setup
 
-COMMANDS = ["gen", "score", "filter", "align", "train", "eval", "merge", "bigbench"]
+COMMANDS = ["gen", "score", "filter", "align", "train", "eval", "merge", "bigbench", "show"]
 
 setup(
     name="titok-tools",
