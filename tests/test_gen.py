@@ -288,7 +288,7 @@ def test_bad_templates(text, message, tmp_path):
 
 def test_bundled_templates_resolve_and_parse():
     default, mc = load_template("default"), load_template("multiple-choice")
-    assert default.path.endswith(os.path.join("data", "templates", "query-default.txt"))
+    assert os.path.realpath(default.path).endswith(os.path.join("data", "templates", "query-default.txt"))
     assert default.parse("Sure! Here it is.\nInput: Is water wet?\n\nOutput: yes") == ("Is water wet?", None)
     assert default.parse("New input:\n\nInput: Is fire hot today?") == ("Is fire hot today?", None)
     assert default.parse("Is ice cold or not") == ("Is ice cold or not", None)
