@@ -313,11 +313,7 @@ def summary(counts):
     if counts.get("normalized_records"):
         line += (f", {counts['normalized_records']} records whose text the target normalizer changes "
                  f"({counts['normalized_tokens']} tokens left unscored)")
-    if counts.get("truncated"):
-        line += f", {counts['truncated']} completions truncated (see --max-length)"
-    if counts.get("invalid"):
-        line += f", {counts['invalid']} invalid records skipped"
-    return line
+    return line + cli.counted_suffix(counts)
 
 
 @click.command()

@@ -143,5 +143,15 @@ def command(f):
 
 
 
+def counted_suffix(counts):
+    """The end of a stage's summary line: truncated completions and skipped records, if any."""
+    line = ""
+    if counts.get("truncated"):
+        line += f", {counts['truncated']} completions truncated (see --max-length)"
+    if counts.get("invalid"):
+        line += f", {counts['invalid']} invalid records skipped"
+    return line
+
+
 def in_shard(index, shard):
     return shard is None or index % shard[1] == shard[0]

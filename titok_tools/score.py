@@ -113,11 +113,7 @@ def summary(counts):
     if tokens:
         line += (f", mean excess {counts['sum_excess'] / tokens:+.4f}, "
                  f"{counts['negative'] / tokens:.1%} of tokens negative")
-    if counts.get("truncated"):
-        line += f", {counts['truncated']} completions truncated (see --max-length)"
-    if counts.get("invalid"):
-        line += f", {counts['invalid']} invalid records skipped"
-    return line
+    return line + cli.counted_suffix(counts)
 
 
 @click.command()
