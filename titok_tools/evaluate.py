@@ -15,7 +15,7 @@ from tqdm import tqdm
 from . import cli
 from .generation import generate
 from .models import load_model, load_tokenizer
-from .records import checked, prompt_and_completion, read_records, record_writer
+from .records import checked, prompt_and_completion, read_records, record_writer, text_output
 
 log = logging.getLogger("titok.eval")
 
@@ -146,5 +146,5 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
     result = dict(metrics.result(), model=model, adapter=adapter, invalid=counts.get("invalid", 0))
     log.info("%s%s", summary(result), f", {counts['invalid']} invalid records skipped" if counts.get("invalid") else "")
     if metrics_file:
-        with open(metrics_file, "w") as f:
+        with text_output(metrics_file) as f:
             json.dump(result, f, indent=1)

@@ -219,3 +219,24 @@ def spooled(path):
             tmp.write(block)
         tmp.flush()
         yield tmp.name
+
+
+@contextmanager
+def text_output(path):
+    """A text stream: stdout for '-', else a temp file beside PATH renamed to PATH only when the
+    block succeeds (a failed run leaves no half-written file)."""
+    if path == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, prefix=".titok-", suffix=".partial",
+                                      delete=False)
+    try:
+        with tmp:
+            yield tmp
+    except BaseException:
+        os.unlink(tmp.name)
+        raise
+    os.replace(tmp.name, path)

@@ -13,6 +13,8 @@ import time
 
 import click
 
+from .records import text_output
+
 
 def table(rows):
     lines = ["| model | records | exact match | ROUGE-1 | ROUGE-L |", "|---|---:|---:|---:|---:|"]
@@ -42,10 +44,8 @@ def main(results, output, title, settings):
     setting_lines.append(f"- machine: {platform.machine()}, {os.cpu_count()} CPU threads, {platform.python_version()}")
     setting_lines.append(f"- written: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     text = f"# {title}\n\n{table(rows)}\n\nSettings:\n" + "\n".join(setting_lines) + "\n"
-    tmp = output + ".partial"
-    with open(tmp, "w") as f:
+    with text_output(output) as f:
         f.write(text)
-    os.replace(tmp, output)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,6 @@ written in input order and placed by CSS `order`. Only --ansi with --sort buffer
 import html
 import logging
 import math
-import os
-import sys
-import tempfile
 from array import array
 
 import click
@@ -26,7 +23,7 @@ import numpy as np
 from . import cli
 from .align import as_spans, offsets_problem, overlap_ranges
 from .filter import source_scores
-from .records import RecordError, prompt_and_completion, read_records, spooled
+from .records import RecordError, prompt_and_completion, read_records, spooled, text_output
 
 log = logging.getLogger("titok.show")
 
@@ -447,31 +444,6 @@ def write_ansi(read, out, sort="input", limit=None):
 
 # --- command -----------------------------------------------------------------------------------
 
-class _AtomicText:
-    """Text output to stdout, or to FILE.partial renamed to FILE on success."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __enter__(self):
-        if self.path == "-":
-            return sys.stdout
-        directory = os.path.dirname(os.path.abspath(self.path))
-        self.tmp = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, prefix=".titok-show-",
-                                               delete=False)
-        return self.tmp
-
-    def __exit__(self, kind, value, traceback):
-        if self.path == "-":
-            sys.stdout.flush()
-            return
-        self.tmp.close()
-        if kind is None:
-            os.replace(self.tmp.name, self.path)
-        else:
-            os.unlink(self.tmp.name)
-
-
 @click.command()
 @cli.input_argument
 @click.option("-o", "--output", default="-", show_default=True, type=click.Path(allow_dash=True, dir_okay=False),
@@ -500,7 +472,7 @@ def main(input, output, limit, sort, ansi, title):
       titok-show --sort excess --limit 50 -o report.html aligned.jsonl
       titok-show --ansi --limit 5 aligned.jsonl | less -R
     """
-    with spooled(input) as path, _AtomicText(output) as out:
+    with spooled(input) as path, text_output(output) as out:
         name = "<stdin>" if input == "-" else input
 
         def read():
