@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 from rouge_score import rouge_scorer
 
@@ -136,3 +137,34 @@ def test_references_list_counts_the_best_answer():
     assert result["exact_match"] == 1 / 3
     best = max(scorer.score(r, "It is 3 apples")["rougeL"].fmeasure for r in ["three", "3"])
     assert result["rougeL"] == (1.0 + 0.0 + best) / 3
+
+
+def test_generation_hands_the_head_contiguous_states_and_same_tokens(tiny_llama, tiny_llama_lora, qa):
+    """A loaded adapter freezes the base, and torch.matmul then copies the output layer's weight
+    per prompt for the strided last-position slice of the first step; generate() makes that
+    slice contiguous, without changing a token, and leaves no hook behind."""
+    records, _ = qa
+    tokenizer = load_tokenizer(tiny_llama)
+    model = load_model(tiny_llama, tiny_llama_lora, dtype="float32", device="cpu")
+    prompts = [[{"role": "user", "content": r["prompt"]}] for r in records if "prompt" in r]
+    head = model.get_output_embeddings()
+    seen = []
+    probe = head.register_forward_hook(lambda module, args, out: seen.append(args[0].is_contiguous()))
+    ours = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=4)
+    probe.remove()
+    assert seen and all(seen)
+    assert not head._forward_pre_hooks
+
+    # The reference: transformers' generate on the same left-padded batches, without the hook.
+    from titok_tools.formatting import prompt_ids, stop_token_ids
+    stops, pad, reference = stop_token_ids(tokenizer, True), tokenizer.pad_token_id, []
+    for start in range(0, len(prompts), 4):
+        batch = [prompt_ids(tokenizer, m, True, 768) for m in prompts[start:start + 4]]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad] * (width - len(b)) + b for b in batch])
+        out = model.generate(input_ids=ids, attention_mask=(ids != pad) | (torch.arange(width) >= width - torch.tensor([len(b) for b in batch])[:, None]),
+                             max_new_tokens=6, eos_token_id=stops, pad_token_id=pad, do_sample=False, top_k=None)
+        for row in out[:, width:].tolist():
+            end = next((i for i, t in enumerate(row) if t in stops), len(row))
+            reference.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+    assert ours == reference
