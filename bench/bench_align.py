@@ -18,6 +18,7 @@ The baseline is quadratic: it runs on as many records as fit in --baseline-secon
 (at least 2), and its records/s come from those.
 """
 import argparse
+import gc
 import os
 import pydoc
 import tempfile
@@ -177,6 +178,7 @@ def main():
 
     source = load_tokenizer(bundled.smollm2())
     target = load_tokenizer(bundled.gemma(), GEMMA_TEMPLATE)
+    gc.freeze()  # as titok-align does after loading its tokenizer
     text = corpus()
     print(f"SmolLM2-135M -> Gemma-3-270m tokenizers; {args.records} records per length; CPU, one process\n")
     header = (f"{'tokens':>6} {'align rec/s':>12} {'floor rec/s':>12} {'floor+fmt':>10} {'baseline':>10} "

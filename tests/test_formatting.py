@@ -89,3 +89,32 @@ def test_template_that_rewrites_the_completion_is_an_error(smollm2_tokenizer):
     tok.chat_template = "{% for m in messages %}{{ m['content'] | upper }}<|im_end|>{% endfor %}"
     with pytest.raises(FormatError, match="changes the completion"):
         encode(tok, PROMPT, "paris")
+
+
+@pytest.mark.parametrize("which", ["smollm2_tokenizer", "gemma_tokenizer"])
+def test_one_rendering_finds_the_completion_where_two_do(request, which, monkeypatch):
+    """The completion is located from the template's closing text (one rendering); the
+    prompt-only rendering (two) is the fallback and must agree, also when the prompt quotes
+    the completion."""
+    from titok_tools import formatting
+    tok = request.getfixturevalue(which)
+    cases = [(PROMPT, t) for t in TEXTS] + [([{"role": "user", "content": "Repeat: Paris. Paris"}], "Paris"),
+                                            ([{"role": "user", "content": "x"}], "x")]
+    fast = [encode(tok, m, c) for m, c in cases]
+    monkeypatch.setattr(formatting, "_closing_text", lambda tokenizer: None)
+    assert fast == [encode(tok, m, c) for m, c in cases]
+
+
+def test_content_dependent_closing_falls_back_to_the_prompt_rendering(smollm2_tokenizer):
+    import copy
+    from titok_tools.formatting import _closing_text
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                         "{% if m['role'] == 'assistant' and m['content'] | length > 1 %}{{ '\\n' }}{% endif %}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert _closing_text(tok) is None
+    for text in TEXTS:
+        enc = encode(tok, PROMPT, text)
+        spelled = "".join(text[a:b] for _, _, a, b in overlapping_groups(enc.offsets[:-1]))
+        assert spelled.strip() == text.strip() and enc.offsets[-1] == [len(text), len(text)]
+        assert tok.decode(enc.token_ids[-1:]) == "<|im_end|>"

@@ -77,6 +77,27 @@ def _special_ids(tokenizer):
     return ids
 
 
+_PROBES = ("\ue000", "\ue001 \ue002")  # private-use characters: no template or text uses them
+
+
+def _closing_text(tokenizer):
+    """The text a chat template writes after the content of a conversation's last assistant turn
+    (Gemma: "<end_of_turn>\n"), found once per tokenizer by rendering two probe completions; None
+    when it depends on the content."""
+    cached = getattr(tokenizer, "_titok_closing_text", None)
+    if cached and cached[0] == tokenizer.chat_template:  # the template can be replaced (--chat-template)
+        return cached[1]
+    found = set()
+    for probe in _PROBES:
+        full = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}],
+                                             tokenize=False)
+        at = full.rfind(probe)
+        found.add(full[at + len(probe):] if at >= 0 else None)
+    closing = found.pop() if len(found) == 1 else None
+    tokenizer._titok_closing_text = (tokenizer.chat_template, closing)
+    return closing
+
+
 def _render(tokenizer, messages, completion, chat_template):
     """Rendered text; where completion[0] stands in it; the [lo, hi) chars of the text that are
     the completion's own (smaller when the template trims it); whether to add special tokens."""
@@ -84,19 +105,32 @@ def _render(tokenizer, messages, completion, chat_template):
         prompt = _plain_prompt(messages)
         return prompt + completion, len(prompt), (len(prompt), len(prompt) + len(completion)), True
     full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
+    stripped = completion.strip()  # templates that trim message content (Gemma's does)
+    lead = len(completion) - len(completion.lstrip())
+    # The assistant's content ends where the template's closing text begins: one rendering.
+    closing = _closing_text(tokenizer)
+    if closing is not None and full.endswith(closing):
+        end = len(full) - len(closing)
+        for text, shift in ((completion, 0), (stripped, lead)):
+            if full.startswith(text, end - len(text)):
+                return full, end - len(text) - shift, (end - len(text), end), False
+    # Otherwise render the prompt alone: the completion is the first occurrence after the point
+    # where that rendering stops matching, so it cannot be confused with a copy inside the prompt.
     prefix = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    # The completion is the first occurrence after the point where the prompt-only rendering
-    # stops matching: it cannot be confused with a copy of it inside the prompt.
     search_from = _common_prefix_length(full, prefix)
     start = full.find(completion, search_from)
     if start >= 0:
         return full, start, (start, start + len(completion)), False
-    stripped = completion.strip()  # templates that trim message content (Gemma's does)
     found = full.find(stripped, search_from)
     if found < 0:
         raise FormatError("the chat template changes the completion text; use --no-chat-template or another template")
-    lead = len(completion) - len(completion.lstrip())
     return full, found - lead, (found, found + len(stripped)), False
+
+
+def _tokenized(tokenizer, texts, add_special_tokens):
+    """(ids, offsets) of each text, from one tokenizer call."""
+    enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
 
 def encode(tokenizer, messages, completion, chat_template=True, max_length=None):
@@ -105,14 +139,56 @@ def encode(tokenizer, messages, completion, chat_template=True, max_length=None)
     max_length caps the prompt and, separately, the completion (in tokens): the prompt loses its
     start, the completion its end (and then `truncated` is True).
     """
-    text, start, (lo, hi), plain = _render(tokenizer, messages, completion, chat_template)
-    enc = tokenizer(text, add_special_tokens=plain, return_offsets_mapping=True)
-    ids, spans = list(enc["input_ids"]), enc["offset_mapping"]
+    (result,) = encode_many(tokenizer, [(messages, completion)], chat_template, max_length)
+    if isinstance(result, FormatError):
+        raise result
+    return result
+
+
+def encode_many(tokenizer, items, chat_template=True, max_length=None):
+    """`encode` for a list of (messages, completion) with one tokenizer call; a FormatError
+    stands in the result list for an item that cannot be encoded."""
+    rendered = []
+    for messages, completion in items:
+        try:
+            rendered.append(_render(tokenizer, messages, completion, chat_template))
+        except FormatError as e:
+            rendered.append(e)
+    ok = [r for r in rendered if not isinstance(r, FormatError)]
+    tokenized = iter(_tokenized(tokenizer, [r[0] for r in ok], ok[0][3]) if ok else ())
+    results = []
+    for (_, completion), r in zip(items, rendered):
+        if isinstance(r, FormatError):
+            results.append(r)
+            continue
+        try:
+            results.append(_completion_tokens(tokenizer, r, completion, *next(tokenized), max_length))
+        except FormatError as e:
+            results.append(e)
+    return results
+
+
+def _completion_tokens(tokenizer, rendered, completion, ids, spans, max_length):
+    text, start, (lo, hi), plain = rendered
+    ids = list(ids)
     inside = [i for i, (a, b) in enumerate(spans) if b > a and a < hi and b > lo]
     if not inside:
         raise FormatError("the completion produced no tokens")
     first, last = inside[0], inside[-1]
-    offsets = [[max(spans[i][0], lo) - start, min(spans[i][1], hi) - start] for i in inside]
+    if last - first + 1 == len(inside):  # the usual case: no empty token amid the completion
+        offsets = [[a - start, b - start] for a, b in spans[first:last + 1]]
+    else:
+        offsets = [[spans[i][0] - start, spans[i][1] - start] for i in inside]
+    # Only tokens at either end can reach past the completion's own characters (a template that
+    # trims it, a token that joins its first character with the text before): clip those.
+    for span in offsets:
+        if span[0] >= lo - start:
+            break
+        span[0] = lo - start
+    for span in reversed(offsets):
+        if span[1] <= hi - start:
+            break
+        span[1] = hi - start
     if plain:
         if tokenizer.eos_token_id is None:
             raise FormatError("the tokenizer has no EOS token to close the completion")

@@ -1,0 +1,339 @@
+"""The TiTok ablation at CPU scale: SmolLM2-135M-Instruct -> Gemma-3-270M (cross-tokenizer) and
+SmolLM2 -> SmolLM2 with a fresh LoRA (same tokenizer), on BIG-bench tasks, several seeds.
+
+    python bench/study.py run    [--tasks ...] [--seeds 0,1,2] [--jobs 2]   # resumable: re-run to continue
+    python bench/study.py report -o results/study.md                          # the tables, from what finished
+
+Every step is one titok-* command whose output file (or adapter dir) appears only when it
+succeeds, so a step whose output exists is done: an interrupted run continues where it stopped.
+Steps run --jobs at a time (threads split between them), seed by seed, so early seeds give a
+complete table first. Logs: OUT/logs/STEP.log; wall time per step: OUT/times.jsonl.
+
+Per task, one source expert (LoRA SFT of SmolLM2 on the real train split, seed 0) and one
+synthetic pool of 2M (queries written by the SmolLM2 base: the 135M expert answers a query prompt
+with an answer; see titok-gen --queries-from) answered by the expert; the seeds vary what is
+random after that: the M random samples and the target LoRA's initialization and data order.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from titok_tools import bundled  # noqa: E402
+
+K_SWEEP = ["0.1", "0.3", "0.5", "0.7", "1.0"]
+TRAIN = ["--dtype", "bfloat16", "--device", "cpu", "--lora-r", "16", "--lora-alpha", "16",
+         "--target-modules", "all-linear", "--lr", "1e-3", "--epochs", "2", "--batch-size", "8"]
+EVAL = ["--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", "8", "--batch-size", "32"]
+GEN = ["--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", "64", "--label-max-new-tokens", "16",
+       "--batch-size", "16", "--max-rounds", "24"]
+
+# The arms: name -> (pairs it runs for, the selection it trains on, train on all tokens?).
+# "kd" and "token-only" take M random samples (the paper's "without sample filtering").
+ARMS = {
+    "kd": ("gemma smollm2", "random-all", True),
+    "token-only": ("gemma smollm2", "random-k{k}", False),
+    **{f"titok-k{k}": ("gemma" if k not in ("0.3", "1.0") else "gemma smollm2", f"top-k{k}", k == "1.0") for k in K_SWEEP},
+    "titok-auto": ("gemma", "top-auto", False),
+    "titok-target-queries": ("gemma", "tq-top-k{k}", False),
+    "ceiling": ("gemma smollm2", None, True),
+}
+
+
+class Study:
+    def __init__(self, args):
+        self.a = args
+        self.out = args.out
+        self.smollm2 = bundled.smollm2()
+        self.gemma = bundled.gemma()
+        self.template = os.path.join(ROOT, "data", "templates", "gemma3-chat.jinja")
+        self.steps = {}  # name -> (output path, command, deps), in the order they should run
+
+    def model(self, pair):
+        if pair == "gemma":
+            return ["--model", self.gemma, "--chat-template", self.template]
+        return ["--model", self.smollm2]
+
+    def step(self, name, output, command, *deps):
+        self.steps.setdefault(name, (output, [str(c) for c in command], [d for d in deps if d]))
+        return name
+
+    def plan(self):
+        a, M, K = self.a, self.a.m, self.a.k
+        for task in a.tasks:
+            t = os.path.join(self.out, task)
+            data = os.path.join(self.out, "data", task)
+            train, test = os.path.join(data, "train.jsonl"), os.path.join(data, "test.jsonl")
+            d = self.step(f"{task}/data", test, ["titok-bigbench", "--tasks", task, "--out", os.path.dirname(data),
+                                                 "--train-size", a.train_size, "--test-size", a.test_size, "--seed", 0])
+            expert = os.path.join(t, "source-expert")
+            e = self.step(f"{task}/source-expert", expert, ["titok-train", *self.model("smollm2"), *TRAIN, "--all-tokens",
+                                                           "--seed", 0, "--output", expert, "--overwrite", train], d)
+            self.evaluate(f"{task}/eval/source-base", "smollm2", None, test, d)
+            self.evaluate(f"{task}/eval/source-expert", "smollm2", expert, test, e)
+            for pair in ("gemma", "smollm2"):
+                self.evaluate(f"{task}/{pair}/vanilla", pair, None, test, d)
+
+            # The pool: 2M synthetic records answered by the expert, scored; and the query-source
+            # ablation's pool: queries written by the target base (Gemma), answered by the same expert.
+            pools = {}
+            for prefix, writer in (("", "smollm2"), ("tq-", "gemma")):
+                synthetic = os.path.join(t, f"{prefix}synthetic.jsonl")
+                if writer == "smollm2":
+                    g = self.step(f"{task}/{prefix}synthetic", synthetic, [
+                        "titok-gen", *self.model("smollm2"), "--adapter", expert, "--queries-from", "base", *GEN,
+                        "--seed-examples", train, "--num", 2 * M, "--seed", 0, "--resume", "-o", synthetic], e)
+                else:
+                    queries = os.path.join(t, "tq-queries.jsonl")
+                    q = self.step(f"{task}/tq-queries", queries, [
+                        "titok-gen", *self.model("gemma"), *GEN, "--label-max-new-tokens", 1,
+                        "--seed-examples", train, "--num", 2 * M, "--seed", 0, "--resume", "-o", queries], d)
+                    g = self.step(f"{task}/{prefix}synthetic", synthetic, [
+                        "titok-gen", *self.model("smollm2"), "--adapter", expert, *GEN, "--label", queries,
+                        "--resume", "-o", synthetic], e, q)
+                scored = os.path.join(t, f"{prefix}scored.jsonl")
+                pools[prefix] = (scored, self.step(f"{task}/{prefix}scored", scored, [
+                    "titok-score", *self.model("smollm2"), "--adapter", expert, "--dtype", "bfloat16", "--device", "cpu",
+                    "--resume", "-o", scored, synthetic], g))
+
+            for seed in a.seeds:
+                for arm, (pairs, selection, all_tokens) in ARMS.items():
+                    for pair in pairs.split():
+                        if pair not in a.pairs:
+                            continue
+                        inp, dep = (train, d) if selection is None else self.selection(task, pair, selection.format(k=K), seed, pools)
+                        adapter = os.path.join(t, pair, f"s{seed}", arm)
+                        s = self.step(f"{task}/{pair}/s{seed}/{arm}/train", adapter, [
+                            "titok-train", *self.model(pair), *TRAIN, *(["--all-tokens"] if all_tokens else []),
+                            "--seed", seed, "--output", adapter, "--overwrite", inp], dep)
+                        self.evaluate(f"{task}/{pair}/s{seed}/{arm}", pair, adapter, test, s)
+        self.order_by_seed()
+
+    def selection(self, task, pair, name, seed, pools):
+        """The filtered (and, for Gemma, aligned) records an arm trains on."""
+        t, M = os.path.join(self.out, task), self.a.m
+        tq = name.startswith("tq-")
+        scored, dep = pools["tq-" if tq else ""]
+        kind, _, k = name.removeprefix("tq-").partition("-")
+        if kind == "random":  # the seed picks the M samples
+            k = "1" if k == "all" else k.removeprefix("k")
+            filtered = os.path.join(t, f"s{seed}", f"{name}.jsonl")
+            args = ["--rank-by", "random", "--seed", seed, "-k", k]
+        else:
+            filtered = os.path.join(t, f"{name}.jsonl")
+            k = k.removeprefix("k")
+            args = ["-k", k, *(["--mass", self.a.mass] if k == "auto" else [])]
+        f = self.step(f"{os.path.relpath(filtered, self.out)}", filtered,
+                      ["titok-filter", "--keep", M, *args, "-o", filtered, scored], dep)
+        if pair == "smollm2":
+            return filtered, f
+        aligned = filtered.replace(".jsonl", ".gemma.jsonl")
+        return aligned, self.step(f"{os.path.relpath(aligned, self.out)}", aligned, [
+            "titok-align", "--target-model", self.gemma, "--chat-template", self.template, "-o", aligned, filtered], f)
+
+    def evaluate(self, name, pair, adapter, test, dep):
+        metrics = os.path.join(self.out, name + ".json")
+        return self.step(name + "/eval", metrics, [
+            "titok-eval", *self.model(pair), *(["--adapter", adapter] if adapter else []), *EVAL,
+            "--metrics", metrics, "-o", metrics.replace(".json", ".predictions.jsonl"), test], dep)
+
+    def order_by_seed(self):
+        """Seed 0's steps (and the shared ones) first: a stopped run still has whole seeds."""
+        def seed_of(name):
+            part = next((p for p in name.split("/") if p[:1] == "s" and p[1:].isdigit()), None)
+            return int(part[1:]) if part else -1
+        self.steps = dict(sorted(self.steps.items(), key=lambda item: seed_of(item[0])))
+
+    def run(self):
+        logs = os.path.join(self.out, "logs")
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.a.threads), MKL_NUM_THREADS=str(self.a.threads),
+                   TOKENIZERS_PARALLELISM="false")
+        done = {n for n, (out, _, _) in self.steps.items() if os.path.exists(out)}
+        failed, running = set(), {}
+        todo = [n for n in self.steps if n not in done]
+        print(f"study: {len(self.steps)} steps, {len(done)} done, {len(todo)} to run, {self.a.jobs} at a time",
+              file=sys.stderr)
+
+        def launch(name):
+            output, command, _ = self.steps[name]
+            log = os.path.join(logs, name.replace("/", "__") + ".log")
+            os.makedirs(os.path.dirname(log), exist_ok=True)
+            os.makedirs(os.path.dirname(output), exist_ok=True)
+            start = time.time()
+            with open(log, "w") as f:
+                f.write(" ".join(command) + "\n")
+                f.flush()
+                rc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=f, env=env, cwd=ROOT).returncode
+            return rc, time.time() - start
+
+        with ThreadPoolExecutor(self.a.jobs) as pool:
+            while todo or running:
+                for name in list(todo):
+                    if len(running) >= self.a.jobs:
+                        break
+                    deps = self.steps[name][2]
+                    if any(d in failed for d in deps):
+                        todo.remove(name)
+                        failed.add(name)
+                    elif all(d in done for d in deps):
+                        todo.remove(name)
+                        running[pool.submit(launch, name)] = name
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    name = running.pop(future)
+                    rc, seconds = future.result()
+                    (done if rc == 0 else failed).add(name)
+                    with open(os.path.join(self.out, "times.jsonl"), "a") as f:
+                        f.write(json.dumps({"step": name, "rc": rc, "seconds": round(seconds, 1)}) + "\n")
+                    print(f"study: {'ok  ' if rc == 0 else 'FAIL'} {name} ({seconds:.0f} s; {len(done)}/{len(self.steps)})",
+                          file=sys.stderr)
+        if failed:
+            print(f"study: {len(failed)} steps failed or blocked; see {logs}", file=sys.stderr)
+        return 1 if failed else 0
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+ROW_NAMES = {
+    "vanilla": "target vanilla (no adapter)",
+    "kd": "KD / all tokens of M random samples (✗ sample, ✗ token)",
+    "token-only": "token filter only: M random samples, top-k tokens (✗ / ✓)",
+    "titok-k1.0": "sample filter only: top-M samples, all tokens (✓ / ✗)",
+    "titok-k0.3": "TiTok: top-M samples, top-k tokens (✓ / ✓)",
+    "titok-k0.1": "TiTok k = 0.1", "titok-k0.5": "TiTok k = 0.5", "titok-k0.7": "TiTok k = 0.7",
+    "titok-auto": "TiTok -k auto",
+    "titok-target-queries": "TiTok, queries written by the target base",
+    "ceiling": "ceiling: target LoRA on the real train split",
+}
+
+
+def read_metric(path):
+    try:
+        with open(path) as f:
+            return json.load(f)["exact_match"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def cell(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "", None
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * mean:.1f} ± {100 * std:.1f} (n={len(values)})", mean
+
+
+def report(args):
+    tasks, out, lines = args.tasks, args.out, []
+    times = []
+    if os.path.exists(os.path.join(out, "times.jsonl")):
+        with open(os.path.join(out, "times.jsonl")) as f:
+            times = [json.loads(line) for line in f]
+    k = args.k
+    lines.append(f"# TiTok at CPU scale: the paper's ablation on {len(tasks)} BIG-bench tasks\n")
+    lines.append("Exact match (%) on each task's held-out test split, mean ± standard deviation over seeds "
+                 "(n = seeds finished). Written by `python bench/study.py report` from the metrics files of "
+                 "`make study`; re-run both to reproduce.\n")
+    for pair, title in (("gemma", "SmolLM2-135M-Instruct -> Gemma-3-270M (base), cross-tokenizer"),
+                        ("smollm2", "SmolLM2-135M-Instruct -> SmolLM2-135M-Instruct, fresh LoRA, same tokenizer")):
+        lines.append(f"## {title}\n")
+        lines.append("| arm | " + " | ".join(tasks) + " | mean |")
+        lines.append("|---|" + "---:|" * (len(tasks) + 1))
+        arms = ["vanilla"] + [a for a, (pairs, _, _) in ARMS.items() if pair in pairs.split()]
+        arms = sorted(arms, key=lambda a: list(ROW_NAMES).index(a))
+        for arm in arms:
+            cells, means = [], []
+            for task in tasks:
+                if arm == "vanilla":
+                    paths = [os.path.join(out, task, pair, "vanilla.json")]
+                else:
+                    paths = [os.path.join(out, task, pair, f"s{s}", f"{arm}.json") for s in args.seeds]
+                text, mean = cell([read_metric(p) for p in paths])
+                cells.append(text)
+                means.append(mean)
+            overall = f"{100 * statistics.fmean(means):.1f}" if all(m is not None for m in means) else ""
+            name = ROW_NAMES[arm].replace("top-k", f"top-{k}") if arm in ("token-only",) else ROW_NAMES[arm]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {overall} |")
+        lines.append("")
+    lines.append("## The source side\n")
+    lines.append("| model | " + " | ".join(tasks) + " |")
+    lines.append("|---|" + "---:|" * len(tasks))
+    for name in ("source-base", "source-expert"):
+        lines.append(f"| SmolLM2 {name} | " + " | ".join(
+            cell([read_metric(os.path.join(out, t, "eval", name + ".json"))])[0] for t in tasks) + " |")
+    lines.append("")
+    auto = []
+    for task in tasks:
+        path = os.path.join(out, task, "top-auto.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                first = json.loads(f.readline())
+            auto.append(f"{task}: k = {first['titok']['filter']['k']:.3f}")
+    if auto:
+        lines.append(f"`-k auto --mass {args.mass}` chose " + "; ".join(auto) + ".\n")
+    lines.append("## Settings and cost\n")
+    lines.append(f"- tasks: {', '.join(tasks)}; seeds: {', '.join(map(str, args.seeds))}; train split "
+                 f"{args.train_size} examples (expert SFT and ceiling); test split {args.test_size}; pool 2M = "
+                 f"{2 * args.m}, M = {args.m}; k = {k} (TiTok, token-only, target-queries); scope sample")
+    lines.append(f"- every LoRA: `{' '.join(TRAIN)}`; eval: greedy, `{' '.join(EVAL)}`")
+    lines.append("- per task: one source expert (seed 0) and one synthetic pool; seeds vary the M random samples "
+                 "and the target LoRA's initialization and data order")
+    if times:
+        total = sum(t["seconds"] for t in times)
+        lines.append(f"- wall time of the steps: {total / 3600:.2f} h of step time over {len(times)} steps "
+                     f"(--jobs {args.jobs} at a time, so the run took about {total / args.jobs / 3600:.2f} h)")
+    lines.append(f"- machine: {platform.machine()}, {os.cpu_count()} CPU threads, no GPU, Python "
+                 f"{platform.python_version()}; bfloat16 on CPU")
+    text = "\n".join(lines) + "\n"
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output + ".partial", "w") as f:
+            f.write(text)
+        os.replace(args.output + ".partial", args.output)
+        print(f"study: wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["run", "report", "plan"])
+    parser.add_argument("--tasks", default="object_counting,sports_understanding,reasoning_about_colored_objects",
+                        type=lambda s: s.split(","))
+    parser.add_argument("--pairs", default="gemma,smollm2", type=lambda s: s.split(","))
+    parser.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--train-size", type=int, default=128)
+    parser.add_argument("--test-size", type=int, default=100)
+    parser.add_argument("-m", type=int, default=64, help="samples kept (the pool is 2M)")
+    parser.add_argument("-k", default="0.3", help="token fraction of TiTok, token-only and target-queries arms")
+    parser.add_argument("--mass", default="0.9", help="-k auto's share of positive excess")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per step (default cores / jobs)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "work", "study"))
+    parser.add_argument("-o", "--output", default=os.path.join(ROOT, "results", "study.md"))
+    args = parser.parse_args(argv)
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    if args.action == "report":
+        return report(args)
+    study = Study(args)
+    study.plan()
+    if args.action == "plan":
+        for name, (output, command, deps) in study.steps.items():
+            print(name, "<-", ", ".join(deps) or "-", "\n   ", " ".join(command))
+        return 0
+    return study.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
