@@ -2,6 +2,7 @@
 #
 #   make demo       SmolLM2-135M-Instruct -> Gemma-3-270M on BIG-bench object_counting, on CPU
 #   make test       the test suite
+#   make study      the paper's ablation at CPU scale (bench/study.py; hours; results/study.md)
 #   make pipeline   the same rules with the paper's models (Mistral-7B -> Llama-3.1-8B) on a GPU;
 #                   override any variable below: make pipeline TASK=navigate M=500 K=0.3
 #
@@ -44,7 +45,7 @@ SRC_ADAPTER := $(or $(SOURCE_ADAPTER),$(OUT)/source-expert)
 TRAIN = titok-train --output $(@D) --overwrite --seed $(SEED)
 EVAL = titok-eval $(EVAL_ARGS) -o $(basename $@).jsonl --metrics $@ $(DATA)/test.jsonl
 
-.PHONY: install test demo pipeline report stages clean-demo
+.PHONY: install test demo pipeline report stages clean-demo study
 .SECONDARY:
 
 pipeline: $(OUT)/report.md
@@ -124,6 +125,14 @@ demo: install
 
 clean-demo:
 	rm -rf work/demo results/demo.md
+
+# --- the study: the paper's ablation at CPU scale, 3 tasks x 3 seeds (hours; not a test) ------
+# Resumable: every step writes its file only when it succeeds, so re-running continues where it
+# stopped. In the background, in stages:  nohup make study STUDY_ARGS="--seeds 0" > study.log 2>&1 &
+STUDY_ARGS ?=
+study: install
+	$(PYTHON) bench/study.py run $(STUDY_ARGS); status=$$?; \
+	$(PYTHON) bench/study.py report $(STUDY_ARGS) && exit $$status
 
 # --- set-up and tests -----------------------------------------------------------------------
 STAMP := .make/installed

@@ -306,7 +306,7 @@ def report(args):
     return 0
 
 
-def main(argv=None):
+def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["run", "report", "plan"])
     parser.add_argument("--tasks", default="object_counting,sports_understanding,reasoning_about_colored_objects",
@@ -324,6 +324,11 @@ def main(argv=None):
     parser.add_argument("-o", "--output", default=os.path.join(ROOT, "results", "study.md"))
     args = parser.parse_args(argv)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
     if args.action == "report":
         return report(args)
     study = Study(args)

@@ -1,0 +1,98 @@
+"""bench/study.py, the ablation driver behind `make study`: its plan, its resumable scheduler and
+its report (the study itself runs for hours and is not part of the suite)."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import study  # noqa: E402
+
+
+def args(tmp_path, *extra):
+    return study.parse(["plan", "--out", str(tmp_path / "out"), "-o", str(tmp_path / "study.md"), *extra])
+
+
+def test_plan_has_every_arm_per_pair_seed_and_task(tmp_path):
+    plan = study.Study(args(tmp_path, "--tasks", "t1,t2", "--seeds", "0,1"))
+    plan.plan()
+    trains = [n for n in plan.steps if n.endswith("/train")]
+    gemma_arms = [a for a, (pairs, _, _) in study.ARMS.items() if "gemma" in pairs.split()]
+    smollm2_arms = [a for a, (pairs, _, _) in study.ARMS.items() if "smollm2" in pairs.split()]
+    assert len(trains) == 2 * 2 * (len(gemma_arms) + len(smollm2_arms))
+    # every step's dependencies are planned, and come before it
+    names = list(plan.steps)
+    for name, (_, _, deps) in plan.steps.items():
+        assert all(names.index(d) < names.index(name) for d in deps), name
+    # the seed decides the M random samples; top-M is one file for all seeds
+    random0 = plan.steps["t1/s0/random-all.jsonl"][1]
+    random1 = plan.steps["t1/s1/random-all.jsonl"][1]
+    assert random0[random0.index("--seed") + 1] == "0" and random1[random1.index("--seed") + 1] == "1"
+    # Gemma trains on aligned records; the same-tokenizer pair on the filtered ones
+    gemma = plan.steps["t1/gemma/s0/titok-k0.3/train"]
+    smol = plan.steps["t1/smollm2/s0/titok-k0.3/train"]
+    assert gemma[1][-1].endswith("top-k0.3.gemma.jsonl") and smol[1][-1].endswith("top-k0.3.jsonl")
+    assert "--all-tokens" in plan.steps["t1/gemma/s0/kd/train"][1] and "--all-tokens" not in gemma[1]
+    # the query-source ablation: the target base writes the queries, the expert answers them
+    queries = plan.steps["t1/tq-queries"][1]
+    assert "--adapter" not in queries and queries[queries.index("--model") + 1] == plan.gemma
+    assert "--label" in plan.steps["t1/tq-synthetic"][1]
+    # seed 0's steps all come before seed 1's
+    first_s1 = min(names.index(n) for n in names if "/s1/" in n)
+    assert all(names.index(n) < first_s1 for n in names if "/s0/" in n)
+
+
+def test_run_resumes_and_blocks_what_depends_on_a_failure(tmp_path):
+    plan = study.Study(args(tmp_path, "--jobs", "2"))
+    out = tmp_path / "out"
+    plan.steps = {}
+    plan.step("a", out / "a", ["touch", out / "a"])
+    plan.step("b", out / "b", ["false"], "a")
+    plan.step("c", out / "c", ["touch", out / "c"], "b")
+    plan.step("d", out / "d", ["touch", out / "d"], "a")
+    plan.out = str(out)
+    os.makedirs(out, exist_ok=True)
+    assert plan.run() == 1
+    assert (out / "a").exists() and (out / "d").exists() and not (out / "c").exists()
+    times = [json.loads(line) for line in open(out / "times.jsonl")]
+    assert sorted(t["step"] for t in times) == ["a", "b", "d"]  # c never started
+    # a second run does only what is left: b (fixed now) and c
+    plan.steps["b"] = (out / "b", ["touch", str(out / "b")], ["a"])
+    assert plan.run() == 0 and (out / "c").exists()
+    times = [json.loads(line)["step"] for line in open(out / "times.jsonl")]
+    assert times[3:] == ["b", "c"]
+
+
+def test_report_means_and_standard_deviations(tmp_path):
+    a = args(tmp_path, "--tasks", "t1,t2", "--seeds", "0,1,2")
+    out = tmp_path / "out"
+    rng = np.random.default_rng(0)
+    values = {}
+    for task in ("t1", "t2"):
+        for pair in ("gemma", "smollm2"):
+            (out / task / pair).mkdir(parents=True)
+            (out / task / pair / "vanilla.json").write_text(json.dumps({"exact_match": 0.05}))
+            for seed in (0, 1, 2):
+                (out / task / pair / f"s{seed}").mkdir()
+                for arm in study.ARMS:
+                    if seed == 2 and arm == "ceiling" and task == "t2":
+                        continue  # an unfinished run: n = 2 in that cell
+                    v = float(rng.integers(0, 100)) / 100
+                    values[task, pair, seed, arm] = v
+                    (out / task / pair / f"s{seed}" / f"{arm}.json").write_text(json.dumps({"exact_match": v}))
+    a.action = "report"
+    assert study.report(a) == 0
+    text = (tmp_path / "study.md").read_text()
+    gemma_section = text.split("## ")[1]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in gemma_section.splitlines() if line.startswith("| ")}
+    titok = rows[study.ROW_NAMES["titok-k0.3"]].split(" | ")
+    t1 = [values["t1", "gemma", s, "titok-k0.3"] for s in (0, 1, 2)]
+    assert titok[1] == f"{100 * np.mean(t1):.1f} ± {100 * np.std(t1, ddof=1):.1f} (n=3)"
+    assert rows[study.ROW_NAMES["ceiling"]].split(" | ")[2].endswith("(n=2)")
+    both = np.mean([np.mean([values[t, "gemma", s, "titok-k0.3"] for s in (0, 1, 2)]) for t in ("t1", "t2")])
+    assert titok[-1].rstrip(" |") == f"{100 * both:.1f}"
+    assert rows[study.ROW_NAMES["vanilla"]].split(" | ")[1] == "5.0 ± 0.0 (n=1)"
