@@ -197,7 +197,7 @@ def main():
             fmt_rps, base_rps = len(texts) / (tokenize_s + render_s), nb / baseline_s
             rows.append((length, align_s / n, nb, time_stages(path, target)))
             print(f"{length:>6} {align_rps:>12.0f} {floor_rps:>12.0f} {fmt_rps:>10.0f} {base_rps:>10.2f} "
-                  f"{floor_rps / align_rps:>11.2f}x {fmt_rps / align_rps:>15.2f}x {align_rps / base_rps:>14.0f}x "
+                  f"{floor_rps / align_rps:>11.2f}x {fmt_rps / align_rps:>15.2f}x {align_rps / base_rps:>14.1f}x "
                   f"{1e6 * align_s / n / length:>13.1f}", flush=True)
     print(f"\nbaseline records timed per length: {', '.join(f'{l}: {nb}' for l, _, nb, _ in rows)}")
     print("\nwhere align's time goes, ms per record (align = read + encode + alignment and top-k + write):")

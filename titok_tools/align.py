@@ -103,6 +103,8 @@ def _range_means(values, lo, hi):
         rows = rows[count[rows] > step]
     with np.errstate(invalid="ignore"):
         means = (total / count).tolist()
+    if count.all():  # the usual case: every target token overlaps a source token
+        return means
     return [None if c == 0 else m for m, c in zip(means, count.tolist())]
 
 
@@ -236,7 +238,7 @@ def align_record(where, record, values_of, enc, tokenizer, fingerprint, text_nor
             log.warning("%s: record %r: the target tokenizer's normalizer changes the completion's text; "
                         "%d of %d target tokens get no score", where, record.get("id"), len(changed), len(offsets))
 
-    scored = sum(s is not None for s in scores)
+    scored = len(scores) - scores.count(None)
     titok(record)["target"] = {"model": model, "tokenizer": fingerprint, "token_ids": token_ids, "offsets": offsets,
                                "score": scores, "coverage": scored / len(scores), "truncated": enc.truncated}
     counts["records"] = counts.get("records", 0) + 1
