@@ -37,15 +37,18 @@ EVAL = ["--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", "8", "--ba
 GEN = ["--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", "64", "--label-max-new-tokens", "16",
        "--batch-size", "16", "--max-rounds", "24"]
 
-# The arms: name -> (pairs it runs for, the selection it trains on, train on all tokens?).
+# The arms: name -> (pairs it runs for, the selection it trains on, extra titok-train arguments).
 # "kd" and "token-only" take M random samples (the paper's "without sample filtering").
+ALL = ["--all-tokens"]
 ARMS = {
-    "kd": ("gemma smollm2", "random-all", True),
-    "token-only": ("gemma smollm2", "random-k{k}", False),
-    **{f"titok-k{k}": ("gemma" if k not in ("0.3", "1.0") else "gemma smollm2", f"top-k{k}", k == "1.0") for k in K_SWEEP},
-    "titok-auto": ("gemma", "top-auto", False),
-    "titok-target-queries": ("gemma", "tq-top-k{k}", False),
-    "ceiling": ("gemma smollm2", None, True),
+    "kd": ("gemma smollm2", "random-all", ALL),
+    "token-only": ("gemma smollm2", "random-k{k}", []),
+    **{f"titok-k{k}": ("gemma" if k not in ("0.3", "1.0") else "gemma smollm2", f"top-k{k}", ALL if k == "1.0" else [])
+       for k in K_SWEEP},
+    "titok-auto": ("gemma", "top-auto", []),
+    "titok-closing": ("gemma", "top-k{k}", ["--train-closing"]),
+    "titok-target-queries": ("gemma", "tq-top-k{k}", []),
+    "ceiling": ("gemma smollm2", None, ALL),
 }
 
 
@@ -106,14 +109,14 @@ class Study:
                     "--resume", "-o", scored, synthetic], g))
 
             for seed in a.seeds:
-                for arm, (pairs, selection, all_tokens) in ARMS.items():
+                for arm, (pairs, selection, extra) in ARMS.items():
                     for pair in pairs.split():
                         if pair not in a.pairs:
                             continue
                         inp, dep = (train, d) if selection is None else self.selection(task, pair, selection.format(k=K), seed, pools)
                         adapter = os.path.join(t, pair, f"s{seed}", arm)
                         s = self.step(f"{task}/{pair}/s{seed}/{arm}/train", adapter, [
-                            "titok-train", *self.model(pair), *TRAIN, *(["--all-tokens"] if all_tokens else []),
+                            "titok-train", *self.model(pair), *TRAIN, *extra,
                             "--seed", seed, "--output", adapter, "--overwrite", inp], dep)
                         self.evaluate(f"{task}/{pair}/s{seed}/{arm}", pair, adapter, test, s)
         self.order_by_seed()
@@ -213,6 +216,7 @@ ROW_NAMES = {
     "titok-k0.3": f"TiTok: top-M samples, top-{K} tokens (✓ / ✓)",
     "titok-k0.1": "TiTok k = 0.1", "titok-k0.5": "TiTok k = 0.5", "titok-k0.7": "TiTok k = 0.7",
     "titok-auto": "TiTok -k auto",
+    "titok-closing": f"TiTok top-{K} + the closing token always trained (titok-train --train-closing)",
     "titok-target-queries": "TiTok, queries written by the target base",
     "ceiling": "ceiling: target LoRA on the real train split",
 }

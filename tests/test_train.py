@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, read_jsonl, write_jsonl
 from titok_tools import train as train_module
 from titok_tools.evaluate import main as eval_main
-from titok_tools.formatting import encode
+from titok_tools.formatting import encode, stop_token_ids
 from titok_tools.models import load_model, load_tokenizer, tokenizer_fingerprint
 from titok_tools.train import add_lora, main, masked_loss, prepare_examples, train, write_adapter
 
@@ -283,12 +283,33 @@ def test_nan_loss_is_refused(tiny, tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_train_closing_adds_the_closing_token_whatever_its_mask(tiny, tmp_path):
+    model_dir, tokenizer = tiny
+    records = masked_records(tokenizer, repeat_records(WORDS[:6]))
+    for r in records:  # the filter kept only the first token: the model would never see the turn end
+        mask = r["titok"]["source"]["mask"]
+        r["titok"]["source"]["mask"] = [1] + [0] * (len(mask) - 1)
+    plain = examples_of(records, tokenizer)
+    closing = prepare_examples(((f"in:{i + 1}", r) for i, r in enumerate(records)), tokenizer, model="tiny",
+                               train_closing=True)
+    for r, a, b in zip(records, plain, closing):
+        enc = encode(tokenizer, [{"role": "user", "content": r["prompt"]}], r["completion"])
+        assert a.positions == [enc.positions[0]]
+        assert b.positions == [enc.positions[0], enc.positions[-1]] and b.weights == [1.0, 1.0]
+        assert enc.input_ids[enc.positions[-1]] in stop_token_ids(tokenizer)
+    result = CliRunner().invoke(main, ["--model", model_dir, "--dtype", "float32", "--train-closing", "--epochs", "1",
+                                       "--output", str(tmp_path / "lora"), str(write_jsonl(tmp_path / "in.jsonl", records))])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "lora" / "titok_train.json").read_text())
+    assert report["selected_tokens_per_epoch"] == 2 * len(records) and report["arguments"]["train_closing"] is True
+
+
 def test_help_lists_every_flag():
     text = CliRunner().invoke(main, ["--help"]).output
     for flag in ("--model", "--output", "--overwrite", "--all-tokens", "--lora-r", "--lora-alpha", "--lora-dropout",
                  "--target-modules", "--lr", "--weight-decay", "--warmup-ratio", "--max-grad-norm", "--epochs",
                  "--batch-size", "--grad-accum", "--max-length", "--seed", "--neftune-alpha", "--save-every",
-                 "--resume", "--dtype", "--chat-template", "--no-chat-template", "--skip-invalid"):
+                 "--resume", "--dtype", "--chat-template", "--no-chat-template", "--skip-invalid", "--train-closing"):
         assert flag in text
 
 

@@ -68,8 +68,10 @@ def _mask_of(record, where, fingerprint, model):
                                       "titok-filter [| titok-align] first, or pass --all-tokens for plain SFT")
 
 
-def make_example(record, where, tokenizer, *, fingerprint, model, all_tokens, chat_template=True, max_length=768):
-    """Tokenize a record with the shared `encode` and attach its per-token weights.
+def make_example(record, where, tokenizer, *, fingerprint, model, all_tokens, train_closing=False, chat_template=True,
+                 max_length=768):
+    """Tokenize a record with the shared `encode` and attach its per-token weights
+    (train_closing: the token that closes the completion gets weight 1 whatever its mask).
 
     Returns (Example or None when no token is selected, encoded).
     """
@@ -93,6 +95,8 @@ def make_example(record, where, tokenizer, *, fingerprint, model, all_tokens, ch
                               "differ from this model's tokens of the completion (another chat template, "
                               "--no-chat-template or --max-length than the earlier stages?)")
         weights = [float(m) for m in mask]
+        if train_closing and not enc.truncated:
+            weights[-1] = 1.0
     # Position 0 has nothing before it to predict it from.
     kept = [(p, w) for p, w in zip(enc.positions, weights) if w > 0 and p > 0]
     if not kept:
@@ -100,8 +104,8 @@ def make_example(record, where, tokenizer, *, fingerprint, model, all_tokens, ch
     return Example(where, enc.input_ids, [p for p, _ in kept], [w for _, w in kept]), enc
 
 
-def prepare_examples(pairs, tokenizer, *, model, all_tokens=False, chat_template=True, max_length=768,
-                     skip_invalid=False, counts=None):
+def prepare_examples(pairs, tokenizer, *, model, all_tokens=False, train_closing=False, chat_template=True,
+                     max_length=768, skip_invalid=False, counts=None):
     """Examples of (where, record) pairs; records with no selected token are skipped and counted."""
     counts = {} if counts is None else counts
     fingerprint = tokenizer_fingerprint(tokenizer)
@@ -111,7 +115,7 @@ def prepare_examples(pairs, tokenizer, *, model, all_tokens=False, chat_template
         if ((record.get("titok") or {}).get("filter") or {}).get("kept") is False:
             return None, None
         return make_example(record, where, tokenizer, fingerprint=fingerprint, model=model, all_tokens=all_tokens,
-                            chat_template=chat_template, max_length=max_length)
+                            train_closing=train_closing, chat_template=chat_template, max_length=max_length)
 
     for where, record, (example, enc) in checked(pairs, check, skip_invalid, counts):
         if enc is None:
@@ -405,6 +409,9 @@ def add_lora(model, model_name, *, r, alpha, dropout, target_modules, seed):
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @click.option("--all-tokens", is_flag=True,
               help="Ignore token masks and train on every completion token (plain SFT: the source expert, the all-token baseline).")
+@click.option("--train-closing", is_flag=True,
+              help="Also train each completion's closing token (EOS / end-of-turn) whatever its mask: a target that "
+                   "never has it selected never learns to stop (a base target on a new chat template, short answers).")
 @click.option("--lora-r", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--lora-alpha", default=8.0, show_default=True, type=float)
 @click.option("--lora-dropout", default=0.05, show_default=True, type=click.FloatRange(0, 1, max_open=True))
@@ -427,7 +434,7 @@ def add_lora(model, model_name, *, r, alpha, dropout, target_modules, seed):
 @cli.skip_invalid_option
 @cli.command
 def main(input, model, dtype, device, trust_remote_code, chat_template, no_chat_template, max_length, output,
-         overwrite, all_tokens, lora_r, lora_alpha, lora_dropout, target_modules, lr, weight_decay, warmup_ratio,
+         overwrite, all_tokens, train_closing, lora_r, lora_alpha, lora_dropout, target_modules, lr, weight_decay, warmup_ratio,
          max_grad_norm, epochs, batch_size, grad_accum, neftune_alpha, save_every, resume, seed, skip_invalid):
     """Train a LoRA on --model from records, on their selected tokens only.
 
@@ -456,7 +463,7 @@ def main(input, model, dtype, device, trust_remote_code, chat_template, no_chat_
         with spooled(input) as path:
             sha = file_sha256(path)
             pairs = read_records(path, skip_invalid, counts, name="<stdin>" if input == "-" else input)
-            examples = prepare_examples(pairs, tokenizer, model=model, all_tokens=all_tokens,
+            examples = prepare_examples(pairs, tokenizer, model=model, all_tokens=all_tokens, train_closing=train_closing,
                                         chat_template=not no_chat_template, max_length=max_length,
                                         skip_invalid=skip_invalid, counts=counts)
         skipped = ", ".join(f"{counts[k]} {label}" for k, label in
