@@ -21,9 +21,13 @@ def test_plan_has_every_arm_per_pair_seed_and_task(tmp_path):
     plan = study.Study(args(tmp_path, "--tasks", "t1,t2", "--seeds", "0,1"))
     plan.plan()
     trains = [n for n in plan.steps if n.endswith("/train")]
-    gemma_arms = [a for a, (pairs, _, _) in study.ARMS.items() if "gemma" in pairs.split()]
-    smollm2_arms = [a for a, (pairs, _, _) in study.ARMS.items() if "smollm2" in pairs.split()]
-    assert len(trains) == 2 * 2 * (len(gemma_arms) + len(smollm2_arms))
+    per_seed = sum(len(pairs.split()) for pairs, _, _ in study.ARMS.values())
+    table2 = sum(len(study.ARMS[a][0].split()) for a in study.EVERY_SEED)
+    assert len(trains) == 2 * (per_seed + table2)  # seed 1 runs only the Table 2 cells
+    assert {n.split("/")[3] for n in trains if "/s1/" in n} == study.EVERY_SEED
+    full = study.Study(args(tmp_path, "--tasks", "t1,t2", "--seeds", "0,1", "--every-arm-every-seed"))
+    full.plan()
+    assert len([n for n in full.steps if n.endswith("/train")]) == 2 * 2 * per_seed
     # every step's dependencies are planned, and come before it
     names = list(plan.steps)
     for name, (_, _, deps) in plan.steps.items():
