@@ -281,10 +281,10 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
         # Records go to the tokenizer CHUNK at a time: one call tokenizes them all.
         for chunk in batched(checked(pairs, check, skip_invalid, counts), CHUNK):
             encodings = encode_many(tokenizer, [values_of[:2] for _, _, values_of in chunk], chat_template, max_length)
-            by_record = {id(record): (values_of, enc) for (_, record, values_of), enc in zip(chunk, encodings)}
+            prepared = zip((values_of for _, _, values_of in chunk), encodings)  # checked() visits the chunk in order
 
             def finish(where, record):
-                return align_record(where, record, *by_record[id(record)], tokenizer, fingerprint, text_normalizer,
+                return align_record(where, record, *next(prepared), tokenizer, fingerprint, text_normalizer,
                                     model=model, use=use, counts=counts)
 
             for _, record, _ in checked(((where, record) for where, record, _ in chunk), finish, skip_invalid, counts):
