@@ -110,6 +110,9 @@ def _train_tiny(model_dir, examples, pad_id, **kwargs):
     return history, {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
+ADAM_ATOL = 1e-4  # 1% of one step at lr 1e-2; see below
+
+
 def test_grad_accumulation_gives_the_same_steps_as_one_big_batch(tiny):
     model_dir, tokenizer = tiny
     examples = examples_of(masked_records(tokenizer, repeat_records(WORDS[:10] + ["one two three four five six"])),
@@ -121,9 +124,13 @@ def test_grad_accumulation_gives_the_same_steps_as_one_big_batch(tiny):
     assert acc["loss"] == pytest.approx(big["loss"], rel=1e-5)
     assert one["loss"] == pytest.approx(big["loss"], rel=1e-5)
     assert big["loss"][-1] < big["loss"][0]
+    # The losses above are the sharp check. Weights get a looser bound: AdamW divides by
+    # sqrt(v), so where a gradient is near zero the float32 rounding of another batching (it
+    # differs between CPUs' kernels) moves a weight by up to ~1e-5; a wrong accumulation moves
+    # it by a step, lr = 1e-2.
     for k in w_big:
-        torch.testing.assert_close(w_acc[k], w_big[k], atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(w_one[k], w_big[k], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(w_acc[k], w_big[k], atol=ADAM_ATOL, rtol=1e-5)
+        torch.testing.assert_close(w_one[k], w_big[k], atol=ADAM_ATOL, rtol=1e-5)
 
 
 def _cli_args(model_dir, out, data, *extra):
@@ -148,7 +155,7 @@ def test_two_processes_give_the_same_loss_and_weights_as_one(tiny, tmp_path):
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
     w1, w2 = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(w2[k], w1[k], atol=ADAM_ATOL, rtol=1e-5)  # as above
 
 
 def test_adapter_reloads_with_peft_and_gives_the_same_logits(tiny, tmp_path):
