@@ -1,10 +1,14 @@
 """titok-filter on hand-made scored records: exact kept sets for each scope, ties, k=1, keep=1.0."""
+import math
+
 import orjson
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings, strategies as st
 
 from conftest import read_jsonl, run_pipe, write_jsonl
 from titok_tools.filter import main
+from titok_tools.select import select_stream, topk_mask, topk_masks_each
 
 
 def scored(id, excess):
@@ -181,3 +185,29 @@ def test_align_rejects_k_auto_and_help_shows_it(tmp_path):
     assert result.exit_code == 2 and "leave -k out here to use that k" in result.output
     assert "FLOAT|auto" in CliRunner().invoke(main, ["--help"]).output
     assert "--mass" in CliRunner().invoke(main, ["--help"]).output
+
+
+# --- the selection rule itself, against a plain-Python reference ----------------------------------
+
+def reference_mask(scores, k):
+    """SPEC Part A item 4 by hand: max(1, floor(k*n)) of the n scored tokens, highest first, ties
+    to the earlier token; unscored (None) tokens never."""
+    ranked = sorted((-s, i) for i, s in enumerate(scores) if s is not None)
+    n = max(1, math.floor(k * len(ranked) + 1e-9)) if ranked else 0
+    keep = {i for _, i in ranked[:n]}
+    return [int(i in keep) for i in range(len(scores))]
+
+
+@settings(max_examples=200, deadline=None)
+@given(score_lists=st.lists(st.lists(st.one_of(st.none(), st.integers(-3, 3).map(float),
+                                               st.floats(-1e6, 1e6, allow_nan=False)), max_size=30), max_size=12),
+       k=st.sampled_from([0.01, 0.1, 0.3, 1 / 3, 0.5, 0.7, 0.999, 1.0]))
+def test_per_record_selection_in_one_pass_matches_the_rule(score_lists, k):
+    """topk_masks_each (titok-filter's and titok-align's sample scope, many records per numpy
+    pass) selects exactly what the rule selects record by record: ties, None, empty records."""
+    expected = [reference_mask(scores, k) for scores in score_lists]
+    assert topk_masks_each(score_lists, k) == expected
+    assert [topk_mask(scores, k) for scores in score_lists] == expected
+    # select_stream's sample scope goes SAMPLE_CHUNK records at a time: chunk borders change nothing
+    stream = list(select_stream(iter(score_lists * 30), lambda s: s, k, "sample"))
+    assert [mask for _, mask in stream] == expected * 30

@@ -1,7 +1,10 @@
 """Formatting and offsets on the real tokenizers (SmolLM2 byte-level BPE, Gemma SentencePiece)."""
-import pytest
+import random
 
-from titok_tools.formatting import FormatError, encode, prompt_ids, stop_token_ids
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from titok_tools.formatting import FormatError, _inside, encode, prompt_ids, stop_token_ids
 
 TEXTS = [
     "The answer is 42.",
@@ -118,3 +121,23 @@ def test_content_dependent_closing_falls_back_to_the_prompt_rendering(smollm2_to
         spelled = "".join(text[a:b] for _, _, a, b in overlapping_groups(enc.offsets[:-1]))
         assert spelled.strip() == text.strip() and enc.offsets[-1] == [len(text), len(text)]
         assert tok.decode(enc.token_ids[-1:]) == "<|im_end|>"
+
+
+@settings(max_examples=300, deadline=None)
+@given(widths=st.lists(st.integers(0, 3), max_size=30), lead=st.integers(0, 2), trail=st.integers(0, 2),
+       window=st.tuples(st.integers(0, 60), st.integers(0, 60)), shuffle=st.booleans(), seed=st.integers(0, 9))
+def test_completion_run_by_bisection_matches_the_scan(widths, lead, trail, window, shuffle, seed):
+    """_inside finds the completion's tokens by bisection: the same indices as checking every
+    token, with (0, 0) special tokens before and after the text, empty tokens amid it, byte
+    pieces sharing a span, and spans out of order (which take the scan)."""
+    spans, at = [(0, 0)] * lead, 0
+    for i, w in enumerate(widths):
+        if i % 5 == 4:
+            spans.append((at, at))  # a zero-width token amid the text
+        spans.append((at, at + w) if w else (max(at - 1, 0), at))  # w = 0: a byte piece of the last char
+        at += w
+    spans += [(0, 0)] * trail
+    if shuffle:
+        random.Random(seed).shuffle(spans)
+    lo, hi = sorted(window)
+    assert _inside(spans, lo, hi) == [i for i, (a, b) in enumerate(spans) if b > a and a < hi and b > lo]

@@ -11,7 +11,6 @@ titok-filter.
 
 Only the target's tokenizer is loaded, never its weights.
 """
-import gc
 import logging
 import tempfile
 import time
@@ -31,7 +30,7 @@ from .select import select_stream
 log = logging.getLogger("titok.align")
 
 SOURCE_VALUES = {"excess": "run titok-score first", "mask": "run titok-filter first"}
-CHUNK = 8  # records per tokenizer call (more keeps more objects alive for the collector to walk)
+CHUNK = 16  # records per tokenizer call and per alignment pass
 
 
 def batched(items, n):
@@ -45,26 +44,23 @@ def batched(items, n):
 def overlap_ranges(source_offsets, target_offsets, length):
     """For each target span, the range [lo, hi) of the source tokens whose spans overlap it.
 
-    Spans are [start, end) character offsets into a completion of `length` characters, both
-    starts and ends in non-decreasing order (as tokenizers produce them; byte pieces of one
-    character share its span), so the source tokens overlapping a span are a contiguous run:
-    those ending after its start (a suffix) and starting before its end (a prefix). Counting
-    starts and ends per character gives every run in O(n + m + length). An empty span (the
-    closing token, [length, length]) overlaps only an empty span at the same place.
+    Spans are [start, end) character offsets into a text of `length` characters, both starts
+    and ends in non-decreasing order (as tokenizers produce them; byte pieces of one character
+    share its span), so the source tokens overlapping a span are a contiguous run: those ending
+    after its start (a suffix) and starting before its end (a prefix). Counting starts and ends
+    per character gives every run in O(n + m + length). An empty span (a closing token, [x, x])
+    overlaps only the empty source spans at the same place: those starting at x or later (not
+    before it) and ending at x or earlier.
     """
     src = np.asarray(source_offsets, dtype=np.int64).reshape(-1, 2)
     tgt = np.asarray(target_offsets, dtype=np.int64).reshape(-1, 2)
     # starts_before[x]: source tokens starting before char x; ends_by[x]: ending at or before x.
     starts_before = np.concatenate(([0], np.cumsum(np.bincount(src[:, 0], minlength=length + 1))))
     ends_by = np.cumsum(np.bincount(src[:, 1], minlength=length + 1))
-    lo, hi = ends_by[tgt[:, 0]], starts_before[tgt[:, 1]]
-    empty = tgt[:, 0] == tgt[:, 1]
-    if empty.any():
-        # Only the source's own closing token (the last, empty at `length`) matches an empty span.
-        closing = len(src) and src[-1, 0] == src[-1, 1] == length
-        at_end = empty & (tgt[:, 0] == length) & bool(closing)
-        lo = np.where(at_end, len(src) - 1, lo)
-        hi = np.where(at_end, len(src), np.where(empty, 0, hi))
+    start, end = tgt[:, 0], tgt[:, 1]
+    empty = start == end
+    lo = np.where(empty, starts_before[start], ends_by[start])
+    hi = np.where(empty, ends_by[end], starts_before[end])
     return lo, np.maximum(hi, lo)
 
 
@@ -106,6 +102,56 @@ def _range_means(values, lo, hi):
     if count.all():  # the usual case: every target token overlaps a source token
         return means
     return [None if c == 0 else m for m, c in zip(means, count.tolist())]
+
+
+def align_many(sources, values, targets, lengths, groups=False):
+    """align_values for several records in one pass, one score list per record.
+
+    The records' spans are laid end to end, each record's characters shifted one past the
+    previous record's end, so no span reaches into another record and the closing spans
+    ([length, length]) stay apart: at a few hundred tokens a record numpy's per-call cost
+    outweighs the work, and a chunk of records costs what one record did. `sources` and
+    `targets` are (n, 2) arrays of all the records' spans concatenated, `values` the source
+    values concatenated, `lengths` numpy arrays of (completion length, source tokens, target
+    tokens) per record."""
+    length, n_source, n_target = lengths
+    shift = np.cumsum(length + 1) - (length + 1)
+    src = sources + np.repeat(shift, n_source)[:, None]
+    tgt = targets + np.repeat(shift, n_target)[:, None]
+    scores = align_values(src, values, tgt, int(shift[-1] + length[-1]), groups)
+    out, start = [], 0
+    for n in n_target.tolist():
+        out.append(scores[start:start + n])
+        start += n
+    return out
+
+
+def spans_problems(spans, lengths, counts):
+    """For a chunk of records at once: which records' spans offsets_problem would reject.
+    `spans` is every record's (n, 2) spans concatenated, `counts` the tokens of each."""
+    record = np.repeat(np.arange(len(counts)), counts)
+    last = np.cumsum(counts) - 1
+    starts, ends = spans[:, 0], spans[:, 1]
+    bad = (starts < 0) | (ends > np.repeat(lengths, counts))
+    first = np.zeros(len(spans), dtype=bool)
+    first[last[counts > 0] - counts[counts > 0] + 1] = True
+    bad[1:] |= ~first[1:] & ((np.diff(starts) < 0) | (np.diff(ends) < 0))  # out of order
+    empty_ok = np.zeros(len(spans), dtype=bool)  # only the last token may be empty, at the end
+    empty_ok[last[counts > 0]] = True
+    bad |= (starts > ends) | ((starts == ends) & ~(empty_ok & (ends == np.repeat(lengths, counts))))
+    return (np.bincount(record, weights=bad, minlength=len(counts)) > 0) | (counts == 0)
+
+
+def concatenated(offset_lists, total):
+    """Several records' [start, end] lists as one (total, 2) int64 array; None when one of them
+    is not a list of integer pairs (the per-record checks say which)."""
+    try:
+        if any(set(map(len, offsets)) != {2} for offsets in offset_lists):
+            return None
+        flat = np.fromiter(chain.from_iterable(chain.from_iterable(offset_lists)), dtype=np.int64, count=2 * total)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return flat.reshape(-1, 2)
 
 
 def as_spans(offsets):
@@ -206,29 +252,57 @@ def source_values(record, where, use):
     return messages, completion, source, spans, array
 
 
-def align_record(where, record, values_of, enc, tokenizer, fingerprint, text_normalizer, *, model, use="excess",
-                 counts=None):
-    """Add titok.target (all but the mask) to one record and return its score list.
+def source_fields(record, where, use):
+    """The fields alignment reads, checked for presence and shape only (the numbers are checked a
+    chunk at a time); a record that fails goes through source_values for its one-line error."""
+    source = record.get("titok", {}).get("source") if isinstance(record.get("titok"), dict) else None
+    values = source.get(use) if isinstance(source, dict) else None
+    offsets = source.get("offsets") if isinstance(source, dict) else None
+    if not (isinstance(values, list) and isinstance(offsets, list) and len(values) == len(offsets)):
+        source_values(record, where, use)  # raises the precise error
+    messages, completion = prompt_and_completion(record, where)
+    return messages, completion, source, values, offsets
 
-    `values_of` is source_values(record, ...); `enc` the record's formatting.encode with the
-    target tokenizer (or the FormatError it raised); `text_normalizer` _text_normalizer(tokenizer).
-    Same tokenizer and same tokens as the source: the source's values are taken over as they are.
-    """
-    counts = {} if counts is None else counts
-    _, completion, source, src_spans, values = values_of
+
+def target_problem(where, record, completion, enc):
+    """The RecordError for a record the target tokenizer cannot encode (or encodes with offsets
+    that do not fit), or None."""
     if isinstance(enc, FormatError):
-        raise RecordError(where, "completion", f"target tokenizer: {enc}")
-    token_ids, offsets = enc.token_ids, enc.offsets
-    spans = as_spans(offsets)
-    problem = offsets_problem(spans, len(completion))
+        return RecordError(where, "completion", f"target tokenizer: {enc}")
+    problem = offsets_problem(enc.offsets, len(completion))
     if problem:  # cannot happen with a sane tokenizer; never align on broken offsets
-        raise RecordError(where, "completion", f"record {record.get('id')!r}: the target tokenizer's offsets {problem}")
+        return RecordError(where, "completion", f"record {record.get('id')!r}: the target tokenizer's offsets {problem}")
+    return None
 
+
+def chunk_arrays(fields, encodings):
+    """(source spans, source values, target spans, lengths) of a chunk for align_many, or None
+    when any record fails a check (the per-record checks then find which, and why)."""
+    if any(isinstance(enc, FormatError) for enc in encodings):
+        return None
+    n_source = np.fromiter((len(f[3]) for f in fields), dtype=np.int64, count=len(fields))
+    n_target = np.fromiter((len(enc.offsets) for enc in encodings), dtype=np.int64, count=len(fields))
+    length = np.fromiter((len(f[1]) for f in fields), dtype=np.int64, count=len(fields))
+    sources = concatenated([f[4] for f in fields], int(n_source.sum()))
+    targets = concatenated([enc.offsets for enc in encodings], int(n_target.sum()))
+    try:
+        values = np.fromiter(chain.from_iterable(f[3] for f in fields), dtype=np.float64, count=int(n_source.sum()))
+    except (TypeError, ValueError):
+        return None
+    if (sources is None or targets is None or not np.isfinite(values).all()
+            or spans_problems(sources, length, n_source).any() or spans_problems(targets, length, n_target).any()):
+        return None
+    return sources, values, targets, (length, n_source, n_target)
+
+
+def finish_record(where, record, fields, enc, scores, fingerprint, text_normalizer, *, model, use, counts):
+    """Add titok.target (all but the mask) to one record, given its aligned scores."""
+    _, completion, source, values, _ = fields
+    token_ids, offsets = enc.token_ids, enc.offsets
     if source.get("tokenizer") == fingerprint and source.get("token_ids") == token_ids and source["offsets"] == offsets:
-        scores = list(source[use])  # the source's own numbers, untouched
+        scores = list(values)  # same tokenizer, same tokens: the source's own numbers, untouched
         counts["same_tokens"] = counts.get("same_tokens", 0) + 1
     else:
-        scores = align_values(src_spans, values, spans, len(completion), groups=use == "mask")
         changed = unreproducible(text_normalizer, completion, offsets)
         if changed is not None:
             for i in changed:
@@ -237,7 +311,6 @@ def align_record(where, record, values_of, enc, tokenizer, fingerprint, text_nor
             counts["normalized_tokens"] = counts.get("normalized_tokens", 0) + len(changed)
             log.warning("%s: record %r: the target tokenizer's normalizer changes the completion's text; "
                         "%d of %d target tokens get no score", where, record.get("id"), len(changed), len(offsets))
-
     scored = len(scores) - scores.count(None)
     titok(record)["target"] = {"model": model, "tokenizer": fingerprint, "token_ids": token_ids, "offsets": offsets,
                                "score": scores, "coverage": scored / len(scores), "truncated": enc.truncated}
@@ -246,7 +319,6 @@ def align_record(where, record, values_of, enc, tokenizer, fingerprint, text_nor
     counts["scored"] = counts.get("scored", 0) + scored
     counts["min_coverage"] = min(counts.get("min_coverage", 1.0), scored / len(scores))
     counts["truncated"] = counts.get("truncated", 0) + int(enc.truncated)
-    return scores
 
 
 def recorded_k(record, where):
@@ -275,22 +347,42 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
             elif this_k != run_k["k"]:
                 raise RecordError(where, "titok.filter.k", f"{this_k} differs from the k of earlier records "
                                                            f"({run_k['k']}); pass -k")
-        return source_values(record, where, use)
+        return source_fields(record, where, use)
 
     def aligned():
-        # Records go to the tokenizer CHUNK at a time: one call tokenizes them all.
+        # CHUNK records at a time: one tokenizer call, one set of array operations.
         for chunk in batched(checked(pairs, check, skip_invalid, counts), CHUNK):
-            encodings = encode_many(tokenizer, [values_of[:2] for _, _, values_of in chunk], chat_template, max_length)
-            prepared = zip((values_of for _, _, values_of in chunk), encodings)  # checked() visits the chunk in order
+            yield from aligned_chunk(chunk, encode_many(tokenizer, [f[:2] for _, _, f in chunk], chat_template,
+                                                        max_length))
 
-            def finish(where, record):
-                return align_record(where, record, *next(prepared), tokenizer, fingerprint, text_normalizer,
-                                    model=model, use=use, counts=counts)
+    def aligned_chunk(chunk, encodings):
+        items = [(where, record, fields, enc) for (where, record, fields), enc in zip(chunk, encodings)]
+        arrays = chunk_arrays([f for _, _, f, _ in items], encodings)
+        if arrays is None:  # some record is bad: check each, raise or skip (--skip-invalid)
+            items = checked_one_by_one(items)
+            if not items:
+                return
+            arrays = chunk_arrays([f for _, _, f, _ in items], [e for _, _, _, e in items])
+        for (where, record, fields, enc), scores in zip(items, align_many(*arrays, groups=use == "mask")):
+            finish_record(where, record, fields, enc, scores, fingerprint, text_normalizer, model=model, use=use,
+                          counts=counts)
+            if progress is not None:
+                progress.update(1)
+            yield record
 
-            for _, record, _ in checked(((where, record) for where, record, _ in chunk), finish, skip_invalid, counts):
-                if progress is not None:
-                    progress.update(1)
-                yield record
+    def checked_one_by_one(items):
+        prepared = iter(items)  # checked() visits the items in order
+
+        def check_all(where, record):
+            _, _, fields, enc = next(prepared)
+            source_values(record, where, use)
+            problem = target_problem(where, record, fields[1], enc)
+            if problem:
+                raise problem
+            return fields, enc
+
+        return [(w, r, f, e) for w, r, (f, e) in checked(((w, r) for w, r, _, _ in items), check_all, skip_invalid,
+                                                         counts)]
 
     def scores_of(record):
         return record["titok"]["target"]["score"]
@@ -361,9 +453,7 @@ def main(input, target_model, chat_template, no_chat_template, max_length, use, 
         | titok-align --target-model gemma-3-270m.gguf --chat-template gemma3-chat.jinja > aligned.jsonl
     """
     tokenizer = load_tokenizer(target_model, chat_template)
-    # The tokenizer's ~300k Python objects live as long as the command: keep the garbage
-    # collector from walking them again and again while records stream (15% of the time).
-    gc.freeze()
+    cli.streaming_gc()  # the tokenizer's ~300k objects and each record's lists: see there
     counts = {}
     started = time.time()
     with record_writer(output) as writer, tqdm(desc="titok-align", unit="rec", mininterval=1) as progress:

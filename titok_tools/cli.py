@@ -5,6 +5,7 @@ Options read the same everywhere: `--model`, `--adapter`, `--dtype`, `--device`,
 `--skip-invalid`, `--resume`, `--shard`.
 """
 import functools
+import gc
 import logging
 import os
 import sys
@@ -25,6 +26,20 @@ def setup_logging(quiet=False):
     warnings.filterwarnings("ignore", category=FutureWarning)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # per-tensor loading bars; our own progress is per record
+
+
+def streaming_gc():
+    """Set the garbage collector for a command that streams records, once its models or
+    tokenizers are loaded.
+
+    Records are JSON (lists and dicts without cycles, freed by reference counting), but each one
+    allocates thousands of lists, and at Python's default thresholds the collector walks a
+    record's lists several times while it is in flight: 40% of titok-align's time at 3,000 tokens
+    a record. What was loaded is frozen (never walked again) and collections come once per
+    100,000 allocations: cyclic garbage is still collected, memory stays flat.
+    """
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 50)
 
 
 def _compose(*decorators):

@@ -163,6 +163,7 @@ def main(input, k, scope, keep, rank_by, seed, mark_only, output, mass):
       titok-filter -k auto --mass 0.9 scored.jsonl > kept.jsonl
     """
     counts = {}
+    cli.streaming_gc()
     with spooled(input) as path, record_writer(output) as writer:
         name = "<stdin>" if input == "-" else input
         for record in filter_records(lambda: read_records(path, name=name), k, keep, scope, mark_only, counts,

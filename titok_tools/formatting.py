@@ -7,7 +7,10 @@ the completion's tokens are those whose span overlaps the completion text, plus 
 closes the assistant turn. Generation, scoring, alignment and training all call `encode`, so the
 tokens that are scored are the tokens that are trained.
 """
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from itertools import islice
+from operator import eq, itemgetter, le
 
 
 class FormatError(ValueError):
@@ -168,10 +171,30 @@ def encode_many(tokenizer, items, chat_template=True, max_length=None):
     return results
 
 
+def _inside(spans, lo, hi):
+    """Indices of the tokens whose (non-empty) spans overlap the characters [lo, hi).
+
+    Tokenizers give spans in text order, so the overlapping tokens are one run, found by
+    bisection: O(log n) plus the run, not a Python loop over a long prompt. Special tokens a
+    post-processor adds have empty (0, 0) spans: at the end they are left out of the search;
+    spans out of order anywhere else take the plain scan."""
+    end = len(spans)
+    while end and spans[end - 1][0] == spans[end - 1][1]:
+        end -= 1
+    starts, ends = list(map(itemgetter(0), spans[:end])), list(map(itemgetter(1), spans[:end]))
+    if not (all(map(le, starts, islice(starts, 1, None))) and all(map(le, ends, islice(ends, 1, None)))):
+        return [i for i, (a, b) in enumerate(spans) if b > a and a < hi and b > lo]
+    first = bisect_right(ends, lo)  # the first token ending after lo
+    last = bisect_left(starts, hi, first) - 1  # the last one starting before hi
+    if any(map(eq, starts[first:last + 1], ends[first:last + 1])):  # an empty token amid the run
+        return [i for i in range(first, last + 1) if starts[i] < ends[i]]
+    return list(range(first, last + 1))
+
+
 def _completion_tokens(tokenizer, rendered, completion, ids, spans, max_length):
     text, start, (lo, hi), plain = rendered
     ids = list(ids)
-    inside = [i for i, (a, b) in enumerate(spans) if b > a and a < hi and b > lo]
+    inside = _inside(spans, lo, hi)
     if not inside:
         raise FormatError("the completion produced no tokens")
     first, last = inside[0], inside[-1]

@@ -7,11 +7,13 @@ BATCH_GROUP consecutive records (the official code), "global" over all records a
 """
 import math
 from array import array
+from itertools import chain, islice
 
 import numpy as np
 
 SCOPES = ("sample", "batch", "global")
 BATCH_GROUP = 4
+SAMPLE_CHUNK = 64  # records whose per-sample selections run as one set of array operations
 
 
 def n_select(n, k):
@@ -47,6 +49,28 @@ def topk_mask(scores, k):
     return topk_masks([scores], k)[0]
 
 
+def topk_masks_each(score_lists, k):
+    """[topk_mask(scores, k) for scores in score_lists], in one pass: at a few hundred tokens a
+    record, numpy's per-call cost outweighs the work, so the records are sorted together (by
+    record, then score, then position) and each keeps its own first n_select tokens."""
+    counts = np.fromiter(map(len, score_lists), dtype=np.int64, count=len(score_lists))
+    flat = np.array(list(chain.from_iterable(score_lists)), dtype=np.float64)  # None -> NaN
+    record = np.repeat(np.arange(len(counts)), counts)
+    valid = ~np.isnan(flat)
+    scored = np.bincount(record[valid], minlength=len(counts))
+    n_keep = np.where(scored > 0, np.maximum(1, np.floor(k * scored + 1e-9)), 0)
+    # By record, then score (NaN last): lexsort is stable, so ties stay in token order.
+    order = np.lexsort((-flat, record))
+    rank = np.empty(len(flat), dtype=np.int64)
+    rank[order] = np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
+    keep = ((rank < n_keep[record]) & valid).astype(np.int8).tolist()
+    masks, start = [], 0
+    for n in counts.tolist():
+        masks.append(keep[start:start + n])
+        start += n
+    return masks
+
+
 def select_stream(items, scores_of, k, scope, rereader=None):
     """Yield (item, mask) for a stream of items, selecting with `scope`.
 
@@ -56,8 +80,9 @@ def select_stream(items, scores_of, k, scope, rereader=None):
     the second pass.
     """
     if scope == "sample":
-        for item in items:
-            yield item, topk_mask(scores_of(item), k)
+        items = iter(items)
+        while chunk := list(islice(items, SAMPLE_CHUNK)):
+            yield from zip(chunk, topk_masks_each([scores_of(item) for item in chunk], k))
     elif scope == "batch":
         group = []
         for item in items:
