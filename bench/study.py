@@ -6,8 +6,11 @@ SmolLM2 -> SmolLM2 with a fresh LoRA (same tokenizer), on BIG-bench tasks, sever
 
 Every step is one titok-* command whose output file (or adapter dir) appears only when it
 succeeds, so a step whose output exists is done: an interrupted run continues where it stopped.
-Steps run --jobs at a time (threads split between them), seed by seed, so early seeds give a
-complete table first. Logs: OUT/logs/STEP.log; wall time per step: OUT/times.jsonl.
+The evals write their metrics, and titok-score its scored synthetic pools, into RESULTS
+(results/study/, committed), so a fresh clone resumes too: it re-runs only the steps that an
+unfinished eval needs, never the generation of a pool that is already there. Steps run --jobs at a time
+(threads split between them), seed by seed, so early seeds give a complete table first.
+Logs: OUT/logs/STEP.log; wall time per step: RESULTS/times.jsonl.
 
 Per task, one source expert (LoRA SFT of SmolLM2 on the real train split, seed 0) and one
 synthetic pool of 2M (queries written by the SmolLM2 base: the 135M expert answers a query prompt
@@ -52,9 +55,17 @@ ARMS = {
 }
 
 
-# The paper's Table 2 cells run for every seed; the other arms (k sweep, -k auto, closing token,
-# query source, ceiling) for the first seed only, unless --every-arm-every-seed (3x the time).
+# The paper's Table 2 cells run for every seed; with --quick the other arms (k sweep, -k auto,
+# closing token, query source, ceiling) run for the first seed only (about 40% less time).
 EVERY_SEED = {"kd", "token-only", "titok-k1.0", "titok-k0.3"}
+
+
+SAVE_K = """import json, os, sys
+record = json.loads(open(sys.argv[1]).readline())
+with open(sys.argv[2] + ".partial", "w") as f:
+    json.dump({"k": record["titok"]["filter"]["k"]}, f)
+os.replace(sys.argv[2] + ".partial", sys.argv[2])
+"""
 
 
 class Study:
@@ -108,14 +119,16 @@ class Study:
                     g = self.step(f"{task}/{prefix}synthetic", synthetic, [
                         "titok-gen", *self.model("smollm2"), "--adapter", expert, *GEN, "--label", queries,
                         "--resume", "-o", synthetic], e, q)
-                scored = os.path.join(t, f"{prefix}scored.jsonl")
+                # The scored pool is kept with the results: the model-written data every arm
+                # trains on, and the costliest step to redo (a fresh clone resumes after it).
+                scored = os.path.join(self.a.results, task, f"{prefix}scored.jsonl")
                 pools[prefix] = (scored, self.step(f"{task}/{prefix}scored", scored, [
                     "titok-score", *self.model("smollm2"), "--adapter", expert, "--dtype", "bfloat16", "--device", "cpu",
                     "--resume", "-o", scored, synthetic], g))
 
             for seed in a.seeds:
                 for arm, (pairs, selection, extra) in ARMS.items():
-                    if seed != a.seeds[0] and arm not in EVERY_SEED and not a.every_arm_every_seed:
+                    if seed != a.seeds[0] and arm not in EVERY_SEED and a.quick:
                         continue
                     for pair in pairs.split():
                         if pair not in a.pairs:
@@ -144,6 +157,9 @@ class Study:
             args = ["-k", k, *(["--mass", self.a.mass] if k == "auto" else [])]
         f = self.step(f"{os.path.relpath(filtered, self.out)}", filtered,
                       ["titok-filter", "--keep", M, *args, "-o", filtered, scored], dep)
+        if k == "auto":  # the k that -k auto chose, kept beside the metrics for the report
+            self.step(f"{task}/auto-k", os.path.join(self.a.results, task, "auto-k.json"),
+                      [sys.executable, "-c", SAVE_K, filtered, os.path.join(self.a.results, task, "auto-k.json")], f)
         if pair == "smollm2":
             return filtered, f
         aligned = filtered.replace(".jsonl", ".gemma.jsonl")
@@ -151,10 +167,12 @@ class Study:
             "titok-align", "--target-model", self.gemma, "--chat-template", self.template, "-o", aligned, filtered], f)
 
     def evaluate(self, name, pair, adapter, test, dep):
-        metrics = os.path.join(self.out, name + ".json")
+        # The metrics go to the committed results dir, the predictions to the work dir: a finished
+        # eval is never re-run, on this machine or on a fresh clone.
+        metrics = os.path.join(self.a.results, name + ".json")
         return self.step(name + "/eval", metrics, [
             "titok-eval", *self.model(pair), *(["--adapter", adapter] if adapter else []), *EVAL,
-            "--metrics", metrics, "-o", metrics.replace(".json", ".predictions.jsonl"), test], dep)
+            "--metrics", metrics, "-o", os.path.join(self.out, name + ".predictions.jsonl"), test], dep)
 
     def order_by_seed(self):
         """Seed 0's steps (and the shared ones) first: a stopped run still has whole seeds."""
@@ -163,13 +181,25 @@ class Study:
             return int(part[1:]) if part else -1
         self.steps = dict(sorted(self.steps.items(), key=lambda item: seed_of(item[0])))
 
+    def needed(self, done):
+        """The steps left to run: every unfinished result, and the unfinished steps it needs. A step
+        whose dependants have all finished (an adapter whose eval is in results/) is not re-run."""
+        dependants = {d for _, _, deps in self.steps.values() for d in deps}
+        needed = set()
+        for name in reversed(self.steps):  # dependants come after their dependencies
+            if name not in done and (name not in dependants or name in needed):
+                needed.add(name)
+                needed.update(d for d in self.steps[name][2] if d not in done)
+        return [n for n in self.steps if n in needed]
+
     def run(self):
+        os.makedirs(self.a.results, exist_ok=True)
         logs = os.path.join(self.out, "logs")
         env = dict(os.environ, OMP_NUM_THREADS=str(self.a.threads), MKL_NUM_THREADS=str(self.a.threads),
                    TOKENIZERS_PARALLELISM="false")
         done = {n for n, (out, _, _) in self.steps.items() if os.path.exists(out)}
         failed, running = set(), {}
-        todo = [n for n in self.steps if n not in done]
+        todo = self.needed(done)
         print(f"study: {len(self.steps)} steps, {len(done)} done, {len(todo)} to run, {self.a.jobs} at a time",
               file=sys.stderr)
 
@@ -204,7 +234,7 @@ class Study:
                     name = running.pop(future)
                     rc, seconds = future.result()
                     (done if rc == 0 else failed).add(name)
-                    with open(os.path.join(self.out, "times.jsonl"), "a") as f:
+                    with open(os.path.join(self.a.results, "times.jsonl"), "a") as f:
                         f.write(json.dumps({"step": name, "rc": rc, "seconds": round(seconds, 1)}) + "\n")
                     print(f"study: {'ok  ' if rc == 0 else 'FAIL'} {name} ({seconds:.0f} s; {len(done)}/{len(self.steps)})",
                           file=sys.stderr)
@@ -285,7 +315,7 @@ def directions(out, tasks, seeds):
 
 
 def report(args):
-    tasks, out, lines = args.tasks, args.out, []
+    tasks, out, lines = args.tasks, args.results, []
     times = []
     if os.path.exists(os.path.join(out, "times.jsonl")):
         with open(os.path.join(out, "times.jsonl")) as f:
@@ -325,11 +355,10 @@ def report(args):
     lines.append("")
     auto = []
     for task in tasks:
-        path = os.path.join(out, task, "top-auto.jsonl")
+        path = os.path.join(out, task, "auto-k.json")
         if os.path.exists(path):
             with open(path) as f:
-                first = json.loads(f.readline())
-            auto.append(f"{task}: k = {first['titok']['filter']['k']:.3f}")
+                auto.append(f"{task}: k = {json.load(f)['k']:.3f}")
     if auto:
         lines.append(f"`-k auto --mass {args.mass}` chose " + "; ".join(auto) + ".\n")
     lines.append("## Settings and cost\n")
@@ -339,9 +368,9 @@ def report(args):
     lines.append(f"- every LoRA: `{' '.join(TRAIN)}`; eval: greedy, `{' '.join(EVAL)}`")
     lines.append("- per task: one source expert (seed 0) and one synthetic pool; seeds vary the M random samples "
                  "and the target LoRA's initialization and data order")
-    if not args.every_arm_every_seed:
+    if args.quick:
         lines.append(f"- the Table 2 cells (KD, token filter only, sample filter only, TiTok) ran for every seed; the "
-                     f"other arms for seed {args.seeds[0]} only (n=1; `--every-arm-every-seed` runs them all)")
+                     f"other arms for seed {args.seeds[0]} only (--quick)")
     if times:
         total = sum(t["seconds"] for t in times)
         lines.append(f"- wall time of the steps: {total / 3600:.2f} h of step time over {len(times)} steps "
@@ -371,11 +400,16 @@ def parse(argv=None):
     parser.add_argument("--test-size", type=int, default=100)
     parser.add_argument("-m", type=int, default=64, help="samples kept (the pool is 2M)")
     parser.add_argument("--mass", default="0.9", help="-k auto's share of positive excess")
-    parser.add_argument("--every-arm-every-seed", action="store_true",
-                        help="run the k sweep, -k auto, closing-token, query-source and ceiling arms for every seed too")
+    parser.add_argument("--quick", action="store_true",
+                        help="the k sweep, -k auto, closing-token, query-source and ceiling arms for the first seed only")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per step (default cores / jobs)")
-    parser.add_argument("--out", default=os.path.join(ROOT, "work", "study"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "work", "study"),
+                        help="the work dir: data, adapters, records, predictions, logs")
+    parser.add_argument("--results", default=os.path.join(ROOT, "results", "study"),
+                        help="the metrics of every eval, the scored synthetic pools, the chosen -k auto and the "
+                             "step times (committed: a finished step there is never re-run, and a fresh clone "
+                             "resumes the study)")
     parser.add_argument("-o", "--output", default=os.path.join(ROOT, "results", "study.md"))
     args = parser.parse_args(argv)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)

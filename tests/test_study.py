@@ -14,18 +14,19 @@ import study  # noqa: E402
 
 
 def args(tmp_path, *extra):
-    return study.parse(["plan", "--out", str(tmp_path / "out"), "-o", str(tmp_path / "study.md"), *extra])
+    return study.parse(["plan", "--out", str(tmp_path / "out"), "--results", str(tmp_path / "results"),
+                        "-o", str(tmp_path / "study.md"), *extra])
 
 
 def test_plan_has_every_arm_per_pair_seed_and_task(tmp_path):
-    plan = study.Study(args(tmp_path, "--tasks", "t1,t2", "--seeds", "0,1"))
+    plan = study.Study(args(tmp_path, "--tasks", "t1,t2", "--seeds", "0,1", "--quick"))
     plan.plan()
     trains = [n for n in plan.steps if n.endswith("/train")]
     per_seed = sum(len(pairs.split()) for pairs, _, _ in study.ARMS.values())
     table2 = sum(len(study.ARMS[a][0].split()) for a in study.EVERY_SEED)
     assert len(trains) == 2 * (per_seed + table2)  # seed 1 runs only the Table 2 cells
     assert {n.split("/")[3] for n in trains if "/s1/" in n} == study.EVERY_SEED
-    full = study.Study(args(tmp_path, "--tasks", "t1,t2", "--seeds", "0,1", "--every-arm-every-seed"))
+    full = study.Study(args(tmp_path, "--tasks", "t1,t2", "--seeds", "0,1"))
     full.plan()
     assert len([n for n in full.steps if n.endswith("/train")]) == 2 * 2 * per_seed
     # every step's dependencies are planned, and come before it
@@ -62,18 +63,41 @@ def test_run_resumes_and_blocks_what_depends_on_a_failure(tmp_path):
     os.makedirs(out, exist_ok=True)
     assert plan.run() == 1
     assert (out / "a").exists() and (out / "d").exists() and not (out / "c").exists()
-    times = [json.loads(line) for line in open(out / "times.jsonl")]
+    times = [json.loads(line) for line in open(tmp_path / "results" / "times.jsonl")]
     assert sorted(t["step"] for t in times) == ["a", "b", "d"]  # c never started
     # a second run does only what is left: b (fixed now) and c
     plan.steps["b"] = (out / "b", ["touch", str(out / "b")], ["a"])
     assert plan.run() == 0 and (out / "c").exists()
-    times = [json.loads(line)["step"] for line in open(out / "times.jsonl")]
+    times = [json.loads(line)["step"] for line in open(tmp_path / "results" / "times.jsonl")]
     assert times[3:] == ["b", "c"]
+
+
+def test_a_fresh_clone_reruns_only_what_an_unfinished_result_needs(tmp_path):
+    """The results (evals) are committed, the work dir is not: on a fresh clone, an adapter whose
+    eval is in results/ is not trained again; one whose eval is missing is, with its inputs."""
+    plan = study.Study(args(tmp_path, "--jobs", "1"))
+    out, results = tmp_path / "out", tmp_path / "results"
+    plan.steps = {}
+    plan.step("pool", out / "pool", ["touch", out / "pool"])
+    plan.step("train0", out / "train0", ["touch", out / "train0"], "pool")
+    plan.step("eval0", results / "eval0", ["touch", results / "eval0"], "train0")
+    plan.step("train1", out / "train1", ["touch", out / "train1"], "pool")
+    plan.step("eval1", results / "eval1", ["touch", results / "eval1"], "train1")
+    plan.out = str(out)
+    os.makedirs(out)
+    os.makedirs(results)
+    (results / "eval0").touch()  # finished in an earlier session; the work dir is gone
+    done = {"eval0"}
+    assert plan.needed(done) == ["pool", "train1", "eval1"]
+    assert plan.needed(done | {"pool"}) == ["train1", "eval1"]
+    assert plan.needed(done | {"eval1"}) == []
+    assert plan.run() == 0
+    assert not (out / "train0").exists() and (out / "train1").exists() and (results / "eval1").exists()
 
 
 def test_report_means_and_standard_deviations(tmp_path):
     a = args(tmp_path, "--tasks", "t1,t2", "--seeds", "0,1,2")
-    out = tmp_path / "out"
+    out = tmp_path / "results"
     rng = np.random.default_rng(0)
     values = {}
     for task in ("t1", "t2"):
@@ -88,6 +112,7 @@ def test_report_means_and_standard_deviations(tmp_path):
                     v = float(rng.integers(0, 100)) / 100
                     values[task, pair, seed, arm] = v
                     (out / task / pair / f"s{seed}" / f"{arm}.json").write_text(json.dumps({"exact_match": v}))
+    (out / "t1" / "auto-k.json").write_text(json.dumps({"k": 0.25}))
     a.action = "report"
     assert study.report(a) == 0
     text = (tmp_path / "study.md").read_text()
@@ -100,3 +125,4 @@ def test_report_means_and_standard_deviations(tmp_path):
     both = np.mean([np.mean([values[t, "gemma", s, "titok-k0.3"] for s in (0, 1, 2)]) for t in ("t1", "t2")])
     assert titok[-1].rstrip(" |") == f"{100 * both:.1f}"
     assert rows[study.ROW_NAMES["vanilla"]].split(" | ")[1] == "5.0 ± 0.0 (n=1)"
+    assert "chose t1: k = 0.250." in text
