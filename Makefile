@@ -128,7 +128,9 @@ clean-demo:
 
 # --- the study: the paper's ablation at CPU scale, 3 tasks x 3 seeds (hours; not a test) ------
 # Resumable: every step writes its file only when it succeeds, so re-running continues where it
-# stopped. In the background, in stages:  nohup make study STUDY_ARGS="--seeds 0" > study.log 2>&1 &
+# stopped; results/study/ (metrics, scored pools, step times) is committed, so a fresh clone
+# resumes too. In the background, in stages:  nohup make study STUDY_ARGS="--seeds 0" > study.log 2>&1 &
+# STUDY_ARGS=--quick runs the rows beyond the paper's Table 2 cells for the first seed only.
 STUDY_ARGS ?=
 study: install
 	$(PYTHON) bench/study.py run $(STUDY_ARGS); status=$$?; \

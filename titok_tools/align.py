@@ -127,19 +127,21 @@ def align_many(sources, values, targets, lengths, groups=False):
 
 
 def spans_problems(spans, lengths, counts):
-    """For a chunk of records at once: which records' spans offsets_problem would reject.
-    `spans` is every record's (n, 2) spans concatenated, `counts` the tokens of each."""
+    """Which records of a chunk offsets_problem would reject, for all of them at once.
+
+    `spans` holds every record's (n, 2) spans concatenated, `counts` the tokens of each record,
+    `lengths` the characters of each completion."""
+    nonempty = counts > 0
+    last = (np.cumsum(counts) - 1)[nonempty]
+    is_first, is_last = np.zeros(len(spans), dtype=bool), np.zeros(len(spans), dtype=bool)
+    is_first[last - counts[nonempty] + 1] = True
+    is_last[last] = True
+    starts, ends, length = spans[:, 0], spans[:, 1], np.repeat(lengths, counts)
+    bad = (starts < 0) | (ends > length) | (starts > ends)
+    bad[1:] |= ~is_first[1:] & ((np.diff(starts) < 0) | (np.diff(ends) < 0))  # out of order in its record
+    bad |= (starts == ends) & ~(is_last & (ends == length))  # only the closing token is empty, at the end
     record = np.repeat(np.arange(len(counts)), counts)
-    last = np.cumsum(counts) - 1
-    starts, ends = spans[:, 0], spans[:, 1]
-    bad = (starts < 0) | (ends > np.repeat(lengths, counts))
-    first = np.zeros(len(spans), dtype=bool)
-    first[last[counts > 0] - counts[counts > 0] + 1] = True
-    bad[1:] |= ~first[1:] & ((np.diff(starts) < 0) | (np.diff(ends) < 0))  # out of order
-    empty_ok = np.zeros(len(spans), dtype=bool)  # only the last token may be empty, at the end
-    empty_ok[last[counts > 0]] = True
-    bad |= (starts > ends) | ((starts == ends) & ~(empty_ok & (ends == np.repeat(lengths, counts))))
-    return (np.bincount(record, weights=bad, minlength=len(counts)) > 0) | (counts == 0)
+    return (np.bincount(record, weights=bad, minlength=len(counts)) > 0) | ~nonempty
 
 
 def concatenated(offset_lists, total):
