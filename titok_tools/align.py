@@ -25,7 +25,7 @@ from . import cli
 from .formatting import FormatError, encode_many
 from .models import load_tokenizer, tokenizer_fingerprint
 from .records import RecordError, checked, dumps, prompt_and_completion, read_records, record_writer, titok
-from .select import select_stream
+from .select import select_stream, split_by_counts
 
 log = logging.getLogger("titok.align")
 
@@ -118,12 +118,7 @@ def align_many(sources, values, targets, lengths, groups=False):
     shift = np.cumsum(length + 1) - (length + 1)
     src = sources + np.repeat(shift, n_source)[:, None]
     tgt = targets + np.repeat(shift, n_target)[:, None]
-    scores = align_values(src, values, tgt, int(shift[-1] + length[-1]), groups)
-    out, start = [], 0
-    for n in n_target.tolist():
-        out.append(scores[start:start + n])
-        start += n
-    return out
+    return split_by_counts(align_values(src, values, tgt, int(shift[-1] + length[-1]), groups), n_target.tolist())
 
 
 def spans_problems(spans, lengths, counts):

@@ -24,12 +24,16 @@ def topk_masks(score_lists, k):
     """One selection over the concatenation of several records' scores; returns one 0/1 list
     per record. Order of concatenation decides ties (earlier record, earlier token first)."""
     flat = np.array([np.nan if s is None else s for scores in score_lists for s in scores], dtype=np.float64)
-    keep = _topk_keep(flat, k)
-    masks, i = [], 0
-    for scores in score_lists:
-        masks.append(keep[i:i + len(scores)].tolist())
-        i += len(scores)
-    return masks
+    return split_by_counts(_topk_keep(flat, k).tolist(), map(len, score_lists))
+
+
+def split_by_counts(flat, counts):
+    """A flat list cut back into consecutive pieces of the given lengths (one per record)."""
+    pieces, start = [], 0
+    for n in counts:
+        pieces.append(flat[start:start + n])
+        start += n
+    return pieces
 
 
 def _topk_keep(flat, k):
@@ -63,12 +67,7 @@ def topk_masks_each(score_lists, k):
     order = np.lexsort((-flat, record))
     rank = np.empty(len(flat), dtype=np.int64)
     rank[order] = np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
-    keep = ((rank < n_keep[record]) & valid).astype(np.int8).tolist()
-    masks, start = [], 0
-    for n in counts.tolist():
-        masks.append(keep[start:start + n])
-        start += n
-    return masks
+    return split_by_counts(((rank < n_keep[record]) & valid).astype(np.int8).tolist(), counts.tolist())
 
 
 def select_stream(items, scores_of, k, scope, rereader=None):
