@@ -246,7 +246,7 @@ class Study:
 # --- the report ---------------------------------------------------------------------------------
 
 ROW_NAMES = {
-    "vanilla": "target vanilla (no adapter)",
+    "vanilla": "target vanilla (no adapter; greedy: one run)",
     "kd": "KD / all tokens of M random samples (✗ sample, ✗ token)",
     "token-only": f"token filter only: M random samples, top-{K} tokens (✗ / ✓)",
     "titok-k1.0": "sample filter only: top-M samples, all tokens (✓ / ✗)",
@@ -265,6 +265,13 @@ def read_metric(path):
             return json.load(f)["exact_match"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def source_expert_metrics(out, task, seeds):
+    """The source expert's metric for each seed: seed 0's is the expert that wrote the pools; for
+    other seeds the SmolLM2 ceiling run is the same training (same command, that seed)."""
+    return [read_metric(os.path.join(out, task, "eval", "source-expert.json")) if seed == 0 else
+            read_metric(os.path.join(out, task, "smollm2", f"s{seed}", "ceiling.json")) for seed in seeds]
 
 
 def cell(values):
@@ -349,10 +356,14 @@ def report(args):
     lines.append("## The source side\n")
     lines.append("| model | " + " | ".join(tasks) + " |")
     lines.append("|---|" + "---:|" * len(tasks))
-    for name in ("source-base", "source-expert"):
-        lines.append(f"| SmolLM2 {name} | " + " | ".join(
-            cell([read_metric(os.path.join(out, t, "eval", name + ".json"))])[0] for t in tasks) + " |")
+    lines.append("| SmolLM2 source-base (greedy: one run) | " + " | ".join(
+        cell([read_metric(os.path.join(out, t, "eval", "source-base.json"))])[0] for t in tasks) + " |")
+    lines.append("| SmolLM2 source-expert, every seed | " + " | ".join(
+        cell(source_expert_metrics(out, t, args.seeds))[0] for t in tasks) + " |")
     lines.append("")
+    lines.append("The expert that wrote and answered the pools is the seed-0 one; the other seeds' experts are the "
+                 "SmolLM2 ceiling runs of those seeds (the same command: LoRA SFT of SmolLM2 on the real train "
+                 "split).\n")
     auto = []
     for task in tasks:
         path = os.path.join(out, task, "auto-k.json")

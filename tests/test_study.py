@@ -126,3 +126,28 @@ def test_report_means_and_standard_deviations(tmp_path):
     assert titok[-1].rstrip(" |") == f"{100 * both:.1f}"
     assert rows[study.ROW_NAMES["vanilla"]].split(" | ")[1] == "5.0 ± 0.0 (n=1)"
     assert "chose t1: k = 0.250." in text
+
+
+def test_the_smollm2_ceiling_is_the_source_experts_training_so_the_report_uses_it_for_other_seeds(tmp_path):
+    a = args(tmp_path, "--tasks", "t1", "--seeds", "0,1,2")
+    s = study.Study(a)
+    s.plan()
+
+    def command(name):
+        output, cmd, _ = s.steps[name]
+        return [c for c in cmd if c != output]
+
+    expert = command("t1/source-expert")
+    assert command("t1/smollm2/s0/ceiling/train") == expert
+    assert command("t1/smollm2/s2/ceiling/train") == [c if c != "0" else "2" for c in expert]
+
+    out = tmp_path / "results"
+    (out / "t1" / "eval").mkdir(parents=True)
+    (out / "t1" / "eval" / "source-expert.json").write_text(json.dumps({"exact_match": 0.30}))
+    for seed, v in ((1, 0.40), (2, 0.20)):
+        (out / "t1" / "smollm2" / f"s{seed}").mkdir(parents=True)
+        (out / "t1" / "smollm2" / f"s{seed}" / "ceiling.json").write_text(json.dumps({"exact_match": v}))
+    a.action = "report"
+    assert study.report(a) == 0
+    row = next(line for line in (tmp_path / "study.md").read_text().splitlines() if "source-expert" in line)
+    assert row.split(" | ")[1].rstrip(" |") == f"30.0 ± {100 * np.std([0.3, 0.4, 0.2], ddof=1):.1f} (n=3)"
