@@ -46,10 +46,10 @@ ALL = ["--all-tokens"]
 ARMS = {
     "kd": ("gemma smollm2", "random-all", ALL),
     "token-only": ("gemma smollm2", "random-k{k}", []),
-    **{f"titok-k{k}": ("gemma" if k not in ("0.3", "1.0") else "gemma smollm2", f"top-k{k}", ALL if k == "1.0" else [])
-       for k in K_SWEEP},
-    "titok-auto": ("gemma", "top-auto", []),
-    "titok-closing": ("gemma", "top-k{k}", ["--train-closing"]),
+    **{f"titok-k{k}": ("gemma smollm2", f"top-k{k}", ALL if k == "1.0" else []) for k in K_SWEEP},
+    "titok-auto": ("gemma smollm2", "top-auto", []),
+    "titok-closing": ("gemma smollm2", "top-k{k}", ["--train-closing"]),
+    # Gemma only: the SmolLM2 base, the same-tokenizer pair's target, already writes the main pool's queries.
     "titok-target-queries": ("gemma", "tq-top-k{k}", []),
     "ceiling": ("gemma smollm2", None, ALL),
 }
@@ -308,7 +308,7 @@ def directions(out, tasks, seeds):
         lines.append(f"- {pair}: {shown}. " + "; ".join(f"{text}: {'agrees' if ok else 'disagrees'}"
                                                         for text, ok in verdicts) + ".")
         sweep = {k: m.get(f"titok-k{k}") for k in K_SWEEP}
-        if all(v is not None for v in sweep.values()) and pair == "gemma":
+        if all(v is not None for v in sweep.values()):
             best = max(sweep, key=sweep.get)
             lines.append(f"- {pair} k sweep: " + ", ".join(f"k={k} {100 * v:.1f}" for k, v in sweep.items()) +
                          f"; best k = {best} ({'agrees' if best in ('0.1', '0.3') else 'disagrees'} with 10-30%)"
