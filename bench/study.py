@@ -379,6 +379,8 @@ def report(args):
     lines.append(f"- every LoRA: `{' '.join(TRAIN)}`; eval: greedy, `{' '.join(EVAL)}`")
     lines.append("- per task: one source expert (seed 0) and one synthetic pool; seeds vary the M random samples "
                  "and the target LoRA's initialization and data order")
+    lines.append("- the query-source arm runs for Gemma only: on the same-tokenizer pair the target base, SmolLM2, "
+                 "already writes the main pool's queries (titok-gen --queries-from base)")
     if args.quick:
         lines.append(f"- the Table 2 cells (KD, token filter only, sample filter only, TiTok) ran for every seed; the "
                      f"other arms for seed {args.seeds[0]} only (--quick)")
