@@ -192,6 +192,20 @@ class Study:
                 needed.update(d for d in self.steps[name][2] if d not in done)
         return [n for n in self.steps if n in needed]
 
+    def preflight(self, todo, env):
+        """Why the titok-* commands the steps need do not run here, or None. Each is tried once
+        with --help: a stale install (an editable one pointing at another checkout) would
+        otherwise fail every step in 0 s and leave a failure line per step in times.jsonl."""
+        for program in sorted({self.steps[n][1][0] for n in todo if self.steps[n][1][0].startswith("titok-")}):
+            try:
+                result = subprocess.run([program, "--help"], capture_output=True, text=True, env=env, cwd=ROOT)
+            except OSError as e:
+                return f"{program}: {e.strerror}"
+            if result.returncode:
+                lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
+                return f"{program} --help failed: {lines[-1]}"
+        return None
+
     def run(self):
         os.makedirs(self.a.results, exist_ok=True)
         logs = os.path.join(self.out, "logs")
@@ -202,6 +216,10 @@ class Study:
         todo = self.needed(done)
         print(f"study: {len(self.steps)} steps, {len(done)} done, {len(todo)} to run, {self.a.jobs} at a time",
               file=sys.stderr)
+        problem = self.preflight(todo, env)
+        if problem:
+            print(f"study: {problem}; nothing run (`make install` sets up the commands)", file=sys.stderr)
+            return 2
 
         def launch(name):
             output, command, _ = self.steps[name]

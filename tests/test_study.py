@@ -151,3 +151,25 @@ def test_the_smollm2_ceiling_is_the_source_experts_training_so_the_report_uses_i
     assert study.report(a) == 0
     row = next(line for line in (tmp_path / "study.md").read_text().splitlines() if "source-expert" in line)
     assert row.split(" | ")[1].rstrip(" |") == f"30.0 ± {100 * np.std([0.3, 0.4, 0.2], ddof=1):.1f} (n=3)"
+
+
+def test_run_stops_before_any_step_when_a_titok_command_does_not_run(tmp_path, monkeypatch, capsys):
+    """A stale install fails every step in 0 s: the run says why once and runs nothing."""
+    plan = study.Study(args(tmp_path, "--jobs", "1"))
+    out = tmp_path / "out"
+    plan.steps = {}
+    plan.step("a", out / "a", ["touch", out / "a"])
+    plan.step("b", out / "b", ["titok-broken", out / "b"], "a")
+    plan.out = str(out)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "titok-broken").write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'titok_tools'\" >&2\n"
+                                          "exit 1\n")
+    (bin_dir / "titok-broken").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert plan.run() == 2
+    assert "titok-broken --help failed: ModuleNotFoundError: No module named 'titok_tools'" in capsys.readouterr().err
+    assert not (out / "a").exists() and not (tmp_path / "results" / "times.jsonl").exists()
+    plan.steps["b"] = (out / "b", ["titok-no-such-command", out / "b"], ["a"])
+    assert plan.run() == 2
+    assert "titok-no-such-command: No such file or directory" in capsys.readouterr().err
