@@ -33,6 +33,7 @@ os.environ.setdefault("TITOK_CACHE", os.path.join(ROOT, "models"))  # as the Mak
 from titok_tools import bundled  # noqa: E402
 
 K_SWEEP = ["0.1", "0.3", "0.5", "0.7", "1.0"]
+EXPERT_SEED = 0  # the source expert that writes and answers the pools; other seeds' experts are the SmolLM2 ceilings
 K = "0.3"  # TiTok's k in the ablation rows (token-only, TiTok, target-written queries): the paper's 10-30%
 TRAIN = ["--dtype", "bfloat16", "--device", "cpu", "--lora-r", "16", "--lora-alpha", "16",
          "--target-modules", "all-linear", "--lr", "1e-3", "--epochs", "2", "--batch-size", "8"]
@@ -96,7 +97,7 @@ class Study:
                                                  "--train-size", a.train_size, "--test-size", a.test_size, "--seed", 0])
             expert = os.path.join(t, "source-expert")
             e = self.step(f"{task}/source-expert", expert, ["titok-train", *self.model("smollm2"), *TRAIN, "--all-tokens",
-                                                           "--seed", 0, "--output", expert, "--overwrite", train], d)
+                                                           "--seed", EXPERT_SEED, "--output", expert, "--overwrite", train], d)
             self.evaluate(f"{task}/eval/source-base", "smollm2", None, test, d)
             self.evaluate(f"{task}/eval/source-expert", "smollm2", expert, test, e)
             for pair in ("gemma", "smollm2"):
@@ -286,9 +287,9 @@ def read_metric(path):
 
 
 def source_expert_metrics(out, task, seeds):
-    """The source expert's metric for each seed: seed 0's is the expert that wrote the pools; for
-    other seeds the SmolLM2 ceiling run is the same training (same command, that seed)."""
-    return [read_metric(os.path.join(out, task, "eval", "source-expert.json")) if seed == 0 else
+    """The source expert's metric for each seed: EXPERT_SEED's is the expert that wrote the pools;
+    for other seeds the SmolLM2 ceiling run is the same training (same command, that seed)."""
+    return [read_metric(os.path.join(out, task, "eval", "source-expert.json")) if seed == EXPERT_SEED else
             read_metric(os.path.join(out, task, "smollm2", f"s{seed}", "ceiling.json")) for seed in seeds]
 
 
