@@ -84,9 +84,19 @@ def test_mark_only_writes_everything(tmp_path):
     assert "mask" not in out[0]["titok"]["source"] and "mask" in out[1]["titok"]["source"]
 
 
-def test_reads_stdin_through_a_pipe(tmp_path):
+def test_mark_only_drops_the_mask_of_an_earlier_run(tmp_path):
+    every = write_jsonl(tmp_path / "every.jsonl", run(RECORDS, "-k", "1", "--keep", "1.0", tmp_path=tmp_path)[0])
+    result = CliRunner().invoke(main, ["-k", "0.5", "--keep", "1", "--mark-only", every])
+    out = read_jsonl(result.stdout_bytes)
+    assert [(r["id"], "mask" in r["titok"]["source"]) for r in out] == [
+        ("a", False), ("b", True), ("c", False), ("d", False), ("e", False)]
+
+
+@pytest.mark.parametrize("path", ["-", "/dev/stdin"])
+def test_reads_stdin_through_a_pipe(tmp_path, path):
+    # /dev/stdin (or a shell's <(...)) is a pipe too: read once, so it is spooled like '-'.
     data = b"".join(orjson.dumps(r) + b"\n" for r in RECORDS)
-    out, _, err = run_pipe(["titok-filter", "-k", "0.5", "--keep", "2", "-"], input=data)
+    out, _, err = run_pipe(["titok-filter", "-k", "0.5", "--keep", "2", path], input=data)
     assert [r["id"] for r in read_jsonl(out)] == ["b", "c"] and "kept 2 of 5" in err
 
 
@@ -113,6 +123,14 @@ def test_unscored_records_say_run_titok_score_first(tmp_path):
     result = CliRunner().invoke(main, ["-o", str(out), data])
     assert result.exit_code == 1 and "in.jsonl:3: titok.source: missing: run titok-score first" in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("excess, field", [([1.0, "x"], "titok.source.excess[1]"), ([True], "titok.source.excess[0]")])
+def test_excess_values_must_be_numbers(tmp_path, excess, field):
+    bad = dict(scored("x", [1.0]), titok={"source": {"excess": excess, "mean_excess": 1.0}})
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS[:1] + [bad])
+    result = CliRunner().invoke(main, [data])
+    assert result.exit_code == 1 and f"in.jsonl:2: {field}: must be a number or null" in result.output
 
 
 def test_rank_by_random_is_seeded(tmp_path):
@@ -142,6 +160,14 @@ def test_k_auto_sample_scope_by_hand(tmp_path, mass, k, held):
     assert kept_mass == pytest.approx(held)
     fixed, _ = run(RECORDS, "-k", str(k), "--keep", "1.0", tmp_path=tmp_path)
     assert masks(fixed) == masks(out)
+
+
+def test_k_auto_takes_a_smaller_k_that_holds_the_mass_exactly(tmp_path):
+    # positive excess 0.1 + 0.1 + 0.1 + 0.7 = 1.0; the best token of each, 0.1 + 0.7, is 80% of it
+    # in exact arithmetic (0.7999999999999999 in floats): k = 1/2 holds --mass 0.8, not only k = 1.
+    records = [scored("x", [0.1, 0.1]), scored("y", [0.1, 0.7])]
+    out, _ = run(records, "-k", "auto", "--mass", "0.8", "--keep", "1.0", tmp_path=tmp_path)
+    assert out[0]["titok"]["filter"]["k"] == 0.5 and masks(out) == {"x": [1, 0], "y": [0, 1]}
 
 
 def test_k_auto_counts_only_kept_samples_and_global_scope(tmp_path):

@@ -1,9 +1,12 @@
-"""records.text_output: the one atomic text writer (titok-show pages, metrics, reports)."""
+"""records: the atomic text writer (titok-show pages, metrics, reports) and the resumable record writer."""
 import os
+import stat
 
+import orjson
 import pytest
 
-from titok_tools.records import text_output
+from titok_tools import records
+from titok_tools.records import RecordError, is_done, record_writer, text_output
 
 
 def test_text_output_appears_only_on_success(tmp_path):
@@ -24,3 +27,76 @@ def test_text_output_dash_is_stdout(capsys):
     with text_output("-") as f:
         f.write("page")
     assert capsys.readouterr().out == "page"
+
+
+def test_text_output_gets_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        with text_output(str(tmp_path / "page.html")) as f:
+            f.write("<p>")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "page.html").st_mode) == 0o644  # not a temp file's 0600
+
+
+def _lines(*records):
+    return b"".join(orjson.dumps(r) + b"\n" for r in records)
+
+
+def test_resume_keeps_complete_lines_and_appends_after_them(tmp_path):
+    out = tmp_path / "out.jsonl"
+    (tmp_path / "out.jsonl.partial").write_bytes(_lines({"id": 0}, {"id": 1}) + b'{"id": 2, "compl')  # killed mid-line
+    with record_writer(str(out), resume=True) as writer:
+        todo = [r for r in ({"id": i} for i in range(4)) if not is_done(writer, r)]
+        for record in todo:
+            writer.write(record)
+    assert todo == [{"id": 2}, {"id": 3}] and out.read_bytes() == _lines(*({"id": i} for i in range(4)))
+
+
+def test_resume_from_a_finished_file_leaves_it_until_the_rename(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(_lines({"id": 0}))
+    with pytest.raises(RuntimeError):
+        with record_writer(str(out), resume=True) as writer:
+            writer.write({"id": 1})
+            raise RuntimeError("killed")
+    assert out.read_bytes() == _lines({"id": 0})
+    assert (tmp_path / "out.jsonl.partial").read_bytes() == _lines({"id": 0}, {"id": 1})
+
+
+def test_resume_does_not_rewrite_what_was_written(tmp_path, monkeypatch):
+    # The disk fills up as soon as the resumed run writes: what the interrupted run wrote stays.
+    class DiskFull:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __iter__(self):
+            return iter(self.f)
+
+    monkeypatch.setattr(records, "open", lambda *a, **k: DiskFull(open(*a, **k)), raising=False)
+    partial = tmp_path / "out.jsonl.partial"
+    partial.write_bytes(_lines({"id": 0}, {"id": 1}))
+    with pytest.raises(OSError, match="No space"):
+        with record_writer(str(tmp_path / "out.jsonl"), resume=True) as writer:
+            writer.write({"id": 2})
+    assert partial.read_bytes() == _lines({"id": 0}, {"id": 1})
+
+
+def test_resume_counts_records_that_share_an_id(tmp_path):
+    # inputs x, y, x; the interrupted run wrote the first x only: y and the second x are still to do
+    (tmp_path / "out.jsonl.partial").write_bytes(_lines({"id": "x", "n": 0}))
+    with record_writer(str(tmp_path / "out.jsonl"), resume=True) as writer:
+        todo = [r for r in ({"id": "x", "n": 0}, {"id": "y", "n": 1}, {"id": "x", "n": 2}) if not is_done(writer, r)]
+    assert [r["n"] for r in todo] == [1, 2]
+
+
+def test_resume_names_a_line_that_is_not_a_record(tmp_path):
+    (tmp_path / "out.jsonl.partial").write_bytes(_lines({"id": 0}) + b"[1, 2]\n")
+    with pytest.raises(RecordError, match=r"out.jsonl.partial:2: not a JSON record"):
+        record_writer(str(tmp_path / "out.jsonl"), resume=True).__enter__()

@@ -24,6 +24,9 @@ def source_scores(record, where):
     excess = source["excess"]
     if not isinstance(excess, list) or not excess:
         raise RecordError(where, "titok.source.excess", "must be a non-empty list of numbers")
+    for i, value in enumerate(excess):  # null: a token without a score (never selected)
+        if not (value is None or isinstance(value, (int, float)) and not isinstance(value, bool)):
+            raise RecordError(where, f"titok.source.excess[{i}]", f"must be a number or null, not {value!r}")
     if not isinstance(source.get("mean_excess"), (int, float)):
         raise RecordError(where, "titok.source.mean_excess", "must be a number")
     return source
@@ -112,6 +115,8 @@ def filter_records(read, k, keep, scope, mark_only=False, counts=None, rank_by="
             counts["kept"] = counts.get("kept", 0) + 1
             counts["tokens"] = counts.get("tokens", 0) + len(mask)
             counts["tokens_kept"] = counts.get("tokens_kept", 0) + sum(mask)
+        else:
+            source.pop("mask", None)  # a mask from an earlier titok-filter run no longer holds
         key = "kept" if is_kept else "dropped"
         counts[f"sum_{key}"] = counts.get(f"sum_{key}", 0.0) + source["mean_excess"]
         counts[f"n_{key}"] = counts.get(f"n_{key}", 0) + 1

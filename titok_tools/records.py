@@ -4,8 +4,11 @@ Every stage reads and writes records through this module, so errors always name
 file:line and field, and an interrupted run never leaves a half-written output.
 """
 import os
+import shutil
+import stat
 import sys
 import tempfile
+from collections import Counter
 from contextlib import contextmanager
 
 import click
@@ -131,25 +134,17 @@ def dumps(record):
     return orjson.dumps(record, option=DUMP_OPTIONS)
 
 
-def _complete_lines(path):
-    """Read the complete lines of a partial output (a killed run may leave half a line)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    return data[:end]
-
-
 class RecordWriter:
     """Write records to stdout or atomically to a file.
 
     A file is written as FILE.partial and renamed to FILE when the command succeeds, so FILE
     is never half-written. With resume=True, the records already in FILE.partial (or FILE)
-    are kept and their ids are in `done_ids`, so the command can skip them.
+    are kept and counted by id in `done_ids`, so the command can skip them (is_done).
     """
 
     def __init__(self, path, resume=False):
         self.path = path
-        self.done_ids = set()
+        self.done_ids = Counter()
         if path == "-":
             if resume:
                 raise click.UsageError("--resume needs -o FILE")
@@ -158,17 +153,27 @@ class RecordWriter:
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         self.partial = path + ".partial"
-        kept = b""
-        if resume:
-            for existing in (self.partial, path):
-                if os.path.exists(existing):
-                    kept = _complete_lines(existing)
-                    break
-            for line in kept.splitlines():
-                if line.strip():
-                    self.done_ids.add(_id_key(orjson.loads(line).get("id")))
-        self.f = open(self.partial, "wb")
-        self.f.write(kept)
+        if resume and not os.path.exists(self.partial) and os.path.exists(path):
+            shutil.copyfile(path, self.partial)  # FILE itself stays as it is until the rename
+        if not (resume and os.path.exists(self.partial)):
+            self.f = open(self.partial, "wb")
+            return
+        # Resume in place: count the complete lines' ids, cut a half-written last line (a killed
+        # run), append after them. Nothing already written is rewritten, and only ids are kept.
+        self.f = open(self.partial, "r+b")
+        complete = 0
+        for lineno, line in enumerate(self.f, 1):
+            if not line.endswith(b"\n"):
+                break
+            complete += len(line)
+            if line.strip():
+                try:
+                    self.done_ids[_id_key(orjson.loads(line).get("id"))] += 1
+                except (orjson.JSONDecodeError, AttributeError):
+                    self.f.close()
+                    raise RecordError(f"{self.partial}:{lineno}", None, "not a JSON record: cannot resume from it")
+        self.f.seek(complete)
+        self.f.truncate()
 
     def write(self, record):
         self.f.write(dumps(record))
@@ -190,7 +195,13 @@ def _id_key(value):
 
 
 def is_done(writer, record):
-    return _id_key(record.get("id")) in writer.done_ids
+    """Whether a resumed run already wrote this record: one output with its id per input with
+    it, in order, so inputs that share an id are each done once (not all by the first)."""
+    key = _id_key(record.get("id"))
+    if writer.done_ids[key] <= 0:
+        return False
+    writer.done_ids[key] -= 1
+    return True
 
 
 @contextmanager
@@ -207,18 +218,27 @@ def record_writer(path, resume=False):
 
 @contextmanager
 def spooled(path):
-    """A path that can be read twice: the file itself, or stdin spooled to a temp file."""
-    if path != "-":
+    """A path that can be read twice: a regular file itself, or stdin (or a pipe, /dev/stdin,
+    a shell's <(...)) spooled to a temp file first."""
+    if path != "-" and _is_regular_file(path):
         yield path
         return
-    with tempfile.NamedTemporaryFile(prefix="titok-", suffix=".jsonl") as tmp:
-        while True:
-            block = sys.stdin.buffer.read(1 << 20)
-            if not block:
-                break
-            tmp.write(block)
-        tmp.flush()
-        yield tmp.name
+    source = sys.stdin.buffer if path == "-" else _open_input(path)
+    try:
+        with tempfile.NamedTemporaryFile(prefix="titok-", suffix=".jsonl") as tmp:
+            shutil.copyfileobj(source, tmp, 1 << 20)
+            tmp.flush()
+            yield tmp.name
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+
+
+def _is_regular_file(path):
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False  # _open_input says why
 
 
 @contextmanager
@@ -239,4 +259,7 @@ def text_output(path):
     except BaseException:
         os.unlink(tmp.name)
         raise
+    umask = os.umask(0)  # temp files are created 0600: give the output the usual permissions
+    os.umask(umask)
+    os.chmod(tmp.name, 0o666 & ~umask)
     os.replace(tmp.name, path)

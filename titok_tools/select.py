@@ -155,15 +155,14 @@ def auto_k(score_lists, mass, scope):
     smallest = 1 / largest
     if total <= 0:
         return smallest, None
-    target = mass * total
+    target = mass * total * (1 - 1e-12)  # rounding: a sum equal to the target in exact arithmetic may fall a hair short
     if always >= target:
         return smallest, always / total
     thresholds = np.frombuffer(thresholds, dtype=np.float64)
     gains = np.frombuffer(gains, dtype=np.float64)
     order = np.argsort(thresholds, kind="stable")
     held = always + np.cumsum(gains[order])
-    # rounding: a sum that equals the target in exact arithmetic may fall a hair short
-    i = int(np.searchsorted(held, target * (1 - 1e-12)))
+    i = int(np.searchsorted(held, target))
     k = float(thresholds[order[min(i, len(order) - 1)]])
     # every token whose breakpoint is k itself is selected at k too
     share = (always + float(gains[thresholds <= k].sum())) / total
