@@ -112,6 +112,20 @@ def tiny_llama_lora(tiny_llama, tmp_path_factory):
     return make_lora(tiny_llama, tmp_path_factory.mktemp("tiny-llama-lora"))
 
 
+# A ChatML template that refuses a system message, as Gemma's and Mistral's own templates do
+# (raise_exception): a record with one must be reported, not crash a stage.
+NO_SYSTEM_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                      "supported') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture
+def no_system_template(tmp_path):
+    path = tmp_path / "no-system.jinja"
+    path.write_text(NO_SYSTEM_TEMPLATE)
+    return str(path)
+
+
 def run_pipe(*commands, input=None, env=None, check=True):
     """Run `cmd1 | cmd2 | ...` as real subprocesses; return (stdout bytes, list of returncodes, stderr text)."""
     import shlex

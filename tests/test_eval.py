@@ -107,6 +107,16 @@ def test_bad_records_are_named_or_skipped(tiny_llama, tmp_path):
     assert metrics["records"] == 1 and metrics["invalid"] == 1
 
 
+def test_a_template_that_refuses_a_prompt_names_it(tiny_llama, no_system_template, tmp_path):
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say b"}]
+    data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Say a", "completion": "a"}, {"prompt": system, "completion": "b"}])
+    args = ["--model", tiny_llama, "--max-new-tokens", "2", "--chat-template", no_system_template]
+    result = CliRunner().invoke(main, args + [data])
+    assert result.exit_code == 1 and "in.jsonl:2: prompt: the chat template refused this conversation" in result.output
+    result = CliRunner().invoke(main, args + ["--skip-invalid", data])
+    assert result.exit_code == 0 and len(read_jsonl(result.stdout_bytes)) == 1
+
+
 def test_adapter_for_another_base_is_a_clear_error(smollm2_dir, tiny_llama_lora, qa):
     records, data = qa
     result = CliRunner().invoke(main, ["--model", smollm2_dir, "--adapter", tiny_llama_lora, data])
@@ -168,3 +178,21 @@ def test_generation_hands_the_head_contiguous_states_and_same_tokens(tiny_llama,
             end = next((i for i, t in enumerate(row) if t in stops), len(row))
             reference.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
     assert ours == reference
+
+
+def test_generation_ignores_the_checkpoints_sampling_settings(tiny_llama, qa, tmp_path):
+    """Only the settings generate() is given count: a generation_config.json that asks for a
+    repetition penalty and a minimum length changes no answer (the vLLM backend ignores it too)."""
+    import shutil
+    records, _ = qa
+    prompts = [[{"role": "user", "content": r["prompt"]}] for r in records if "prompt" in r][:4]
+    tuned = shutil.copytree(tiny_llama, tmp_path / "tuned")
+    config = json.loads((tuned / "generation_config.json").read_text()) if (tuned / "generation_config.json").exists() else {}
+    (tuned / "generation_config.json").write_text(json.dumps(dict(config, repetition_penalty=5.0, min_new_tokens=4)))
+    answers = {}
+    for name, path in (("plain", tiny_llama), ("tuned", str(tuned))):
+        model = load_model(path, dtype="float32", device="cpu")
+        assert name == "plain" or model.generation_config.repetition_penalty == 5.0
+        answers[name] = generate(model, load_tokenizer(path), prompts, max_new_tokens=6, batch_size=2)
+        assert name == "plain" or model.generation_config.repetition_penalty == 5.0  # restored afterwards
+    assert answers["tuned"] == answers["plain"]

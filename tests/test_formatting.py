@@ -94,6 +94,24 @@ def test_template_that_rewrites_the_completion_is_an_error(smollm2_tokenizer):
         encode(tok, PROMPT, "paris")
 
 
+def test_template_that_refuses_a_conversation_is_a_format_error(smollm2_tokenizer):
+    import copy
+    import click
+    from conftest import NO_SYSTEM_TEMPLATE
+    from titok_tools.cli import command
+    from titok_tools.formatting import render_prompt
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.chat_template = NO_SYSTEM_TEMPLATE
+    system = [{"role": "system", "content": "Be brief."}] + PROMPT
+    assert encode(tok, PROMPT, "paris").offsets[-1] == [5, 5]  # without a system message it renders
+    for call in (lambda: encode(tok, system, "paris"), lambda: render_prompt(tok, system)):
+        with pytest.raises(FormatError, match="refused this conversation: System role not supported"):
+            call()
+    # where no stage catches it per record (titok-gen's own prompts), a command stops with one line
+    with pytest.raises(click.ClickException, match="refused this conversation"):
+        command(lambda: render_prompt(tok, system))()
+
+
 @pytest.mark.parametrize("which", ["smollm2_tokenizer", "gemma_tokenizer"])
 def test_one_rendering_finds_the_completion_where_two_do(request, which, monkeypatch):
     """The completion is located from the template's closing text (one rendering); the

@@ -172,6 +172,16 @@ def test_bad_records_give_one_line_errors(tiny_llama, tiny_llama_lora, tmp_path,
     assert "1 invalid records skipped" in skipped.stderr
 
 
+def test_a_template_that_refuses_a_record_names_it(tiny_llama, tiny_llama_lora, no_system_template, tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS[:2])  # b has a system message
+    args = ["--model", tiny_llama, "--adapter", tiny_llama_lora, "--chat-template", no_system_template]
+    result = CliRunner().invoke(main, args + [data])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "in.jsonl:2: completion: the chat template refused this conversation: System role not supported" in result.output
+    skipped = CliRunner().invoke(main, args + ["--skip-invalid", data])
+    assert skipped.exit_code == 0 and [r["id"] for r in read_jsonl(skipped.stdout_bytes)] == ["a"]
+
+
 def test_empty_input_gives_empty_output(tiny_llama, tiny_llama_lora, tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_bytes(b"\n")

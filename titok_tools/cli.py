@@ -13,6 +13,7 @@ import warnings
 
 import click
 
+from .formatting import FormatError
 from .select import SCOPES
 
 
@@ -142,12 +143,15 @@ def selection_options(default_k, auto=False):
 
 
 def command(f):
-    """Run a command body: logging on stderr, quiet exit when a downstream pipe closes."""
+    """Run a command body: logging on stderr, a one-line error for a chat template that refuses a
+    conversation, quiet exit when a downstream pipe closes."""
     @functools.wraps(f)
     def run(*args, **kwargs):
         setup_logging()
         try:
             return f(*args, **kwargs)
+        except FormatError as e:  # the records' own are reported per record; this is one the template raised
+            raise click.ClickException(str(e)) from None
         except BrokenPipeError:
             # The reader went away (| head): stop quietly, and keep Python from complaining
             # about the stdout flush at exit.

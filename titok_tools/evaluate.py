@@ -13,9 +13,10 @@ import click
 from tqdm import tqdm
 
 from . import cli
+from .formatting import FormatError, render_prompt
 from .generation import generate
 from .models import load_model, load_tokenizer
-from .records import checked, prompt_and_completion, read_records, record_writer, text_output
+from .records import RecordError, checked, prompt_and_completion, read_records, record_writer, text_output
 
 log = logging.getLogger("titok.eval")
 
@@ -83,7 +84,15 @@ def evaluate_records(pairs, model, tokenizer, *, chat_template=True, max_new_tok
             progress.update(len(window))
         window.clear()
 
-    for item in checked(pairs, lambda where, record: prompt_and_completion(record, where), skip_invalid, counts):
+    def check(where, record):
+        messages, completion = prompt_and_completion(record, where)
+        try:
+            render_prompt(tokenizer, messages, chat_template)  # a template may refuse it (raise_exception)
+        except FormatError as e:
+            raise RecordError(where, "prompt", str(e))
+        return messages, completion
+
+    for item in checked(pairs, check, skip_invalid, counts):
         window.append(item)
         if len(window) >= batch_size:
             yield from flush()

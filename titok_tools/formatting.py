@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from itertools import islice
 from operator import eq, itemgetter, le
 
+from jinja2 import TemplateError
+
 
 class FormatError(ValueError):
     pass
@@ -33,10 +35,20 @@ def uses_template(tokenizer, chat_template=True):
     return bool(chat_template and tokenizer.chat_template)
 
 
+def _apply_template(tokenizer, messages, add_generation_prompt=False):
+    """The chat template's text for `messages`. A template that refuses them (roles that must
+    alternate, no system role: its raise_exception) raises FormatError, which stages report
+    per record, not a traceback."""
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except TemplateError as e:
+        raise FormatError(f"the chat template refused this conversation: {e}") from None
+
+
 def render_prompt(tokenizer, messages, chat_template=True):
     """The text a model continues to write the assistant turn (generation and evaluation)."""
     if uses_template(tokenizer, chat_template):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return _apply_template(tokenizer, messages, add_generation_prompt=True)
     return _plain_prompt(messages)
 
 
@@ -92,8 +104,7 @@ def _closing_text(tokenizer):
         return cached[1]
     found = set()
     for probe in _PROBES:
-        full = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}],
-                                             tokenize=False)
+        full = _apply_template(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}])
         at = full.rfind(probe)
         found.add(full[at + len(probe):] if at >= 0 else None)
     closing = found.pop() if len(found) == 1 else None
@@ -107,7 +118,7 @@ def _render(tokenizer, messages, completion, chat_template):
     if not uses_template(tokenizer, chat_template):
         prompt = _plain_prompt(messages)
         return prompt + completion, len(prompt), (len(prompt), len(prompt) + len(completion)), True
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
+    full = _apply_template(tokenizer, messages + [{"role": "assistant", "content": completion}])
     stripped = completion.strip()  # templates that trim message content (Gemma's does)
     lead = len(completion) - len(completion.lstrip())
     # The assistant's content ends where the template's closing text begins: one rendering.
@@ -119,7 +130,7 @@ def _render(tokenizer, messages, completion, chat_template):
                 return full, end - len(text) - shift, (end - len(text), end), False
     # Otherwise render the prompt alone: the completion is the first occurrence after the point
     # where that rendering stops matching, so it cannot be confused with a copy inside the prompt.
-    prefix = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prefix = _apply_template(tokenizer, messages, add_generation_prompt=True)
     search_from = _common_prefix_length(full, prefix)
     start = full.find(completion, search_from)
     if start >= 0:

@@ -7,6 +7,7 @@ left-padded, and generation stops at EOS or the template's end-of-turn token (Ge
 import contextlib
 
 import torch
+from transformers import GenerationConfig
 
 from .formatting import prompt_ids, stop_token_ids
 
@@ -29,6 +30,23 @@ def contiguous_head_input(model):
         handle.remove()
 
 
+@contextlib.contextmanager
+def only_these_settings(model):
+    """Generate with the settings generate() is passed here and transformers' defaults, nothing else.
+
+    generate() fills every setting it is not given from the checkpoint's generation_config.json
+    (repetition_penalty, min_length, no_repeat_ngram_size...): "greedy" would then not be
+    greedy, and the vLLM backend, which does not read that file, would answer differently.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, *, chat_template=True, max_new_tokens=200, temperature=0.0, top_p=1.0,
              batch_size=8, seed=0, max_length=768):
@@ -49,7 +67,7 @@ def generate(model, tokenizer, prompts, *, chat_template=True, max_new_tokens=20
         width = max(len(ids) for ids in batch)
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-        with contiguous_head_input(model):
+        with contiguous_head_input(model), only_these_settings(model):
             out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                                  eos_token_id=stops, pad_token_id=pad, top_k=None, **sampling)
         for row in out[:, width:].tolist():
