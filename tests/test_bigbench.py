@@ -153,6 +153,9 @@ def test_unknown_and_programmatic_tasks(sdist, tmp_path):
     assert result.exit_code == 1 and "programmatic BIG-bench task (task.py)" in result.output
     result = run(["--tasks", "count_things", "--out", str(out), "--sdist", sdist, "--test-size", "50"])
     assert result.exit_code == 1 and "more than the 19 examples" in result.output
+    result = run(["--tasks", "count_things,deduce", "--out", str(out), "--sdist", sdist, "--test-size", "5"])
+    assert result.exit_code == 1 and "more than the 3 examples" in result.output
+    assert not out.exists()  # count_things could be split, but nothing is written when one task cannot
     assert run(["--tasks", " , ", "--sdist", sdist]).exit_code == 2
 
 

@@ -207,11 +207,12 @@ def convert(sdist, names, out, seed=0, test_fraction=0.2, test_size=None, train_
 
     Every name is checked before anything is written."""
     tasks = read_tasks(sdist, names)
-    sizes = {}
-    for name, entries in tasks.items():
+    splits = {}
+    for name, entries in tasks.items():  # every split first: a task that cannot be split stops the run before any write
         counts = {}
-        records = task_records(entries, seed, counts)
-        train, test = split(records, seed, test_fraction, test_size, train_size)
+        splits[name] = split(task_records(entries, seed, counts), seed, test_fraction, test_size, train_size), counts
+    sizes = {}
+    for name, ((train, test), counts) in splits.items():
         for part, rows in (("train", train), ("test", test)):
             with record_writer(os.path.join(out, name, f"{part}.jsonl")) as writer:
                 for record in rows:
