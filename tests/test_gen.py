@@ -228,6 +228,8 @@ def test_label_resume_skips_done(tiny_llama, tmp_path):
     resumed = read_jsonl(out)
     assert resumed[:2] == full[:2]                 # kept as written, not redone
     assert [r["id"] for r in resumed] == [0, 1, 2, 3] and all(r["completion"].strip() for r in resumed)
+    # the rest of the block (all 4 prompts at --batch-size 8) is answered with the block, as uninterrupted
+    assert resumed == full
 
 
 # --- bad input ---------------------------------------------------------------------------------------
@@ -272,8 +274,9 @@ def test_bad_options(args, message, tiny_llama, seed_file):
     ("---\nNo examples here {task_description}", "must use {examples}"),
     ("---\n{examples} {oops}", "must use {examples}"),
     ("keep: sometimes\n---\n{examples}", "keep must be"),
-    ("label: (unclosed\n---\n{examples}", "bad label or preamble regex"),
-    ("preamble: [\n---\n{examples}", "bad label or preamble regex"),
+    ("label: (unclosed\n---\n{examples}", "bad label, end or preamble regex"),
+    ("label:\n---\n{examples}", "label must not be empty"),
+    ("preamble: [\n---\n{examples}", "bad label, end or preamble regex"),
     ("min_words: many\n---\n{examples}", "min_words"),
 ])
 def test_bad_templates(text, message, tmp_path):
@@ -302,6 +305,31 @@ def test_bundled_templates_resolve_and_parse():
     assert mc.parse("Which is red?\nOptions:\n(A) apple")[0] is None
     assert mc.parse("Which is red? no options")[0] is None
     assert mc.dedup_key("Which is red?\nOptions:\n(A) apple\n(B) sky").strip() == "Which is red?"
+
+
+def test_the_query_ends_where_the_model_answers_it():
+    default = load_template("default")
+    # "Output:" ends a query, it never introduces one
+    assert default.parse("Is the sky blue during the day?\nOutput: Yes, because of Rayleigh scattering.") == (
+        "Is the sky blue during the day?", None)
+    assert default.parse("Input: Is water wet today?\nOutput: yes") == ("Is water wet today?", None)
+    assert default.parse("Input: Is water wet today?\nAnswer 1: yes", used_whole_budget=True) == ("Is water wet today?", None)
+    # unless the seed examples have such a line: then it is part of a query
+    fitted = default.for_seeds(["Which city is the capital of Peru?\nAnswer:"])
+    assert fitted.parse("Input: Which city is the capital of Chile?\nAnswer:") == (
+        "Which city is the capital of Chile?\nAnswer:", None)
+
+
+def test_a_query_has_as_many_paragraphs_as_the_seed_examples():
+    # BIG-bench joins a task prefix and the input with a blank line: word_sorting's seeds are two paragraphs
+    seeds = ["Sort the following words alphabetically:\n\nList: stick gelatine\nSorted:", "Sort these:\n\nList: b a\nSorted:"]
+    default = load_template("default")
+    reply = "Input: Sort the following words alphabetically:\n\nList: oak elm ash\nSorted:\n\nThat is my new input."
+    assert default.parse(reply) == ("Sort the following words alphabetically:", None)  # one paragraph: the list is lost
+    fitted = default.for_seeds(seeds)
+    assert fitted.paragraphs == 2 and default.for_seeds(["One paragraph only."]).paragraphs == 1
+    assert fitted.parse(reply) == ("Sort the following words alphabetically:\n\nList: oak elm ash\nSorted:", None)
+    assert fitted.parse("Sort the words:\n\nList: a b c", used_whole_budget=True)[0] is None  # ran to the budget's end
 
 
 def test_template_from_file_and_prompt_fields(tmp_path):

@@ -19,7 +19,9 @@ last round it finds, skipping the records already written: the result equals an 
 run's.
 """
 import contextlib
+import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -166,10 +168,12 @@ def rouge_f(lcs, target_len, prediction_len):
 # ---------------------------------------------------------------------------------------------
 # Query templates
 
-DEFAULT_LABEL = r"(?:new |another )?(?:input|question|query|output)(?: \d+)?"
+DEFAULT_LABEL = r"(?:new |another )?(?:input|question|query)(?: \d+)?"
+DEFAULT_END = r"(?:output|answer)(?: \d+)?"
 DEFAULT_PREAMBLE = r"(?:sure|here|of course|okay|ok|certainly|great)\b.*:"
-SETTINGS = {"example": "Input: {text}", "label": DEFAULT_LABEL, "preamble": DEFAULT_PREAMBLE, "keep": "paragraph",
-            "compare": "query", "min_words": "3", "allow_cut": "no"}
+SETTINGS = {"example": "Input: {text}", "label": DEFAULT_LABEL, "end": DEFAULT_END, "preamble": DEFAULT_PREAMBLE,
+            "keep": "paragraph", "compare": "query", "min_words": "3", "allow_cut": "no"}
+PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 FIELDS = ("task_description", "examples", "shots")
 OPTION_LINE = re.compile(r"^\s*(?:\([A-Za-z]\)|[A-Za-z][.)]|-|\*)\s*\S")
 OPTIONS_HEADER = re.compile(r"(?im)^[ \t*]*options[ \t*]*:[ \t*]*$")
@@ -183,11 +187,21 @@ class QueryTemplate:
     body: str
     example: str
     label: re.Pattern
+    end: re.Pattern      # None: nothing ends a query early
     preamble: re.Pattern
     keep: str
     compare: str
     min_words: int
     allow_cut: bool
+    paragraphs: int = 1  # keep: paragraph keeps this many (for_seeds sets it)
+
+    def for_seeds(self, texts):
+        """The template fitted to the seed examples: a query has as many paragraphs as the longest
+        of them (BIG-bench writes a task prefix and the input as two), and the end label is not
+        applied when the examples themselves have such a line (it is then part of a query)."""
+        paragraphs = max(len(PARAGRAPH_BREAK.split(t.strip())) for t in texts)
+        end = None if self.end is None or any(self.end.search(t) for t in texts) else self.end
+        return dataclasses.replace(self, paragraphs=paragraphs, end=end)
 
     def prompt(self, task_description, exemplars):
         examples = "\n\n".join(self.example.format(text=t, number=i + 1) for i, t in enumerate(exemplars))
@@ -203,16 +217,20 @@ class QueryTemplate:
         first, newline, rest = text.partition("\n")
         if newline and rest.strip() and self.preamble.fullmatch(first.strip()):
             text = rest.strip()  # "Here is a new input:" on a line of its own
+        ended = self.end.search(text) if self.end is not None else None
+        if ended:  # the model answered its own query ("Output: ..."): the query ends before that
+            text = text[:ended.start()].strip()
         if self.keep == "paragraph":
-            parts = re.split(r"\n[ \t]*\n", text, maxsplit=1)
-            query, runs_to_end = parts[0].strip(), len(parts) == 1
+            breaks = list(itertools.islice(PARAGRAPH_BREAK.finditer(text), self.paragraphs))
+            runs_to_end = len(breaks) < self.paragraphs
+            query = text.strip() if runs_to_end else text[:breaks[-1].start()].strip()
         elif self.keep == "options":
             query, runs_to_end = _question_with_options(text)
             if query is None:
                 return None, "no Options: block with two or more options"
         else:
             query, runs_to_end = text, True
-        if used_whole_budget and runs_to_end and not self.allow_cut:
+        if used_whole_budget and runs_to_end and not ended and not self.allow_cut:
             return None, "cut off by --max-new-tokens"
         if len(query.split()) < self.min_words:
             return None, f"fewer than {self.min_words} words"
@@ -293,13 +311,16 @@ def load_template(name):
     if settings["allow_cut"] not in ("yes", "no"):
         raise click.ClickException(f"{where}: allow_cut must be yes or no")
     try:
-        label = re.compile(rf"(?im)^[ \t*#>_-]*(?:{settings['label']})[ \t*_]*:[ \t*_]*")
+        label, end = (re.compile(rf"(?im)^[ \t*#>_-]*(?:{pattern})[ \t*_]*:[ \t*_]*") if pattern else None
+                      for pattern in (settings["label"], settings["end"]))
+        if label is None:
+            raise click.ClickException(f"{where}: label must not be empty (end may be, to end no query early)")
         preamble = re.compile(settings["preamble"], re.IGNORECASE)
         min_words = int(settings["min_words"])
     except (re.error, ValueError) as e:
-        raise click.ClickException(f"{where}: bad label or preamble regex, or min_words ({e})")
-    return QueryTemplate(path, body, settings["example"], label, preamble, settings["keep"], settings["compare"], min_words,
-                         settings["allow_cut"] == "yes")
+        raise click.ClickException(f"{where}: bad label, end or preamble regex, or min_words ({e})")
+    return QueryTemplate(path, body, settings["example"], label, end, preamble, settings["keep"], settings["compare"],
+                         min_words, settings["allow_cut"] == "yes")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,6 +478,7 @@ def generate_records(backend, tokenizer, template, seeds, settings, meta, existi
     counts = {} if counts is None else counts
     for key in ("format", "duplicate", "empty_label", "kept"):
         counts.setdefault(key, 0)
+    template = template.for_seeds(seeds.texts)
     pool = RougeDedup(settings.rouge_threshold) if settings.dedup else None
     if pool is not None:
         for text in seeds.texts:
@@ -542,39 +564,50 @@ def _query_of(record):
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
-def label_records(pairs, backend, settings, meta, counts=None, progress=None):
+def label_records(pairs, backend, settings, meta, counts=None, progress=None, done=None):
     """Answer each (where, record)'s prompt with the expert; yield the records with
-    "completion" and "titok_gen" set, in input order."""
+    "completion" and "titok_gen" set, in input order.
+
+    Prompts are answered in blocks of settings.batch_size consecutive records, one seed per
+    block. A label depends on its whole block (the block's padding changes bf16 numbers, and
+    sampling draws for the block at once), so records that `done(record)` says a resumed run
+    already wrote are still generated with their block, only not yielded again: a resumed run
+    gives the records an uninterrupted one would.
+    """
     counts = {} if counts is None else counts
     counts.setdefault("labelled", 0)
     counts.setdefault("empty_label", 0)
 
-    def flush(batch):
-        messages = [m for _, m in batch]
-        labels = backend.complete(messages, settings.label_max_new_tokens, settings.label_temperature, settings.top_p,
-                                  derive_seed(settings.seed, "labels", batch[0][0]["id"]))
-        for (record, messages_), label in zip(batch, labels):
+    def answer(block):
+        todo = [not (done and done(record)) for record, _ in block]
+        labels = [None] * len(block)
+        if any(todo):
+            labels = backend.complete([m for _, m in block], settings.label_max_new_tokens, settings.label_temperature,
+                                      settings.top_p, derive_seed(settings.seed, "labels", block[0][0]["id"]))
+        for (record, messages), label, needed in zip(block, labels, todo):
+            if not needed:
+                continue
             if not label.strip():
                 counts["empty_label"] += 1
                 continue
             if "messages" in record:
                 record.pop("messages")
-                record["prompt"] = messages_
+                record["prompt"] = messages
             record["completion"] = label
             record["titok_gen"] = dict(meta, shots=[], seed=settings.seed)
             counts["labelled"] += 1
             yield record
         if progress is not None:
-            progress.update(len(batch))
+            progress.update(len(block))
 
-    batch = []
+    block = []
     for where, record in pairs:
-        batch.append((record, prompt_messages(record, where)))
-        if len(batch) >= settings.batch_size:
-            yield from flush(batch)
-            batch = []
-    if batch:
-        yield from flush(batch)
+        block.append((record, prompt_messages(record, where)))
+        if len(block) >= settings.batch_size:
+            yield from answer(block)
+            block = []
+    if block:
+        yield from answer(block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,7 +639,8 @@ def _probability(ctx, param, value):
 @click.option("--label-temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy labels.")
 @click.option("--label-max-new-tokens", default=200, show_default=True, type=click.IntRange(min=1), help="Token budget of a label.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Prompts per generate call; a round of query synthesis is one batch.")
+              help="Prompts per generate call; a round of query synthesis is one batch, and --label answers blocks of this "
+                   "many consecutive prompts (with --shard, of the shard's prompts).")
 @click.option("--rouge-threshold", default=0.7, show_default=True, type=float, callback=_probability,
               help="Reject a query whose ROUGE-L F with a seed example or a kept query is at least this.")
 @click.option("--no-dedup", is_flag=True, help="Keep near-duplicate queries (the paper does for history tasks).")
@@ -679,10 +713,11 @@ def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_cha
     with record_writer(output, resume) as writer:
         if label_file is not None:
             with tqdm(desc="titok-gen label", unit="rec", mininterval=1) as progress:
-                pairs = ((w, r) for i, (w, r) in enumerate(read_records(label_file))
-                         if cli.in_shard(i, shard) and not is_done(writer, r))
-                for record in label_records(pairs, engine, settings, meta, counts, progress):
+                pairs = ((w, r) for i, (w, r) in enumerate(read_records(label_file)) if cli.in_shard(i, shard))
+                for record in label_records(pairs, engine, settings, meta, counts, progress,
+                                            done=lambda r: is_done(writer, r)):
                     writer.write(record)
+                    writer.flush()  # a killed job (a Slurm time limit) keeps every label it finished
             log.info("labelled %d prompts%s", counts["labelled"],
                      f", {counts['empty_label']} empty answers dropped" if counts["empty_label"] else "")
             return
