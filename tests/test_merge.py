@@ -99,3 +99,10 @@ def test_by_id_rejects_shards_that_do_not_match_the_input(tmp_path):
     assert result.exit_code == 1
     assert f"{shards[1]}:1: id 1 does not follow the input's order for shard 0/3" in result.output
     assert CliRunner().invoke(merge.main, []).exit_code == 2  # no shard files
+
+
+def test_records_without_ids_merge_as_they_are(tmp_path):
+    # A user's own stage may write records without "id": the merge must not number a shard's lines.
+    shards = [write_jsonl(tmp_path / f"s{i}.jsonl", [{"x": i}, {"x": i + 2}]) for i in range(2)]
+    result = CliRunner().invoke(merge.main, shards)
+    assert result.exit_code == 0 and read_jsonl(result.stdout_bytes) == [{"x": 0}, {"x": 1}, {"x": 2}, {"x": 3}]

@@ -37,7 +37,7 @@ def _count_error(paths, counts):
 
 def merge_round_robin(paths):
     """Yield the records of shard files 0..N-1 in input order (record j of shard I is input record j*N+I)."""
-    readers = [read_records(p) for p in paths]
+    readers = [read_records(p, default_id=False) for p in paths]
     counts = [0] * len(paths)
     while True:
         for i, reader in enumerate(readers):
@@ -61,7 +61,7 @@ def merge_by_id(paths, input_path, counts=None):
     """Yield the shards' records in the order of input_path's ids; records absent from their shard
     (dropped by the stage) are skipped and counted in counts["dropped"]."""
     counts = {} if counts is None else counts
-    readers = [read_records(p) for p in paths]
+    readers = [read_records(p, default_id=False) for p in paths]
     heads = [next(reader, None) for reader in readers]
     n = len(paths)
     # The stages index the records they read, with invalid JSON lines skipped under --skip-invalid.

@@ -33,12 +33,13 @@ def _open_input(path):
         raise click.ClickException(f"{path}: cannot read: {e.strerror}")
 
 
-def read_records(path, skip_invalid=False, counts=None, name=None):
+def read_records(path, skip_invalid=False, counts=None, name=None, default_id=True):
     """Yield (where, record) for every non-blank line of a JSONL file or '-' (stdin).
 
     `where` is "file:line" for error messages. A record without "id" gets its 0-based line
-    number. With skip_invalid, lines that are not JSON objects are skipped and counted in
-    counts["invalid"] instead of raising.
+    number (unless default_id is False: a merge must not number a shard's lines). With
+    skip_invalid, lines that are not JSON objects are skipped and counted in counts["invalid"]
+    instead of raising.
     """
     name = name or ("<stdin>" if path == "-" else path)
     f = _open_input(path)
@@ -57,7 +58,8 @@ def read_records(path, skip_invalid=False, counts=None, name=None):
                 if counts is not None:
                     counts["invalid"] = counts.get("invalid", 0) + 1
                 continue
-            record.setdefault("id", lineno)
+            if default_id:
+                record.setdefault("id", lineno)
             yield where, record
     finally:
         if f is not sys.stdin.buffer:

@@ -19,8 +19,13 @@ from .records import text_output
 def table(rows):
     lines = ["| model | records | exact match | ROUGE-1 | ROUGE-L |", "|---|---:|---:|---:|---:|"]
     for name, m in rows:
-        lines.append(f"| {name} | {m['records']} | {m['exact_match']:.1%} | {m['rouge1']:.3f} | {m['rougeL']:.3f} |")
+        cells = [_number(m["exact_match"], ".1%"), _number(m["rouge1"], ".3f"), _number(m["rougeL"], ".3f")]
+        lines.append(f"| {name} | {m['records']} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def _number(value, spec):
+    return "n/a" if value is None else format(value, spec)  # titok-eval writes null for 0 records
 
 
 @click.command()
