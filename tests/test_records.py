@@ -29,6 +29,16 @@ def test_text_output_dash_is_stdout(capsys):
     assert capsys.readouterr().out == "page"
 
 
+def test_text_output_to_stdout_is_utf8_whatever_the_locale(tmp_path):
+    # A page declares charset utf-8: written through a latin-1 stdout it must still be UTF-8.
+    import subprocess
+    import sys
+    code = "from titok_tools.records import text_output\nwith text_output('-') as f:\n    f.write('caf\\u00e9 \\U0001f44d')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, env=dict(os.environ, PYTHONIOENCODING="latin-1"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "café 👍".encode()
+
+
 def test_text_output_gets_the_usual_permissions(tmp_path):
     umask = os.umask(0o022)
     try:

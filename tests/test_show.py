@@ -164,6 +164,14 @@ def test_hostile_text_is_escaped(tmp_path, smollm2_tokenizer):
     parsed = Page(page)
     assert parsed.sections[2]["text"]["src"] == HOSTILE
     assert parsed.sections[2]["attrs"]["data-id"] == '"><img src=x onerror=alert(1)>'
+    # every field of a record is text from outside, the filter's too; and the page runs only its own script
+    records[1]["titok"]["filter"]["rank"] = "<script>alert('rank')</script>\x1b[2J"
+    path = write_jsonl(tmp_path / "rank.jsonl", records)
+    page = show(path)
+    assert "<script>alert" not in page and page.count("<script>") == 1 and "&lt;script&gt;alert(&#x27;rank" in page
+    assert "'unsafe-inline'; img-src" not in page and "script-src 'sha256-" in page
+    terminal = show(path, "--ansi")
+    assert "\x1b[2J" not in terminal and "<script>alert('rank')</script>\\x1b[2J" in ANSI.sub("", terminal)
 
 
 def test_limit_and_sort(tmp_path, records):

@@ -3,6 +3,7 @@
 Every stage reads and writes records through this module, so errors always name
 file:line and field, and an interrupted run never leaves a half-written output.
 """
+import io
 import os
 import shutil
 import stat
@@ -248,8 +249,18 @@ def text_output(path):
     """A text stream: stdout for '-', else a temp file beside PATH renamed to PATH only when the
     block succeeds (a failed run leaves no half-written file)."""
     if path == "-":
-        yield sys.stdout
+        buffer = getattr(sys.stdout, "buffer", None)
+        if buffer is None:  # a stdout replaced by a text-only stream
+            yield sys.stdout
+            return
         sys.stdout.flush()
+        # UTF-8 whatever the locale says: the page declares charset utf-8, and emoji must not fail
+        stream = io.TextIOWrapper(buffer, encoding="utf-8")
+        try:
+            yield stream
+            stream.flush()
+        finally:
+            stream.detach()  # leave sys.stdout open
         return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

@@ -12,6 +12,8 @@ two streams the records into the page. Sorting does not hold records either: the
 written in input order and placed by CSS `order`. Only --ansi with --sort buffers its output
 (a terminal cannot reorder), and only the --limit records shown.
 """
+import base64
+import hashlib
 import html
 import logging
 import math
@@ -92,7 +94,7 @@ class DatasetNumbers:
             self.means.append(source["mean_excess"])
             self.tokens += len(source["excess"])
             self.selected += sum(source.get("mask") or ())
-            settings = record["titok"].get("filter")
+            settings = filter_settings(record)
             if settings and self.filter is None:
                 self.filter = settings
             if target is not None:
@@ -188,6 +190,8 @@ document.addEventListener('mouseover', e => {
   for (const x of lit) x.classList.add('hl');
 });
 """
+# The page allows this one script, by its hash: record text (untrusted) cannot add another.
+SCRIPT_HASH = "sha256-" + base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
 
 
 def _fmt(value):
@@ -287,7 +291,7 @@ def header_html(numbers, title):
                      if len(coverage) else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; script-src '{SCRIPT_HASH}'; img-src data:">
 <style>{STYLE}</style></head><body>
 <h1>{esc(title)}</h1>
 <p class="meta" id="facts" data-records="{numbers.records}" data-tokens="{numbers.tokens}" data-selected="{numbers.selected}">
@@ -328,13 +332,20 @@ def tokens_html(completion, offsets, values, mask, scale, other_ranges, value_na
     return "".join(out)
 
 
+def filter_settings(record):
+    """titok.filter of a record, {} when absent or not an object. Its values are the record's
+    text like any other: escaped for the page, made printable for the terminal."""
+    settings = record["titok"].get("filter")
+    return settings if isinstance(settings, dict) else {}
+
+
 def record_html(record, where, place, scale):
     esc = html.escape
     messages, completion, source, target = checked_record(record, where)
-    settings = record["titok"].get("filter") or {}
+    settings = filter_settings(record)
     facts = [f"mean excess {source['mean_excess']:+.4f}"]
     if settings:
-        facts.append(f"rank {settings.get('rank')}" + ("" if settings.get("kept", True) else " (dropped)"))
+        facts.append(f"rank {esc(str(settings.get('rank')))}" + ("" if settings.get("kept", True) else " (dropped)"))
     if target is not None and isinstance(target.get("coverage"), (int, float)):
         facts.append(f"coverage {target['coverage']:.1%}")
     if source.get("truncated"):
@@ -411,10 +422,10 @@ def legend_ansi(numbers):
 
 def record_ansi(record, where, place, scale):
     _, completion, source, target = checked_record(record, where)
-    settings = record["titok"].get("filter") or {}
+    settings = filter_settings(record)
     head = f"━━ #{place + 1} id {printable(str(record['id']))} · mean excess {source['mean_excess']:+.4f}"
     if settings:
-        head += f" · rank {settings.get('rank')}" + ("" if settings.get("kept", True) else " (dropped)")
+        head += f" · rank {printable(str(settings.get('rank')))}" + ("" if settings.get("kept", True) else " (dropped)")
     lines = [head, f"source {printable(str(source.get('model') or ''))}:",
              tokens_ansi(completion, source["offsets"], source["excess"], source.get("mask"), scale)]
     if target is not None:
