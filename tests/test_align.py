@@ -316,6 +316,43 @@ def test_cli_from_mask_shard_and_k(gemma_scored, smollm2_dir, smollm2_tokenizer)
         assert target["mask"] == topk_mask(target["score"], 0.2)
 
 
+def test_records_titok_filter_did_not_keep_pass_through(gemma_scored, smollm2_dir, tmp_path):
+    # titok-filter --mark-only writes the dropped records too (kept: false, no mask): they pass
+    # through untouched and stay out of the selection, which a global threshold would feel.
+    import copy
+    path, records = gemma_scored
+    target = ["--target-model", smollm2_dir, "--scope", "global"]
+    kept_only = read_jsonl(run(target, path).stdout.encode())
+    dropped = []
+    for i in (0, 3):
+        record = copy.deepcopy(records[i])
+        record["id"] = f"dropped-{i}"
+        record["titok"]["filter"]["kept"] = False
+        del record["titok"]["source"]["mask"]
+        record["titok"]["source"]["excess"] = [10.0] * len(record["titok"]["source"]["excess"])  # would win every slot
+        record["titok"]["target"] = {"stale": True}
+        dropped.append(record)
+    marked = records[:2] + [dropped[0]] + records[2:5] + [dropped[1]] + records[5:]
+    marked_path = write_jsonl(tmp_path / "marked.jsonl", marked)
+    for use in ("excess", "mask"):
+        result = run(target + ["--from", use], marked_path)
+        assert result.exit_code == 0, result.output
+        out = read_jsonl(result.stdout.encode())
+        assert [r["id"] for r in out] == [r["id"] for r in marked]
+        passed = [r for r in out if str(r["id"]).startswith("dropped")]
+        assert [r["titok"] for r in passed] == [{k: v for k, v in d["titok"].items() if k != "target"} for d in dropped]
+        if use == "excess":
+            assert [r for r in out if r not in passed] == kept_only
+    assert "2 records titok-filter did not keep passed through" in result.stderr
+
+
+def test_shards_select_alone_only_per_sample(gemma_scored, smollm2_dir):
+    path, _ = gemma_scored
+    for scope in ("batch", "global"):
+        result = CliRunner().invoke(main, ["--target-model", smollm2_dir, "--scope", scope, "--shard", "0/2", path])
+        assert result.exit_code == 2 and "--shard selects per shard: use --scope sample" in result.output
+
+
 def test_cli_plain_format_and_max_length(gemma_scored, smollm2_dir, smollm2_tokenizer):
     path, records = gemma_scored
     result = run(["--target-model", smollm2_dir, "--no-chat-template", "--max-length", "5", "-k", "1"], path)
@@ -367,6 +404,9 @@ def test_bad_input(smollm2_dir, smollm2_tokenizer, tmp_path):
     del no_mask["titok"]["filter"]
     result = run(["--target-model", smollm2_dir], write_jsonl(tmp_path / "d.jsonl", [no_mask]))
     assert result.exit_code == 1 and "d.jsonl:1: titok.filter.k: missing: pass -k" in result.output
+    no_mask["titok"]["filter"] = None
+    result = run(["--target-model", smollm2_dir], write_jsonl(tmp_path / "d.jsonl", [no_mask]))
+    assert result.exit_code == 1 and "d.jsonl:1: titok.filter.k: missing: pass -k" in result.output
 
     nan = scored(smollm2_tokenizer, "Fine.", id="nan")
     nan["titok"]["source"]["excess"][0] = None
@@ -396,11 +436,14 @@ def test_help_lists_every_flag():
 
 
 def test_pipe(smollm2_tokenizer, gemma_gguf, tmp_path):
-    """A real pipe into the installed console script, Gemma GGUF target (tokenizer only)."""
+    """A real pipe into the installed console script, Gemma GGUF target (tokenizer only); the
+    reader stops after 3 records of about 3 MB, far past a pipe's buffer: a closed pipe ends the
+    command quietly."""
     records = [scored(smollm2_tokenizer, text, i, seed=i) for i, text in enumerate(TEXTS.values())]
+    records = [dict(r, id=i) for i, r in enumerate(records * 34)]
     path = write_jsonl(tmp_path / "in.jsonl", records)
-    out, codes, err = run_pipe(["cat", path], ["titok-align", "--target-model", gemma_gguf, "--chat-template", GEMMA_TEMPLATE],
-                               ["head", "-n", "3"])
+    out, codes, err = run_pipe(["titok-align", "--target-model", gemma_gguf, "--chat-template", GEMMA_TEMPLATE, path],
+                               ["head", "-n", "3"])  # pipefail: titok-align's own exit status counts
     got = read_jsonl(out)
     assert [r["id"] for r in got] == [0, 1, 2] and all(r["titok"]["target"]["mask"] for r in got)
     assert "Traceback" not in err

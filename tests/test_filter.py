@@ -125,12 +125,14 @@ def test_unscored_records_say_run_titok_score_first(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("excess, field", [([1.0, "x"], "titok.source.excess[1]"), ([True], "titok.source.excess[0]")])
-def test_excess_values_must_be_numbers(tmp_path, excess, field):
+@pytest.mark.parametrize("excess, field, shown", [([1.0, "x"], "titok.source.excess[1]", '"x"'),
+                                                  ([True], "titok.source.excess[0]", "true"),
+                                                  ([0.5, None], "titok.source.excess[1]", "null")])
+def test_excess_values_must_be_numbers(tmp_path, excess, field, shown):
     bad = dict(scored("x", [1.0]), titok={"source": {"excess": excess, "mean_excess": 1.0}})
     data = write_jsonl(tmp_path / "in.jsonl", RECORDS[:1] + [bad])
     result = CliRunner().invoke(main, [data])
-    assert result.exit_code == 1 and f"in.jsonl:2: {field}: must be a number or null" in result.output
+    assert result.exit_code == 1 and f"in.jsonl:2: {field}: must be a number, not {shown}" in result.output
 
 
 def test_rank_by_random_is_seeded(tmp_path):

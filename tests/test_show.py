@@ -55,7 +55,10 @@ def records(smollm2_tokenizer):
 @pytest.fixture(scope="module")
 def aligned(records, gemma_tokenizer):
     import copy
-    pairs = ((f"in:{i}", copy.deepcopy(r)) for i, r in enumerate(records))
+    records = copy.deepcopy(records)
+    for record in records:  # titok-align leaves records titok-filter did not keep without a target
+        record["titok"]["filter"]["kept"] = True
+    pairs = ((f"in:{i}", r) for i, r in enumerate(records))
     return list(align_records(pairs, gemma_tokenizer, model="gemma", k=0.5))
 
 

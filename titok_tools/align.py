@@ -318,8 +318,21 @@ def finish_record(where, record, fields, enc, scores, fingerprint, text_normaliz
     counts["truncated"] = counts.get("truncated", 0) + int(enc.truncated)
 
 
+def filter_settings(record):
+    """titok.filter of a record, {} when there is none (or it is not an object)."""
+    titok_ = record.get("titok")
+    settings = titok_.get("filter") if isinstance(titok_, dict) else None
+    return settings if isinstance(settings, dict) else {}
+
+
+def not_kept(record):
+    """A record titok-filter --mark-only dropped: it passes through, with no target and outside
+    the selection (with --scope batch or global it would change the kept records' masks)."""
+    return filter_settings(record).get("kept") is False
+
+
 def recorded_k(record, where):
-    k = record.get("titok", {}).get("filter", {}).get("k") if isinstance(record.get("titok"), dict) else None
+    k = filter_settings(record).get("k")
     if not isinstance(k, (int, float)) or not 0 < k <= 1:
         raise RecordError(where, "titok.filter.k", "missing: pass -k, or run titok-filter first")
     return k
@@ -330,6 +343,8 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
     """Align (where, record) pairs onto `tokenizer` (a loaded tokenizer); yield the records, in
     input order, with titok.target = {model, tokenizer, token_ids, offsets, score, coverage,
     truncated, mask}. k=None takes the k recorded by titok-filter (one k for the whole run).
+    Records titok-filter --mark-only did not keep pass through without titok.target, outside the
+    selection.
     """
     counts = {} if counts is None else counts
     fingerprint = tokenizer_fingerprint(tokenizer)
@@ -344,13 +359,25 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
             elif this_k != run_k["k"]:
                 raise RecordError(where, "titok.filter.k", f"{this_k} differs from the k of earlier records "
                                                            f"({run_k['k']}); pass -k")
-        return source_fields(record, where, use)
+        return None if not_kept(record) else source_fields(record, where, use)
 
     def aligned():
         # CHUNK records at a time: one tokenizer call, one set of array operations.
         for chunk in batched(checked(pairs, check, skip_invalid, counts), CHUNK):
-            yield from aligned_chunk(chunk, encode_many(tokenizer, [f[:2] for _, _, f in chunk], chat_template,
-                                                        max_length))
+            to_align = [item for item in chunk if item[2] is not None]
+            done = iter(aligned_chunk(to_align, encode_many(tokenizer, [f[:2] for _, _, f in to_align], chat_template,
+                                                             max_length)) if to_align else ())
+            head = next(done, None)
+            for _, record, fields in chunk:  # in input order; --skip-invalid may have dropped some
+                if fields is None:
+                    titok(record).pop("target", None)  # from an earlier run: it no longer holds
+                    counts["not_kept"] = counts.get("not_kept", 0) + 1
+                    if progress is not None:
+                        progress.update(1)
+                    yield record
+                elif record is head:
+                    yield record
+                    head = next(done, None)
 
     def aligned_chunk(chunk, encodings):
         items = [(where, record, fields, enc) for (where, record, fields), enc in zip(chunk, encodings)]
@@ -382,7 +409,7 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
                                                          counts)]
 
     def scores_of(record):
-        return record["titok"]["target"]["score"]
+        return [] if not_kept(record) else record["titok"]["target"]["score"]
 
     stream = aligned()
     first = next(stream, None)
@@ -399,7 +426,8 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
                 spool.seek(0)
                 return (orjson.loads(line) for line in spool)
         for record, mask in select_stream(stream, scores_of, run_k["k"], scope, rereader):
-            record["titok"]["target"]["mask"] = mask
+            if not not_kept(record):
+                record["titok"]["target"]["mask"] = mask
             yield record
 
 
@@ -414,6 +442,8 @@ def summary(counts):
     line = f"aligned {n} records, {tokens} target tokens"
     if tokens:
         line += f", coverage {counts['scored'] / tokens:.2%} (lowest record {counts['min_coverage']:.2%})"
+    if counts.get("not_kept"):
+        line += f", {counts['not_kept']} records titok-filter did not keep passed through"
     if counts.get("same_tokens"):
         line += f", {counts['same_tokens']} records with the source's own tokens (scores taken over)"
     if counts.get("normalized_records"):
@@ -443,12 +473,16 @@ def main(input, target_model, chat_template, no_chat_template, max_length, use, 
     scores the mean of the source values whose character spans overlap it (null where none
     does; never selected). Adds record["titok"]["target"] = {model, tokenizer, token_ids,
     offsets, score, coverage, truncated, mask}. Default -k: the k titok-filter recorded.
+    Records titok-filter --mark-only did not keep pass through without a target, outside
+    the selection. --shard goes with --scope sample (batch and global select over all records).
 
     \b
     Example:
       titok-score ... | titok-filter -k 0.7 \\
         | titok-align --target-model gemma-3-270m.gguf --chat-template gemma3-chat.jinja > aligned.jsonl
     """
+    if shard is not None and scope != "sample":
+        raise click.UsageError(f"--shard selects per shard: use --scope sample, or align --scope {scope} in one run")
     tokenizer = load_tokenizer(target_model, chat_template)
     cli.streaming_gc()  # the tokenizer's ~300k objects and each record's lists: see there
     counts = {}

@@ -8,6 +8,7 @@ import logging
 import random
 
 import click
+import orjson
 
 from . import cli
 from .records import RecordError, read_records, record_writer, spooled, titok
@@ -24,9 +25,9 @@ def source_scores(record, where):
     excess = source["excess"]
     if not isinstance(excess, list) or not excess:
         raise RecordError(where, "titok.source.excess", "must be a non-empty list of numbers")
-    for i, value in enumerate(excess):  # null: a token without a score (never selected)
-        if not (value is None or isinstance(value, (int, float)) and not isinstance(value, bool)):
-            raise RecordError(where, f"titok.source.excess[{i}]", f"must be a number or null, not {value!r}")
+    for i, value in enumerate(excess):  # as titok-score writes them; align and show read the same
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise RecordError(where, f"titok.source.excess[{i}]", f"must be a number, not {orjson.dumps(value).decode()}")
     if not isinstance(source.get("mean_excess"), (int, float)):
         raise RecordError(where, "titok.source.mean_excess", "must be a number")
     return source
