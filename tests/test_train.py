@@ -79,6 +79,58 @@ def test_masked_loss_is_hand_computed_sum_m_ce_over_sum_m(tiny):
     assert loss == pytest.approx(total / weight, rel=1e-5)
 
 
+def test_fractional_mask_weights_each_token_by_m(tiny, monkeypatch):
+    """Masks from titok-align may be fractional (0 < m < 1): each token's CE is weighted by m, in
+    the loss and so in the gradient of a training step, not rounded to 0/1."""
+    model_dir, tokenizer = tiny
+    records = masked_records(tokenizer, repeat_records(["apple", "forest", "velvet wallet", "one two three four"]))
+    g = torch.Generator().manual_seed(1)
+    for r in records:
+        source = r["titok"]["source"]
+        source["mask"] = [round(0.05 + 0.9 * torch.rand(1, generator=g).item(), 3) for _ in source["mask"]]
+        source["mask"][0] = 0.0                                  # a 0 entry is still not trained
+    examples = examples_of(records, tokenizer)
+    assert [e.weights for e in examples] == [[m for m in r["titok"]["source"]["mask"] if m > 0] for r in records]
+
+    # Reference, computed independently: each record through the model's own full forward.
+    model = load_model(model_dir, dtype="float32", device="cpu")
+    ce, m = [], []
+    for r in records:
+        enc = encode(tokenizer, [{"role": "user", "content": r["prompt"]}], r["completion"])
+        with torch.no_grad():
+            logp = model(torch.tensor([enc.input_ids])).logits[0].double().log_softmax(-1)
+        ce += [-logp[p - 1, enc.input_ids[p]].item() for p in enc.positions]
+        m += r["titok"]["source"]["mask"]
+    ce, m = torch.tensor(ce, dtype=torch.float64), torch.tensor(m, dtype=torch.float64)
+    reference = ((m * ce).sum() / m.sum()).item()
+    rounded = m.round()
+    assert abs(((rounded * ce).sum() / rounded.sum()).item() - reference) > 1e-3     # rounding would show
+    assert abs(ce.mean().item() - reference) > 1e-3                                    # so would ignoring m
+
+    assert masked_loss(model, examples, tokenizer.pad_token_id).item() == pytest.approx(reference, rel=1e-5)
+    # A training step (fresh LoRA: the base model; split over 2 micro-batches) reports that loss,
+    # and its gradient is autograd's gradient of the reference weighted mean.
+    lora = fresh_lora(model_dir)
+    params = [p for p in lora.parameters() if p.requires_grad]
+    weighted = 0
+    for e in examples:
+        logp = lora(torch.tensor([e.input_ids])).logits[0].log_softmax(-1)
+        weighted = weighted - sum(w * logp[p - 1, e.input_ids[p]] for p, w in zip(e.positions, e.weights))
+    expected = torch.autograd.grad(weighted / m.sum().item(), params)
+    grads, real_clip = [], torch.nn.utils.clip_grad_norm_
+
+    def keep_grads(params, *args, **kwargs):
+        grads.append([p.grad.clone() for p in params])
+        return real_clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", keep_grads)
+    history = train(lora, examples, tokenizer.pad_token_id, epochs=1, batch_size=2, grad_accum=2, progress=False)
+    assert history["loss"] == [pytest.approx(reference, rel=1e-5)]
+    assert any(g.abs().max() > 0 for g in expected)
+    for got, want in zip(grads[0], expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-8)
+
+
 def test_all_ones_mask_equals_completion_only_sft_loss(tiny):
     model_dir, tokenizer = tiny
     records = repeat_records(["apple", "forest", "velvet wallet", "a much longer completion with more words"])
@@ -216,6 +268,115 @@ def test_resume_after_an_interruption_reaches_the_same_weights(tiny, tmp_path, m
     monkeypatch.setattr(train_module, "train", real_train)
     other = runner.invoke(main, _cli_args(model_dir, tmp_path / "other", data, *args, "--resume", "--seed", "9"))
     assert other.exit_code == 1 and "other arguments" in other.output
+
+
+class _RankZeroOfTwo(train_module.Processes):
+    """Rank 0 of a 2-process run, alone (its sums skip the other rank): enough to lay out that
+    run's steps and write its checkpoint."""
+
+    def __init__(self, device="auto"):
+        self.world, self.rank, self.device = 2, 0, torch.device("cpu")
+
+    def sum_(self, tensor):
+        return tensor
+
+    def barrier(self):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("made_by, resumed_by", [(2, 1), (1, 2)])
+def test_resume_with_another_number_of_processes_is_refused(tiny, tmp_path, monkeypatch, made_by, resumed_by):
+    model_dir, tokenizer = tiny
+    data = write_jsonl(tmp_path / "data.jsonl", masked_records(tokenizer, repeat_records(WORDS[:8])))
+    args = _cli_args(model_dir, tmp_path / "out", data, "--batch-size", "2", "--save-every", "1")
+    processes = {1: train_module.Processes, 2: _RankZeroOfTwo}
+    real_train = train_module.train
+
+    def crash_at_step_2(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "Processes", processes[made_by])
+    monkeypatch.setattr(train_module, "train", lambda *a, **kw: real_train(*a, **dict(kw, on_step=crash_at_step_2)))
+    assert CliRunner().invoke(main, args).exit_code != 0
+    state = json.load(open(tmp_path / "out.checkpoint" / "state.json"))
+    assert state["step"] == 2 and state["processes"] == made_by
+
+    monkeypatch.setattr(train_module, "Processes", processes[resumed_by])
+    monkeypatch.setattr(train_module, "train", real_train)
+    resumed = CliRunner().invoke(main, args + ["--resume"])
+    assert resumed.exit_code == 1, resumed.output
+    steps = {1: 8 // 2, 2: 8 // 4}     # 8 records, 2 per micro-batch and process
+    error = resumed.output.strip().splitlines()[-1]     # one line, after the log's
+    assert error.startswith("Error: ") and (f"made by a run with processes {made_by} (now {resumed_by}), "
+                                            f"steps_per_epoch {steps[made_by]} (now {steps[resumed_by]})") in error
+    assert not os.path.exists(tmp_path / "out") and os.path.exists(tmp_path / "out.checkpoint")
+
+
+def _fp16_lora(model_dir):
+    model = load_model(model_dir, dtype="float16", device="cpu")
+    return add_lora(model, model_dir, r=4, alpha=8, dropout=0.0, target_modules="q_proj,v_proj", seed=0)
+
+
+def test_float16_gradients_are_loss_scaled(tiny, monkeypatch):
+    """A step's loss is a mean over its many tokens, so each token's gradient is small: in float16
+    without loss scaling it underflows. The gradient that is clipped and applied must be close to
+    float32's (here: 0.07% off with scaling, 4% without)."""
+    model_dir, tokenizer = tiny
+    records = [{"prompt": "Say: " + " ".join(WORDS[i:i + 5]), "completion": " ".join((WORDS * 3)[i:i + 150])}
+               for i in range(0, 80, 16)]
+    examples = examples_of(records, tokenizer, all_tokens=True)
+    assert sum(len(e.positions) for e in examples) > 800
+    grads, real_clip = [], torch.nn.utils.clip_grad_norm_
+
+    def keep_grads(params, *args, **kwargs):
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+        return real_clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", keep_grads)
+    train(fresh_lora(model_dir), examples, tokenizer.pad_token_id, epochs=1, batch_size=len(examples), progress=False)
+    train(_fp16_lora(model_dir), examples, tokenizer.pad_token_id, epochs=1, batch_size=len(examples),
+          autocast_dtype=torch.float16, progress=False)
+    float32, float16 = grads
+    assert ((float16 - float32).norm() / float32.norm()).item() < 0.01
+
+
+def test_float16_resume_restores_the_loss_scale(tiny, tmp_path, monkeypatch):
+    """The loss scale is part of the state: a resumed float16 run takes the same steps, the ones
+    the scaler skipped on overflow included."""
+    model_dir, tokenizer = tiny
+    examples = examples_of(masked_records(tokenizer, repeat_records(WORDS[:12])), tokenizer)
+    # A scale that grows after every good step (the default waits 2000 steps), so within this
+    # short run it moves, overflows (that step is skipped) and backs off: here it goes
+    # 2^17, 2^16, 2^17, 2^16, 2^17, 2^18 | 2^17 ... over the steps.
+    monkeypatch.setattr(train_module, "loss_scaler", lambda device, dtype: torch.amp.GradScaler(device.type, growth_interval=1))
+    common = dict(epochs=2, batch_size=2, lr=1e-2, seed=3, autocast_dtype=torch.float16, progress=False)
+    checkpoint = str(tmp_path / "checkpoint")
+
+    def weights_of(model):
+        return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+    straight = _fp16_lora(model_dir)
+    history = train(straight, examples, tokenizer.pad_token_id, **common)
+
+    def crash_at_step_7(step, loss):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_fp16_lora(model_dir), examples, tokenizer.pad_token_id, checkpoint=checkpoint, save_every=3,
+              run_key="k", on_step=crash_at_step_7, **common)
+    saved_scale = torch.load(os.path.join(checkpoint, "scaler.pt"), weights_only=True)["scale"]
+    assert saved_scale != 2.0 ** 16                     # not the initial scale: a restart would differ
+    resumed = _fp16_lora(model_dir)
+    history_resumed = train(resumed, examples, tokenizer.pad_token_id, checkpoint=checkpoint, save_every=3,
+                            run_key="k", resume=True, **common)
+    assert history_resumed["loss"] == history["loss"]
+    a, b = weights_of(straight), weights_of(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_output_json_and_existing_output_dir(tiny, tmp_path):

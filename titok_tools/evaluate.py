@@ -143,7 +143,7 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
       titok-eval --model google/gemma-3-270m --adapter adapters/target --metrics m.json test.jsonl > predictions.jsonl
     """
     tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
-    lm = load_model(model, adapter, dtype, device, trust_remote_code)
+    lm = load_model(model, adapter, dtype, device, trust_remote_code, check_logits=False)  # generates only
     counts, metrics = {}, Metrics()
     with record_writer(output) as writer, tqdm(desc="titok-eval", unit="rec", mininterval=1) as progress:
         pairs = _selected(read_records(input, skip_invalid, counts), limit, shard)

@@ -373,7 +373,7 @@ class HfBackend:
     def __init__(self, model, adapter, dtype, device, trust_remote_code, tokenizer, chat_template, batch_size, max_length):
         from .models import load_model
 
-        self.lm = load_model(model, adapter, dtype, device, trust_remote_code)
+        self.lm = load_model(model, adapter, dtype, device, trust_remote_code, check_logits=False)  # generates only
         self.tokenizer, self.chat_template, self.batch_size, self.max_length = tokenizer, chat_template, batch_size, max_length
 
     def without_adapter(self):

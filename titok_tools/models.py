@@ -135,11 +135,14 @@ def resolve_dtype(dtype, device):
     return torch.bfloat16 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
-def load_model(model, adapter=None, dtype="auto", device="auto", trust_remote_code=False, trainable=False):
+def load_model(model, adapter=None, dtype="auto", device="auto", trust_remote_code=False, trainable=False,
+               check_logits=True):
     """Load a causal LM (id, dir or .gguf) and optionally a PEFT LoRA adapter on top.
 
     Returns the model in eval mode; with an adapter it is a PeftModel, whose
     `disable_adapter()` context gives the base model without a second copy in memory.
+    check_logits: refuse a model whose logits project_logits does not reproduce (scoring and
+    training use it; a command that only generates does not need the check).
     """
     from transformers import AutoModelForCausalLM
 
@@ -151,10 +154,34 @@ def load_model(model, adapter=None, dtype="auto", device="auto", trust_remote_co
     except (OSError, ValueError) as e:
         raise click.ClickException(f"--model {model}: cannot load: {str(e).splitlines()[0]}")
     base.to(device)
+    if check_logits:
+        check_project_logits(base, model)
     if adapter is not None:
         base = load_adapter(base, adapter, model, trainable=trainable)
     base.train(trainable)
     return base
+
+
+def base_model_name(model):
+    """What an adapter records as its base (base_model_name_or_path), so that PEFT can load it from
+    anywhere: a local dir as an absolute path, a .gguf as the converted dir it was loaded from
+    (PEFT cannot load a GGUF file), a Hugging Face id as it is."""
+    if model.endswith(".gguf"):
+        return os.path.abspath(resolve(model))
+    if os.path.isdir(model):
+        return os.path.abspath(model)
+    return model
+
+
+def names_same_base(made_for, model_name, loaded_from):
+    """Whether an adapter's base_model_name_or_path names this --model (loaded from
+    `loaded_from`, the converted dir of a .gguf): the same id, the same local dir however
+    written, or, as a loose fallback for a copy elsewhere, the same last path component."""
+    names = {model_name, loaded_from}
+    local = {os.path.realpath(n) for n in names if os.path.exists(n)}
+    tails = {os.path.basename(os.path.normpath(n)) for n in names}
+    return (made_for in names or (os.path.exists(made_for) and os.path.realpath(made_for) in local)
+            or os.path.basename(os.path.normpath(made_for)) in tails)
 
 
 def load_adapter(base, adapter, model_name, trainable=False):
@@ -165,8 +192,7 @@ def load_adapter(base, adapter, model_name, trainable=False):
         raise click.ClickException(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter dir)")
     with open(config_path) as f:
         made_for = json.load(f).get("base_model_name_or_path")
-    known_as = {model_name, base.name_or_path, os.path.basename(os.path.normpath(model_name))}
-    if made_for and made_for not in known_as and os.path.basename(os.path.normpath(made_for)) not in known_as:
+    if made_for and not names_same_base(made_for, model_name, base.name_or_path):
         log.warning("--adapter %s was made for base %r, not --model %s: make sure it is the same model",
                     adapter, made_for, model_name)
     try:
@@ -244,19 +270,62 @@ def predicting_hidden(body, ids, rows, cols):
     return body(input_ids=ids, use_cache=False).last_hidden_state[rows, cols - 1]
 
 
+# Families whose forward() multiplies the head's output by config.logits_scaling (MuP);
+# Granite and its kin divide by it.
+MULTIPLY_LOGITS_SCALING = {"hyperclovax"}
+
+
 def project_logits(model, head, hidden):
     """Logits for some hidden states, with the model's own final transforms (Gemma's soft-capping,
-    Cohere's/Granite's logit scaling), exactly as its forward() would compute them."""
+    Cohere's, Granite's, HyperCLOVAX's and Falcon-H1's logit scaling), exactly as its forward()
+    would compute them. `check_project_logits` verifies this at load for the model at hand."""
     logits = head(hidden)
     config = model.config
-    cap = getattr(config, "final_logit_softcapping", None)
+    if getattr(config, "lm_head_multiplier", None) is not None:    # Falcon-H1
+        logits = logits * config.lm_head_multiplier
+    if getattr(config, "logit_scale", None):                        # Cohere
+        logits = logits * config.logit_scale
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling:
+        logits = logits * scaling if config.model_type in MULTIPLY_LOGITS_SCALING else logits / scaling
+    cap = getattr(config, "final_logit_softcapping", None)          # Gemma
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    if getattr(config, "logit_scale", None):
-        logits = logits * config.logit_scale
-    if getattr(config, "logits_scaling", None):
-        logits = logits / config.logits_scaling
     return logits
+
+
+# Relative tolerance of the load-time check, per weights dtype: a few rounding steps of the
+# dtype (the head runs on other rows, so its sums may round differently), far below any
+# missing or wrong logit scale.
+_LOGITS_RTOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+@torch.no_grad()
+def check_project_logits(model, name, n_tokens=8):
+    """Refuse a model whose forward() turns hidden states into logits in a way project_logits
+    does not reproduce (an unknown family with its own logit scaling would be scored and trained
+    on wrong log-probs, silently): both on a few probe tokens, in eval mode."""
+    try:
+        body, head = decoder_and_head(model)
+    except AttributeError as e:
+        raise click.ClickException(f"--model {name}: cannot find its decoder and output head ({e})")
+    device = next(model.parameters()).device
+    ids = (torch.arange(1, n_tokens + 1, device=device) * (head.weight.shape[0] // (n_tokens + 1)))[None]
+    rows, cols = torch.zeros(n_tokens - 1, dtype=torch.long, device=device), torch.arange(1, n_tokens, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        ours = project_logits(model, head, predicting_hidden(body, ids, rows, cols)).float()
+        theirs = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    finally:
+        model.train(was_training)
+    if not theirs.isfinite().all():
+        return    # broken weights (nan): nothing to compare here; the stages report nan losses themselves
+    rtol = _LOGITS_RTOL.get(model.dtype, _LOGITS_RTOL[torch.bfloat16])
+    if not torch.allclose(ours, theirs, rtol=rtol, atol=rtol * theirs.abs().max().item()):
+        raise click.ClickException(
+            f"--model {name}: model type {model.config.model_type!r} computes its logits in a way titok-tools does not "
+            f"reproduce (max difference {(ours - theirs).abs().max().item():.3g}): unsupported model family")
 
 
 def token_logprobs(model, head, hidden, targets, chunk=256):

@@ -6,7 +6,9 @@ over every selected token of an optimizer step: token-weighted across the micro-
 gradient accumulation and across processes, so a step's loss does not depend on how its records
 are split (batch 8 = batch 4 x 2 accumulation = batch 4 on 2 processes). Hidden states come
 from the model's body and are projected to the vocabulary only at the selected positions:
-with Gemma's 262k-entry vocabulary, full logits are a large share of a step.
+with Gemma's 262k-entry vocabulary, full logits are a large share of a step. With float16
+weights the loss is scaled up for backward (a GradScaler): the per-token gradients of a mean
+over many tokens would otherwise underflow.
 
 Multi-process (`accelerate launch -m titok_tools.train ...`, or torchrun): every process reads
 the same records and shuffle, takes its share of each step's micro-batches, and the LoRA
@@ -30,8 +32,8 @@ from tqdm import tqdm
 
 from . import cli
 from .formatting import FormatError, encode
-from .models import (DTYPES, decoder_and_head, load_model, load_tokenizer, predicting_hidden, project_logits, resolve_device,
-                     resolve_dtype, right_padded, tokenizer_fingerprint)
+from .models import (DTYPES, base_model_name, decoder_and_head, load_model, load_tokenizer, predicting_hidden, project_logits,
+                     resolve_device, resolve_dtype, right_padded, tokenizer_fingerprint)
 from .records import RecordError, checked, prompt_and_completion, read_records, spooled
 
 log = logging.getLogger("titok.train")
@@ -205,10 +207,10 @@ def _trainable(model):
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path, model, optimizer, scheduler, state, procs):
+def save_checkpoint(path, model, optimizer, scheduler, state, procs, scaler=None):
     """Everything a resumed run needs to take the same steps: weights, optimizer, schedule,
-    each process's RNG, and the step. Written beside, then swapped in, so a kill while saving
-    leaves the previous checkpoint."""
+    fp16 loss scale, each process's RNG, and the step. Written beside, then swapped in, so a
+    kill while saving leaves the previous checkpoint."""
     from safetensors.torch import save_file
 
     fresh = path + ".new"
@@ -219,6 +221,8 @@ def save_checkpoint(path, model, optimizer, scheduler, state, procs):
                   os.path.join(fresh, "trainable.safetensors"))
         torch.save(optimizer.state_dict(), os.path.join(fresh, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(fresh, "scheduler.pt"))
+        if scaler is not None:
+            torch.save(scaler.state_dict(), os.path.join(fresh, "scaler.pt"))
     procs.barrier()
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -240,7 +244,7 @@ def find_checkpoint(path):
     return None
 
 
-def load_checkpoint(path, model, optimizer, scheduler, procs):
+def load_checkpoint(path, model, optimizer, scheduler, procs, scaler=None):
     from safetensors.torch import load_file
 
     with open(os.path.join(path, "state.json")) as f:
@@ -251,6 +255,12 @@ def load_checkpoint(path, model, optimizer, scheduler, procs):
             trainable[name].copy_(value)
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location=procs.device))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+    if scaler is not None:
+        scaler_file = os.path.join(path, "scaler.pt")
+        if not os.path.isfile(scaler_file):
+            raise click.ClickException(f"{path}: has no fp16 loss scale (made by an older titok-train): "
+                                       "delete it or drop --resume")
+        scaler.load_state_dict(torch.load(scaler_file, weights_only=True))
     rng_file = os.path.join(path, f"rng-{procs.rank}.pt")
     if not os.path.isfile(rng_file):
         raise click.ClickException(f"{path}: made with another number of processes; resume with the same one")
@@ -279,6 +289,23 @@ def step_batches(n_examples, epoch, step, *, seed, batch_size, grad_accum, world
     return [m for c, m in enumerate(micro) if c % world == rank]
 
 
+def loss_scaler(device, autocast_dtype):
+    """A GradScaler for float16 only: its 5-bit exponent flushes the small gradients of a
+    step's many-token loss to zero unless the loss is scaled up for backward. bfloat16 has
+    float32's exponent range and needs none."""
+    return torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+
+
+def check_same_layout(path, state, layout):
+    """Refuse to resume a checkpoint whose steps were laid out otherwise (another number of
+    processes takes other records per step: another data order and lr schedule)."""
+    differ = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
+    if differ:
+        what = ", ".join(f"{k} {was} (now {now})" for k, (was, now) in differ.items())
+        raise click.ClickException(f"{path} was made by a run with {what}: resume with the same number of "
+                                   "processes, or delete it or drop --resume")
+
+
 def train(model, examples, pad_id, *, epochs=2, batch_size=4, grad_accum=1, lr=5e-5, weight_decay=0.01,
           warmup_ratio=0.1, max_grad_norm=0.3, seed=0, neftune_alpha=None, autocast_dtype=None, procs=None,
           checkpoint=None, save_every=None, resume=False, run_key=None, on_step=None, progress=True):
@@ -301,15 +328,19 @@ def train(model, examples, pad_id, *, epochs=2, batch_size=4, grad_accum=1, lr=5
     total = steps_per_epoch * epochs
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total), total)
+    scaler = loss_scaler(device, autocast_dtype)
     history = {"loss": [], "tokens": 0, "steps": total}
+    layout = {"processes": procs.world, "steps_per_epoch": steps_per_epoch, "total_steps": total}
     start = 0
     if resume and checkpoint and find_checkpoint(checkpoint):
         found = find_checkpoint(checkpoint)
         with open(os.path.join(found, "state.json")) as f:
-            if json.load(f).get("run_key") != run_key:
-                raise click.ClickException(f"{found} was made by a run with other arguments or input; "
-                                           "delete it or drop --resume")
-        state = load_checkpoint(found, model, optimizer, scheduler, procs)
+            saved = json.load(f)
+        if saved.get("run_key") != run_key:
+            raise click.ClickException(f"{found} was made by a run with other arguments or input; "
+                                       "delete it or drop --resume")
+        check_same_layout(found, saved, layout)
+        state = load_checkpoint(found, model, optimizer, scheduler, procs, scaler)
         start, history = state["step"], state["history"]
         log.info("resuming from %s at step %d of %d", found, start, total)
 
@@ -337,7 +368,8 @@ def train(model, examples, pad_id, *, epochs=2, batch_size=4, grad_accum=1, lr=5
             for batch in micro:
                 ce, weights = token_losses(model, collate(batch, pad_id), device, autocast_dtype)
                 weighted = (weights * ce).sum()
-                (weighted / norm).backward()
+                step_share = weighted / norm
+                (scaler.scale(step_share) if scaler else step_share).backward()
                 loss_sum += weighted.detach()
             for p in params:
                 if p.grad is None:
@@ -353,8 +385,14 @@ def train(model, examples, pad_id, *, epochs=2, batch_size=4, grad_accum=1, lr=5
             if not math.isfinite(loss):
                 raise click.ClickException(f"the loss is {loss} at step {step + 1} (epoch {epoch + 1}): lower --lr, "
                                            "try --dtype float32, or check the records")
+            if scaler:
+                scaler.unscale_(optimizer)   # clip the true gradients; an inf/nan one makes scaler.step skip the step
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             history["loss"].append(loss)
@@ -365,7 +403,7 @@ def train(model, examples, pad_id, *, epochs=2, batch_size=4, grad_accum=1, lr=5
                                 refresh=False)
             if checkpoint and save_every and (step + 1) % save_every == 0 and step + 1 < total:
                 save_checkpoint(checkpoint, model, optimizer, scheduler,
-                                {"step": step + 1, "history": history, "run_key": run_key}, procs)
+                                {"step": step + 1, "history": history, "run_key": run_key, **layout}, procs, scaler)
             if on_step is not None:
                 on_step(step + 1, loss)
     finally:
@@ -396,7 +434,9 @@ def add_lora(model, model_name, *, r, alpha, dropout, target_modules, seed):
         peft_model = get_peft_model(model, config)
     except ValueError as e:
         raise click.ClickException(f"--target-modules {target_modules}: {str(e).splitlines()[0]}")
-    peft_model.peft_config["default"].base_model_name_or_path = model_name
+    # Where PEFT (AutoPeftModelForCausalLM) will load the base from, and what titok-score checks
+    # --model against: not a relative path or a .gguf file.
+    peft_model.peft_config["default"].base_model_name_or_path = base_model_name(model_name)
     return peft_model
 
 
