@@ -24,7 +24,8 @@ from tqdm import tqdm
 from . import cli
 from .formatting import FormatError, encode_many
 from .models import load_tokenizer, tokenizer_fingerprint
-from .records import RecordError, checked, dumps, prompt_and_completion, read_records, record_writer, titok
+from .records import (RecordError, checked, dumps, filter_settings, not_kept, prompt_and_completion, read_records,
+                      record_writer, titok)
 from .select import select_stream, split_by_counts
 
 log = logging.getLogger("titok.align")
@@ -318,19 +319,6 @@ def finish_record(where, record, fields, enc, scores, fingerprint, text_normaliz
     counts["truncated"] = counts.get("truncated", 0) + int(enc.truncated)
 
 
-def filter_settings(record):
-    """titok.filter of a record, {} when there is none (or it is not an object)."""
-    titok_ = record.get("titok")
-    settings = titok_.get("filter") if isinstance(titok_, dict) else None
-    return settings if isinstance(settings, dict) else {}
-
-
-def not_kept(record):
-    """A record titok-filter --mark-only dropped: it passes through, with no target and outside
-    the selection (with --scope batch or global it would change the kept records' masks)."""
-    return filter_settings(record).get("kept") is False
-
-
 def recorded_k(record, where):
     k = filter_settings(record).get("k")
     if not isinstance(k, (int, float)) or not 0 < k <= 1:
@@ -409,6 +397,8 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
                                                          counts)]
 
     def scores_of(record):
+        # not kept: it passes through, outside the selection (with --scope batch or global it
+        # would change the kept records' masks)
         return [] if not_kept(record) else record["titok"]["target"]["score"]
 
     stream = aligned()

@@ -133,6 +133,18 @@ def titok(record):
     return record.setdefault("titok", {})
 
 
+def filter_settings(record):
+    """titok.filter of a record, {} when there is none (or it is not an object)."""
+    titok_ = record.get("titok")
+    settings = titok_.get("filter") if isinstance(titok_, dict) else None
+    return settings if isinstance(settings, dict) else {}
+
+
+def not_kept(record):
+    """A record titok-filter --mark-only wrote but did not keep: align passes it through, train skips it."""
+    return filter_settings(record).get("kept") is False
+
+
 def dumps(record):
     return orjson.dumps(record, option=DUMP_OPTIONS)
 

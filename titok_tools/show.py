@@ -25,7 +25,7 @@ import numpy as np
 from . import cli
 from .align import as_spans, offsets_problem, overlap_ranges
 from .filter import source_scores
-from .records import RecordError, prompt_and_completion, read_records, spooled, text_output
+from .records import RecordError, filter_settings, prompt_and_completion, read_records, spooled, text_output
 
 log = logging.getLogger("titok.show")
 
@@ -332,17 +332,10 @@ def tokens_html(completion, offsets, values, mask, scale, other_ranges, value_na
     return "".join(out)
 
 
-def filter_settings(record):
-    """titok.filter of a record, {} when absent or not an object. Its values are the record's
-    text like any other: escaped for the page, made printable for the terminal."""
-    settings = record["titok"].get("filter")
-    return settings if isinstance(settings, dict) else {}
-
-
 def record_html(record, where, place, scale):
     esc = html.escape
     messages, completion, source, target = checked_record(record, where)
-    settings = filter_settings(record)
+    settings = filter_settings(record)  # its values are text from outside too: escaped below
     facts = [f"mean excess {source['mean_excess']:+.4f}"]
     if settings:
         facts.append(f"rank {esc(str(settings.get('rank')))}" + ("" if settings.get("kept", True) else " (dropped)"))

@@ -34,7 +34,7 @@ from . import cli
 from .formatting import FormatError, encode
 from .models import (DTYPES, base_model_name, decoder_and_head, load_model, load_tokenizer, predicting_hidden, project_logits,
                      resolve_device, resolve_dtype, right_padded, tokenizer_fingerprint)
-from .records import RecordError, checked, prompt_and_completion, read_records, spooled
+from .records import RecordError, checked, not_kept, prompt_and_completion, read_records, spooled
 
 log = logging.getLogger("titok.train")
 
@@ -114,7 +114,7 @@ def prepare_examples(pairs, tokenizer, *, model, all_tokens=False, train_closing
     examples = []
 
     def check(where, record):
-        if ((record.get("titok") or {}).get("filter") or {}).get("kept") is False:
+        if not_kept(record):
             return None, None
         return make_example(record, where, tokenizer, fingerprint=fingerprint, model=model, all_tokens=all_tokens,
                             train_closing=train_closing, chat_template=chat_template, max_length=max_length)
