@@ -413,6 +413,16 @@ def test_bad_input(smollm2_dir, smollm2_tokenizer, tmp_path):
     result = run(target, write_jsonl(tmp_path / "e.jsonl", [nan]))
     assert result.exit_code == 1 and "record 'nan': values must be finite numbers" in result.output
 
+    # numpy would read 1.5 as 1 and "1.5" as 1.5: these are errors, not numbers to guess at
+    for field, value, message in (("offsets", [0, 1.5], "not a non-empty list of [start, end] integer pairs"),
+                                  ("offsets", ["0", "2"], "not a non-empty list of [start, end] integer pairs"),
+                                  ("excess", "1.5", "values must be finite numbers")):
+        odd = scored(smollm2_tokenizer, "Fine.", id="odd")
+        odd["titok"]["source"][field][0] = value
+        result = run(target, write_jsonl(tmp_path / "odd.jsonl", [good, odd]))
+        assert result.exit_code == 1 and f"odd.jsonl:2: titok.source.{field}: record 'odd'" in result.output
+        assert message in result.output
+
     short = scored(smollm2_tokenizer, "Fine words here.", id="short")
     short["titok"]["source"]["excess"].pop()
     result = run(target, write_jsonl(tmp_path / "f.jsonl", [short]))

@@ -140,11 +140,19 @@ def spans_problems(spans, lengths, counts):
     return (np.bincount(record, weights=bad, minlength=len(counts)) > 0) | ~nonempty
 
 
+def only_types(items, types):
+    """Whether every item's type is one of `types` (numpy would turn 1.5 or "2" into an int
+    without a word); a C-speed pass, a few percent of a record's time."""
+    return set(map(type, items)) <= types
+
+
 def concatenated(offset_lists, total):
     """Several records' [start, end] lists as one (total, 2) int64 array; None when one of them
     is not a list of integer pairs (the per-record checks say which)."""
     try:
         if any(set(map(len, offsets)) != {2} for offsets in offset_lists):
+            return None
+        if not only_types(chain.from_iterable(chain.from_iterable(offset_lists)), {int}):
             return None
         flat = np.fromiter(chain.from_iterable(chain.from_iterable(offset_lists)), dtype=np.int64, count=2 * total)
     except (TypeError, ValueError, OverflowError):
@@ -153,11 +161,16 @@ def concatenated(offset_lists, total):
 
 
 def as_spans(offsets):
-    """offsets as an (n, 2) integer array, or None if they are not a non-empty list of pairs."""
-    try:
-        spans = np.asarray(offsets, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError):
-        return None
+    """offsets as an (n, 2) integer array, or None if they are not a non-empty list of integer pairs."""
+    if isinstance(offsets, np.ndarray):
+        spans = offsets
+    else:
+        try:
+            if not only_types(chain.from_iterable(offsets), {int}):
+                return None
+            spans = np.asarray(offsets, dtype=np.int64)
+        except (TypeError, ValueError, OverflowError):
+            return None
     return spans if spans.ndim == 2 and spans.shape[1] == 2 and len(spans) else None
 
 
@@ -242,7 +255,7 @@ def source_values(record, where, use):
         raise RecordError(where, f"titok.source.{use}", f"record {record.get('id')!r}: {len(values)} values "
                                                         f"for {len(spans)} tokens")
     try:
-        array = np.asarray(values, dtype=np.float64)
+        array = np.asarray(values, dtype=np.float64) if only_types(values, {float, int}) else np.array([np.nan])
     except (TypeError, ValueError):
         array = np.array([np.nan])
     if not np.isfinite(array).all():
@@ -283,6 +296,8 @@ def chunk_arrays(fields, encodings):
     length = np.fromiter((len(f[1]) for f in fields), dtype=np.int64, count=len(fields))
     sources = concatenated([f[4] for f in fields], int(n_source.sum()))
     targets = concatenated([enc.offsets for enc in encodings], int(n_target.sum()))
+    if not only_types(chain.from_iterable(f[3] for f in fields), {float, int}):
+        return None
     try:
         values = np.fromiter(chain.from_iterable(f[3] for f in fields), dtype=np.float64, count=int(n_source.sum()))
     except (TypeError, ValueError):
