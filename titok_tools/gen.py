@@ -269,8 +269,7 @@ def template_path(name):
         for path in tried:
             if os.path.isfile(path):
                 return path
-        raise click.ClickException(f"--template {name}: no such file, and no bundled template at {' or '.join(tried)} "
-                                   f"(a non-editable install may not ship data/templates: pass the file's path)")
+        raise click.ClickException(f"--template {name}: no such file, and no bundled template at {' or '.join(tried)}")
     raise click.ClickException(f"--template {name}: no such file")
 
 
