@@ -116,12 +116,13 @@ DEMO := OUT=work/demo TASK=object_counting DATA=work/demo/data/object_counting B
 	GEN_ARGS="--queries-from base --max-new-tokens 64 --label-max-new-tokens 16 --batch-size 16" \
 	EVAL_ARGS="--max-new-tokens 16 --batch-size 16 --limit 100"
 
+# The sub-make runs on its own line: `make -n demo` then prints the pipeline without running it.
 demo: install
-	@start=$$(date +%s); \
+	@mkdir -p .make && date +%s > .make/demo-started
 	$(MAKE) --no-print-directory pipeline $(DEMO) \
-	  SOURCE_MODEL=$$($(PYTHON) -m titok_tools.bundled smollm2) TARGET_MODEL=$$($(PYTHON) -m titok_tools.bundled gemma); \
-	mkdir -p results && cp work/demo/report.md results/demo.md; \
-	echo "make demo took $$(( $$(date +%s) - start )) s; the table is in results/demo.md" >&2
+	  SOURCE_MODEL=$$($(PYTHON) -m titok_tools.bundled smollm2) TARGET_MODEL=$$($(PYTHON) -m titok_tools.bundled gemma)
+	mkdir -p results && cp work/demo/report.md results/demo.md
+	@echo "make demo took $$(( $$(date +%s) - $$(cat .make/demo-started) )) s; the table is in results/demo.md" >&2
 
 clean-demo:
 	rm -rf work/demo results/demo.md

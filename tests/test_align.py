@@ -351,6 +351,8 @@ def test_shards_select_alone_only_per_sample(gemma_scored, smollm2_dir):
     for scope in ("batch", "global"):
         result = CliRunner().invoke(main, ["--target-model", smollm2_dir, "--scope", scope, "--shard", "0/2", path])
         assert result.exit_code == 2 and "--shard selects per shard: use --scope sample" in result.output
+    whole = CliRunner().invoke(main, ["--target-model", smollm2_dir, "--scope", "global", "--shard", "0/1", path])
+    assert whole.exit_code == 0 and whole.stdout == run(["--target-model", smollm2_dir, "--scope", "global"], path).stdout
 
 
 def test_cli_plain_format_and_max_length(gemma_scored, smollm2_dir, smollm2_tokenizer):

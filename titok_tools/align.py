@@ -486,7 +486,7 @@ def main(input, target_model, chat_template, no_chat_template, max_length, use, 
       titok-score ... | titok-filter -k 0.7 \\
         | titok-align --target-model gemma-3-270m.gguf --chat-template gemma3-chat.jinja > aligned.jsonl
     """
-    if shard is not None and scope != "sample":
+    if shard is not None and shard[1] > 1 and scope != "sample":  # 0/1 is the whole input (titok-slurm)
         raise click.UsageError(f"--shard selects per shard: use --scope sample, or align --scope {scope} in one run")
     tokenizer = load_tokenizer(target_model, chat_template)
     cli.streaming_gc()  # the tokenizer's ~300k objects and each record's lists: see there

@@ -86,8 +86,10 @@ model_options = _compose(
     click.option("--model", required=True, help="Base model: a Hugging Face id, a local dir, or a .gguf file "
                                                  "(converted once into $TITOK_CACHE, default ~/.cache/titok-tools)."),
     click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
-                 help="Weights dtype. auto = bfloat16 where the hardware runs it natively, else float32."),
-    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+                 help="Weights dtype. auto = bfloat16 where the hardware runs it natively, float16 on a CUDA card "
+                      "without bf16, else float32."),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                 help="auto = cuda when a GPU is visible, else cpu."),
     click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model's repository."),
 )
 

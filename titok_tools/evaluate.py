@@ -121,7 +121,8 @@ def _selected(pairs, limit, shard):
 @cli.model_options
 @cli.adapter_option
 @cli.tokenizer_options
-@click.option("--max-new-tokens", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-new-tokens", default=200, show_default=True, type=click.IntRange(min=1),
+              help="Tokens to generate per answer at most (it also stops at the end of the turn).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Prompts generated together (left padding).")
 @click.option("--limit", type=click.IntRange(min=0), help="Evaluate only the first N records of the input.")
 @click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False, writable=True), help="Also write the metrics here as JSON.")
@@ -135,7 +136,7 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
 
     Writes every record with "prediction" added. Metrics, on stderr and in --metrics FILE,
     against the completion (or the best of a "references" list of acceptable answers):
-    exact match after normalization (case, surrounding whitespace, quotes and punctuation;
+    exact match after normalization (case, whitespace, surrounding quotes and punctuation;
     "(A)" = "A"), and ROUGE-1 / ROUGE-L F-measures. Without --adapter the vanilla base answers.
 
     \b

@@ -91,6 +91,10 @@ def merge_by_id(paths, input_path, counts=None):
 def main(shards, output, by_id):
     """Merge the outputs of `--shard 0/N ... --shard N-1/N` runs, given in shard order, into input order.
 
+    Without --by-id the shards are interleaved by position, which is input order only when no
+    stage dropped a record: shard sizes no round-robin can give are an error, but a dropped record
+    can leave sizes that look whole. After --skip-invalid, merge with --by-id INPUT.
+
     \b
     Example:
       for i in 0 1 2; do titok-score ... --shard $i/3 -o scored.$i.jsonl data.jsonl; done

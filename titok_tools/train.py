@@ -452,18 +452,20 @@ def add_lora(model, model_name, *, r, alpha, dropout, target_modules, seed):
 @click.option("--train-closing", is_flag=True,
               help="Also train each completion's closing token (EOS / end-of-turn) whatever its mask: a target that "
                    "never has it selected never learns to stop (a base target on a new chat template, short answers).")
-@click.option("--lora-r", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--lora-alpha", default=8.0, show_default=True, type=float)
-@click.option("--lora-dropout", default=0.05, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--lora-r", default=8, show_default=True, type=click.IntRange(min=1), help="LoRA rank.")
+@click.option("--lora-alpha", default=8.0, show_default=True, type=float, help="LoRA scale numerator: updates are scaled by alpha / r.")
+@click.option("--lora-dropout", default=0.05, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Dropout on the LoRA input while training.")
 @click.option("--target-modules", default="q_proj,v_proj", show_default=True,
               help="Comma-separated module names to adapt, or all-linear.")
-@click.option("--lr", "--learning-rate", "lr", default=5e-5, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--weight-decay", default=0.01, show_default=True, type=click.FloatRange(min=0))
+@click.option("--lr", "--learning-rate", "lr", default=5e-5, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Peak AdamW learning rate (linear warmup, then linear decay to 0).")
+@click.option("--weight-decay", default=0.01, show_default=True, type=click.FloatRange(min=0), help="AdamW weight decay.")
 @click.option("--warmup-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1),
               help="Share of the steps with a linearly rising lr; then it falls linearly to 0.")
 @click.option("--max-grad-norm", default=0.3, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Clip the gradient norm of each step to this.")
-@click.option("--epochs", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--epochs", default=2, show_default=True, type=click.IntRange(min=1), help="Passes over the records.")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Records per micro-batch and process.")
 @click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1), help="Micro-batches per optimizer step.")
 @click.option("--neftune-alpha", type=click.FloatRange(min=0, min_open=True),
