@@ -5,7 +5,6 @@ session and `make demo` reuse.
 """
 import os
 import subprocess
-import sys
 
 import pytest
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import make_lora, read_jsonl, run_pipe, write_jsonl
+from conftest import read_jsonl, run_pipe, write_jsonl
 from titok_tools.formatting import encode
 from titok_tools.models import load_model, load_tokenizer
 from titok_tools.records import prompt_and_completion

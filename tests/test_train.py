@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
