@@ -105,17 +105,20 @@ def test_full_chain(env):
                                                    "--metrics", f"{out}/shards/metrics.{i}.json", f"{task}/test.jsonl"]
     assert run_wrap(env, wraps["align"], 0) == ["titok-align", "--target-model", target, "--scope", "global", "--chat-template",
                                                 "t.jinja", "--shard", "0/1", "-o", f"{out}/shards/align.0.jsonl", f"{out}/filtered.jsonl"]
-    assert run_wrap(env, wraps["score-merge"]) == ["titok-merge", "-o", f"{out}/scored.jsonl"] + [f"{out}/shards/score.{i}.jsonl" for i in range(3)]
+    assert run_wrap(env, wraps["score-merge"]) == ["titok-merge", "-o", f"{out}/scored.jsonl", "--by-id", f"{out}/synthetic.jsonl"] + [
+        f"{out}/shards/score.{i}.jsonl" for i in range(3)]
     assert run_wrap(env, wraps["filter"]) == ["titok-filter", "-k", "0.3", "--keep", "5", "--scope", "global",
                                               "-o", f"{out}/filtered.jsonl", f"{out}/scored.jsonl"]
-    assert run_wrap(env, wraps["align-merge"]) == ["titok-merge", "-o", f"{out}/aligned.jsonl", f"{out}/shards/align.0.jsonl"]
+    assert run_wrap(env, wraps["align-merge"]) == ["titok-merge", "-o", f"{out}/aligned.jsonl", "--by-id", f"{out}/filtered.jsonl",
+                                                   f"{out}/shards/align.0.jsonl"]
     assert run_wrap(env, wraps["train"]) == ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "-m", "titok_tools.train",
                                              "--model", target, "--output", f"{out}/target-adapter", f"{out}/aligned.jsonl"]
     # The eval merge also pools the shards' metrics, weighted by their record counts.
     for i, (n, em) in enumerate([(2, 0.5), (1, 1.0), (0, None)]):
         with open(f"{out}/shards/metrics.{i}.json", "w") as f:
             json.dump({"records": n, "exact_match": em, "rouge1": em, "rougeL": em, "model": target, "invalid": i}, f)
-    assert run_wrap(env, wraps["eval-merge"]) == ["titok-merge", "-o", f"{out}/predictions.jsonl"] + [f"{out}/shards/eval.{i}.jsonl" for i in range(3)]
+    assert run_wrap(env, wraps["eval-merge"]) == ["titok-merge", "-o", f"{out}/predictions.jsonl", "--by-id", f"{task}/test.jsonl"] + [
+        f"{out}/shards/eval.{i}.jsonl" for i in range(3)]
     assert json.load(open(f"{out}/metrics.json")) == {"records": 3, "exact_match": 2 / 3, "rouge1": 2 / 3, "rougeL": 2 / 3,
                                                       "model": target, "invalid": 3}
 
@@ -158,7 +161,7 @@ def test_sample_scope_shards_align(env):
                                            "sample", "--shard", f"{i}/3", "-o", f"{out}/shards/align.{i}.jsonl",
                                            f"{out}/filtered.jsonl"]
     merge = next(w for o, w in submitted if o["--job-name"] == "titok-align-merge")
-    assert run_wrap(env, merge)[3:] == [f"{out}/shards/align.{i}.jsonl" for i in range(3)]
+    assert run_wrap(env, merge)[3:] == ["--by-id", f"{out}/filtered.jsonl"] + [f"{out}/shards/align.{i}.jsonl" for i in range(3)]
 
 
 def test_existing_outputs_are_not_submitted_again(env):
