@@ -70,6 +70,26 @@ def test_predictions_are_the_shared_generation_and_metrics_are_recomputable(tiny
     assert "exact match" in result.output and "ROUGE-L" in result.output     # metrics on stderr too
 
 
+def test_resume_equals_an_uninterrupted_run(tiny_llama, tiny_llama_lora, qa, tmp_path):
+    records, data = qa
+    out, metrics = tmp_path / "out.jsonl", tmp_path / "m.json"
+    args = ["--model", tiny_llama, "--adapter", tiny_llama_lora, "--dtype", "bfloat16", "--max-new-tokens", "6",
+            "--batch-size", "3", "--metrics", str(metrics), "-o", str(out), data]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    full, full_metrics = out.read_bytes(), json.load(open(metrics))
+    lines = full.splitlines(keepends=True)
+    out.unlink()
+    # killed inside the first batch of 3: two records written, and half of the third
+    (tmp_path / "out.jsonl.partial").write_bytes(b"".join(lines[:2]) + lines[2][:30])
+    resumed = CliRunner().invoke(main, args + ["--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert out.read_bytes() == full and json.load(open(metrics)) == full_metrics
+    assert f"{full_metrics['records']} records" in resumed.stderr  # the metrics count the earlier records too
+    (tmp_path / "out.jsonl.partial").write_bytes(b'{"id": 0, "prompt": "p", "completion": "c"}\n')
+    result = CliRunner().invoke(main, args + ["--resume"])
+    assert result.exit_code == 1 and "out.jsonl.partial:1: prediction: missing" in result.output
+
+
 def test_limit_and_shards_partition_the_first_records(tiny_llama, qa, tmp_path):
     records, data = qa
     runner = CliRunner()
@@ -127,7 +147,7 @@ def test_adapter_for_another_base_is_a_clear_error(smollm2_dir, tiny_llama_lora,
 def test_help_lists_every_flag():
     text = CliRunner().invoke(main, ["--help"]).output
     for flag in ("--model", "--adapter", "--max-new-tokens", "--batch-size", "--limit", "--shard", "--metrics",
-                 "--output", "--dtype", "--chat-template", "--no-chat-template", "--max-length", "--skip-invalid"):
+                 "--output", "--dtype", "--chat-template", "--no-chat-template", "--max-length", "--skip-invalid", "--resume"):
         assert flag in text
 
 

@@ -16,7 +16,7 @@ from . import cli
 from .formatting import FormatError, render_prompt
 from .generation import generate
 from .models import load_model, load_tokenizer
-from .records import RecordError, checked, prompt_and_completion, read_records, record_writer, text_output
+from .records import RecordError, checked, is_done, prompt_and_completion, read_records, record_writer, text_output
 
 log = logging.getLogger("titok.eval")
 
@@ -68,18 +68,26 @@ def references(record, completion):
 
 
 def evaluate_records(pairs, model, tokenizer, *, chat_template=True, max_new_tokens=200, batch_size=8, max_length=768,
-                     metrics=None, skip_invalid=False, counts=None, progress=None):
-    """Yield the (where, record) pairs' records with "prediction", in order; add to `metrics`."""
+                     metrics=None, skip_invalid=False, counts=None, progress=None, done=None):
+    """Yield the (where, record) pairs' records with "prediction", in order; add to `metrics`.
+
+    Records that `done(record)` says a resumed run already wrote are generated with their batch
+    (a batch's padding changes bf16 numbers) but neither yielded nor counted again."""
     metrics = metrics if metrics is not None else Metrics()
     window = []
 
     def flush():
-        predictions = generate(model, tokenizer, [messages for _, _, (messages, _) in window], chat_template=chat_template,
-                               max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
-        for (_, record, (_, reference)), prediction in zip(window, predictions):
-            metrics.add(prediction, references(record, reference))
-            record["prediction"] = prediction
-            yield record
+        todo = [not (done and done(record)) for _, record, _ in window]
+        predictions = [None] * len(window)
+        if any(todo):
+            predictions = generate(model, tokenizer, [messages for _, _, (messages, _) in window],
+                                   chat_template=chat_template, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   max_length=max_length)
+        for (_, record, (_, reference)), prediction, needed in zip(window, predictions, todo):
+            if needed:
+                metrics.add(prediction, references(record, reference))
+                record["prediction"] = prediction
+                yield record
         if progress is not None:
             progress.update(len(window))
         window.clear()
@@ -127,11 +135,12 @@ def _selected(pairs, limit, shard):
 @click.option("--limit", type=click.IntRange(min=0), help="Evaluate only the first N records of the input.")
 @click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False, writable=True), help="Also write the metrics here as JSON.")
 @cli.output_option
+@cli.resume_option
 @cli.shard_option
 @cli.skip_invalid_option
 @cli.command
 def main(input, model, dtype, device, trust_remote_code, adapter, chat_template, no_chat_template, max_length,
-         max_new_tokens, batch_size, limit, metrics_file, output, shard, skip_invalid):
+         max_new_tokens, batch_size, limit, metrics_file, output, resume, shard, skip_invalid):
     """Greedy predictions for records with a prompt and a reference completion, and their scores.
 
     Writes every record with "prediction" added. Metrics, on stderr and in --metrics FILE,
@@ -146,11 +155,18 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
     tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
     lm = load_model(model, adapter, dtype, device, trust_remote_code, check_logits=False)  # generates only
     counts, metrics = {}, Metrics()
-    with record_writer(output) as writer, tqdm(desc="titok-eval", unit="rec", mininterval=1) as progress:
+    with record_writer(output, resume) as writer, tqdm(desc="titok-eval", unit="rec", mininterval=1) as progress:
+        if resume:  # what an interrupted run predicted counts in the metrics, read back from its file
+            writer.flush()
+            for where, record in read_records(writer.partial):
+                if not isinstance(record.get("prediction"), str):
+                    raise RecordError(where, "prediction", "missing: resume only from titok-eval's own output")
+                metrics.add(record["prediction"], references(record, prompt_and_completion(record, where)[1]))
         pairs = _selected(read_records(input, skip_invalid, counts), limit, shard)
         for record in evaluate_records(pairs, lm, tokenizer, chat_template=not no_chat_template,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length,
-                                       metrics=metrics, skip_invalid=skip_invalid, counts=counts, progress=progress):
+                                       metrics=metrics, skip_invalid=skip_invalid, counts=counts, progress=progress,
+                                       done=lambda r: is_done(writer, r) if resume else False):
             writer.write(record)
             writer.flush()
     result = dict(metrics.result(), model=model, adapter=adapter, invalid=counts.get("invalid", 0))
