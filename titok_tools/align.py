@@ -24,7 +24,7 @@ from tqdm import tqdm
 from . import cli
 from .formatting import FormatError, encode_many
 from .models import load_tokenizer, tokenizer_fingerprint
-from .records import (RecordError, checked, dumps, filter_settings, not_kept, prompt_and_completion, read_records,
+from .records import (RecordError, check_numbers, checked, dumps, filter_settings, not_kept, prompt_and_completion, read_records,
                       record_writer, titok)
 from .select import select_stream, split_by_counts
 
@@ -254,13 +254,8 @@ def source_values(record, where, use):
     if len(values) != len(spans):
         raise RecordError(where, f"titok.source.{use}", f"record {record.get('id')!r}: {len(values)} values "
                                                         f"for {len(spans)} tokens")
-    try:
-        array = np.asarray(values, dtype=np.float64) if only_types(values, {float, int}) else np.array([np.nan])
-    except (TypeError, ValueError):
-        array = np.array([np.nan])
-    if not np.isfinite(array).all():
-        raise RecordError(where, f"titok.source.{use}", f"record {record.get('id')!r}: values must be finite numbers")
-    return messages, completion, source, spans, array
+    check_numbers(values, where, f"titok.source.{use}", prefix=f"record {record.get('id')!r}: ")
+    return messages, completion, source, spans, np.asarray(values, dtype=np.float64)
 
 
 def source_fields(record, where, use):

@@ -8,10 +8,9 @@ import logging
 import random
 
 import click
-import orjson
 
 from . import cli
-from .records import RecordError, read_records, record_writer, spooled, titok
+from .records import RecordError, check_numbers, read_records, record_writer, spooled, titok
 from .select import auto_k, n_select, select_stream
 
 log = logging.getLogger("titok.filter")
@@ -25,9 +24,7 @@ def source_scores(record, where):
     excess = source["excess"]
     if not isinstance(excess, list) or not excess:
         raise RecordError(where, "titok.source.excess", "must be a non-empty list of numbers")
-    for i, value in enumerate(excess):  # as titok-score writes them; align and show read the same
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise RecordError(where, f"titok.source.excess[{i}]", f"must be a number, not {orjson.dumps(value).decode()}")
+    check_numbers(excess, where, "titok.source.excess")
     if not isinstance(source.get("mean_excess"), (int, float)):
         raise RecordError(where, "titok.source.mean_excess", "must be a number")
     return source

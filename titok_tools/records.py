@@ -4,6 +4,7 @@ Every stage reads and writes records through this module, so errors always name
 file:line and field, and an interrupted run never leaves a half-written output.
 """
 import io
+import math
 import os
 import shutil
 import stat
@@ -131,6 +132,14 @@ def prompt_messages(record, where):
 def titok(record):
     """The record's "titok" namespace, created on first use."""
     return record.setdefault("titok", {})
+
+
+def check_numbers(values, where, field, prefix=""):
+    """Raise a RecordError naming field[i] for the first value of a per-token list that is not a
+    finite number (true/false and numeric strings are not numbers here; titok-score writes floats)."""
+    for i, value in enumerate(values):
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise RecordError(where, f"{field}[{i}]", f"{prefix}must be a number, not {orjson.dumps(value).decode()}")
 
 
 def filter_settings(record):
