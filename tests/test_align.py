@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import unicodedata
 
 import numpy as np
 import pytest
@@ -226,44 +227,51 @@ def test_whitespace_completion_trimmed_by_template(smollm2_tokenizer, gemma_toke
     assert target["offsets"][0][0] == 2 and target["score"][-1] == record["titok"]["source"]["excess"][-1]
 
 
-@pytest.fixture(scope="module")
-def lowercasing_tokenizer(smollm2_dir, tmp_path_factory):
-    """SmolLM2's tokenizer with a Lowercase normalizer in front: it tokenizes a changed text."""
+NORMALIZERS = {  # a normalizer that changes the text, a text it changes in places, and which pieces it changes
+    "lowercase": ("Lowercase", "Hello World, this is fine. ÉCOLE and école.", str.lower),
+    "nfkc": ("NFKC", "The ﬁrst ① of ＡＢＣ, then plain text.", lambda piece: unicodedata.normalize("NFKC", piece)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(NORMALIZERS))
+def normalizing_tokenizer(request, smollm2_dir, tmp_path_factory):
+    """SmolLM2's tokenizer with a text-changing normalizer in front: it tokenizes a changed text."""
     from tokenizers import Tokenizer, normalizers
     from transformers import PreTrainedTokenizerFast
 
+    name, text, change = NORMALIZERS[request.param]
     base = load_tokenizer(smollm2_dir)
     backend = Tokenizer.from_str(base.backend_tokenizer.to_str())
-    backend.normalizer = normalizers.Sequence([normalizers.Lowercase()])
+    backend.normalizer = normalizers.Sequence([getattr(normalizers, name)()])
     fast = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=base.eos_token, bos_token=base.bos_token,
                                    pad_token=base.pad_token)
     fast.chat_template = base.chat_template
-    directory = tmp_path_factory.mktemp("lowercasing-tokenizer")
+    directory = tmp_path_factory.mktemp(f"{request.param}-tokenizer")
     fast.save_pretrained(directory)
-    return load_tokenizer(str(directory))
+    return load_tokenizer(str(directory)), text, change
 
 
-def test_normalizer_that_changes_text(smollm2_tokenizer, lowercasing_tokenizer, caplog):
-    text = "Hello World, this is fine. ÉCOLE and école."
+def test_normalizer_that_changes_text(smollm2_tokenizer, normalizing_tokenizer, caplog):
+    tokenizer, text, change = normalizing_tokenizer
     record = scored(smollm2_tokenizer, text, id="rec-7")
     excess, offsets = record["titok"]["source"]["excess"], record["titok"]["source"]["offsets"]
     counts = {}
     with caplog.at_level(logging.WARNING, logger="titok.align"):
-        [out] = align_records([("in.jsonl:3", record)], lowercasing_tokenizer, model="lower", k=1.0, counts=counts)
+        [out] = align_records([("in.jsonl:3", record)], tokenizer, model="normalizing", k=1.0, counts=counts)
     target = out["titok"]["target"]
     reference = brute_force(offsets, excess, target["offsets"])
     for (a, b), score, ref in zip(target["offsets"], target["score"], reference):
         piece = text[a:b]
-        # a token whose text lowercasing changes gets no score; every other one is aligned as usual
-        assert score == (None if piece != piece.lower() else ref), piece
-    changed = sum(1 for a, b in target["offsets"] if text[a:b] != text[a:b].lower())
+        # a token whose text the normalizer changes gets no score; every other one is aligned as usual
+        assert score == (None if change(piece) != piece else ref), piece
+    changed = sum(1 for a, b in target["offsets"] if change(text[a:b]) != text[a:b])
     assert changed >= 3 and counts["normalized_records"] == 1 and counts["normalized_tokens"] == changed
     assert all(m == 0 for m, s in zip(target["mask"], target["score"]) if s is None)
     assert target["coverage"] == pytest.approx(1 - changed / len(target["score"]))
     assert "in.jsonl:3" in caplog.text and "rec-7" in caplog.text
     # A text the normalizer leaves alone aligns fully.
-    [clean] = align_records([("x:1", scored(smollm2_tokenizer, "all lower case here."))], lowercasing_tokenizer,
-                            model="lower", k=0.5)
+    [clean] = align_records([("x:1", scored(smollm2_tokenizer, "all lower case here."))], tokenizer,
+                            model="normalizing", k=0.5)
     assert clean["titok"]["target"]["coverage"] == 1.0
 
 
