@@ -24,8 +24,8 @@ from tqdm import tqdm
 from . import cli
 from .formatting import FormatError, encode_many
 from .models import load_tokenizer, tokenizer_fingerprint
-from .records import (RecordError, check_numbers, checked, dumps, filter_settings, not_kept, prompt_and_completion, read_records,
-                      record_writer, titok)
+from .records import (NUMBER_TYPES, RecordError, check_numbers, checked, dumps, filter_settings, not_kept,
+                      prompt_and_completion, read_records, record_writer, titok)
 from .select import select_stream, split_by_counts
 
 log = logging.getLogger("titok.align")
@@ -162,15 +162,12 @@ def concatenated(offset_lists, total):
 
 def as_spans(offsets):
     """offsets as an (n, 2) integer array, or None if they are not a non-empty list of integer pairs."""
-    if isinstance(offsets, np.ndarray):
-        spans = offsets
-    else:
-        try:
-            if not only_types(chain.from_iterable(offsets), {int}):
-                return None
-            spans = np.asarray(offsets, dtype=np.int64)
-        except (TypeError, ValueError, OverflowError):
+    try:
+        if not only_types(chain.from_iterable(offsets), {int}):
             return None
+        spans = np.asarray(offsets, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        return None
     return spans if spans.ndim == 2 and spans.shape[1] == 2 and len(spans) else None
 
 
@@ -291,7 +288,7 @@ def chunk_arrays(fields, encodings):
     length = np.fromiter((len(f[1]) for f in fields), dtype=np.int64, count=len(fields))
     sources = concatenated([f[4] for f in fields], int(n_source.sum()))
     targets = concatenated([enc.offsets for enc in encodings], int(n_target.sum()))
-    if not only_types(chain.from_iterable(f[3] for f in fields), {float, int}):
+    if not only_types(chain.from_iterable(f[3] for f in fields), NUMBER_TYPES):
         return None
     try:
         values = np.fromiter(chain.from_iterable(f[3] for f in fields), dtype=np.float64, count=int(n_source.sum()))

@@ -166,7 +166,7 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
         for record in evaluate_records(pairs, lm, tokenizer, chat_template=not no_chat_template,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length,
                                        metrics=metrics, skip_invalid=skip_invalid, counts=counts, progress=progress,
-                                       done=lambda r: is_done(writer, r) if resume else False):
+                                       done=lambda r: is_done(writer, r)):
             writer.write(record)
             writer.flush()
     result = dict(metrics.result(), model=model, adapter=adapter, invalid=counts.get("invalid", 0))
