@@ -232,6 +232,26 @@ def test_label_resume_skips_done(tiny_llama, tmp_path):
     assert resumed == full
 
 
+def test_label_bad_records_stop_or_are_skipped(tiny_llama, no_system_template, tmp_path):
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say b."}]
+    prompts = [{"id": 0, "prompt": "Say a."}, {"id": 1, "text": "no prompt"}, {"id": 2, "prompt": system},
+               {"id": 3, "prompt": "Say c."}]
+    source = write_jsonl(tmp_path / "p.jsonl", prompts)
+    with open(source, "a") as f:
+        f.write("{not json\n")
+    args = ["--model", tiny_llama, "--dtype", "float32", "--label", source, "--label-max-new-tokens", 3,
+            "--label-temperature", 1, "--chat-template", no_system_template]
+    result = invoke([*args, "-o", tmp_path / "o.jsonl"], 1)
+    assert "p.jsonl:2: prompt: missing" in result.output and not (tmp_path / "o.jsonl").exists()
+    result = invoke([*args, "-o", tmp_path / "o.jsonl", "--skip-invalid"])
+    assert [r["id"] for r in read_jsonl(tmp_path / "o.jsonl")] == [0, 3]
+    assert "3 invalid records skipped" in result.output
+    # the template's refusal names the record (the one before it is removed from the input)
+    write_jsonl(source, prompts[:1] + prompts[2:])
+    result = invoke([*args, "-o", tmp_path / "o.jsonl"], 1)
+    assert "p.jsonl:2: prompt: the chat template refused this conversation" in result.output
+
+
 # --- bad input ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case, message", [
@@ -258,6 +278,7 @@ def test_bad_seed_files(case, message, tiny_llama, tmp_path):
     ([], "--seed-examples needs --num"),
     (["--num", "2", "--label", "x.jsonl"], "exactly one of"),
     (["--num", "2", "--shard", "0/2"], "--shard splits --label work"),
+    (["--num", "2", "--skip-invalid"], "--skip-invalid goes with --label"),
     (["--num", "2", "--top-p", "1.5"], "outside (0, 1]"),
     (["--num", "2", "--rouge-threshold", "0"], "outside (0, 1]"),
     (["--num", "2", "--template", "nonesuch"], "no bundled template"),

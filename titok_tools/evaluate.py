@@ -13,7 +13,7 @@ import click
 from tqdm import tqdm
 
 from . import cli
-from .formatting import FormatError, render_prompt
+from .formatting import check_prompt
 from .generation import generate
 from .models import load_model, load_tokenizer
 from .records import RecordError, checked, is_done, prompt_and_completion, read_records, record_writer, text_output
@@ -94,10 +94,7 @@ def evaluate_records(pairs, model, tokenizer, *, chat_template=True, max_new_tok
 
     def check(where, record):
         messages, completion = prompt_and_completion(record, where)
-        try:
-            render_prompt(tokenizer, messages, chat_template)  # a template may refuse it (raise_exception)
-        except FormatError as e:
-            raise RecordError(where, "prompt", str(e))
+        check_prompt(tokenizer, messages, chat_template, where)  # a template may refuse it (raise_exception)
         return messages, completion
 
     for item in checked(pairs, check, skip_invalid, counts):

@@ -14,6 +14,8 @@ from operator import eq, itemgetter, le
 
 from jinja2 import TemplateError
 
+from .records import RecordError
+
 
 class FormatError(ValueError):
     pass
@@ -50,6 +52,15 @@ def render_prompt(tokenizer, messages, chat_template=True):
     if uses_template(tokenizer, chat_template):
         return _apply_template(tokenizer, messages, add_generation_prompt=True)
     return _plain_prompt(messages)
+
+
+def check_prompt(tokenizer, messages, chat_template, where):
+    """Raise a RecordError naming the record's prompt when the chat template refuses it, so a
+    command reports the record (or skips it with --skip-invalid) before a batch is generated."""
+    try:
+        render_prompt(tokenizer, messages, chat_template)
+    except FormatError as e:
+        raise RecordError(where, "prompt", str(e)) from None
 
 
 def _plain_prompt(messages):

@@ -37,7 +37,8 @@ import numpy as np
 from tqdm import tqdm
 
 from . import cli
-from .records import RecordError, is_done, prompt_messages, read_records, record_writer
+from .formatting import check_prompt
+from .records import RecordError, checked, is_done, prompt_messages, read_records, record_writer
 
 log = logging.getLogger("titok.gen")
 
@@ -563,9 +564,11 @@ def _query_of(record):
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
-def label_records(pairs, backend, settings, meta, counts=None, progress=None, done=None):
+def label_records(pairs, backend, settings, meta, counts=None, progress=None, done=None, skip_invalid=False):
     """Answer each (where, record)'s prompt with the expert; yield the records with
-    "completion" and "titok_gen" set, in input order.
+    "completion" and "titok_gen" set, in input order. A record without a prompt the chat
+    template accepts stops the run with a one-line error, or is skipped and counted in
+    counts["invalid"] with skip_invalid.
 
     Prompts are answered in blocks of settings.batch_size consecutive records, one seed per
     block. A label depends on its whole block (the block's padding changes bf16 numbers, and
@@ -599,9 +602,14 @@ def label_records(pairs, backend, settings, meta, counts=None, progress=None, do
         if progress is not None:
             progress.update(len(block))
 
+    def check(where, record):
+        messages = prompt_messages(record, where)
+        check_prompt(backend.tokenizer, messages, backend.chat_template, where)
+        return messages
+
     block = []
-    for where, record in pairs:
-        block.append((record, prompt_messages(record, where)))
+    for _, record, messages in checked(pairs, check, skip_invalid, counts):
+        block.append((record, messages))
         if len(block) >= settings.batch_size:
             yield from answer(block)
             block = []
@@ -655,11 +663,13 @@ def _probability(ctx, param, value):
 @cli.resume_option
 @cli.seed_option
 @cli.shard_option
+@click.option("--skip-invalid", is_flag=True,
+              help="With --label: skip bad records (counted on stderr) instead of stopping at the first one.")
 @cli.command
 def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_chat_template, max_length, seed_examples,
          label_file, num, task_description, shots, template, temperature, top_p, max_new_tokens, label_temperature,
          label_max_new_tokens, batch_size, rouge_threshold, no_dedup, max_rounds, queries_from, backend, tensor_parallel_size, output,
-         resume, seed, shard):
+         resume, seed, shard, skip_invalid):
     """Make task data with the source expert (--model + --adapter): new queries from a few
     real examples and the expert's answers, or answers to given prompts (--label).
 
@@ -687,6 +697,8 @@ def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_cha
         raise click.UsageError("--num goes with --seed-examples; --label answers every prompt of its file")
     if shard is not None and label_file is None:
         raise click.UsageError("--shard splits --label work; query synthesis is sequential (dedup sees every query)")
+    if skip_invalid and label_file is None:
+        raise click.UsageError("--skip-invalid goes with --label; seed examples must all be valid")
     settings = GenSettings(num=num or 0, shots=shots, batch_size=batch_size, max_rounds=max_rounds, temperature=temperature,
                            top_p=top_p, max_new_tokens=max_new_tokens, label_temperature=label_temperature,
                            label_max_new_tokens=label_max_new_tokens, rouge_threshold=rouge_threshold, dedup=not no_dedup,
@@ -712,13 +724,15 @@ def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_cha
     with record_writer(output, resume) as writer:
         if label_file is not None:
             with tqdm(desc="titok-gen label", unit="rec", mininterval=1) as progress:
-                pairs = ((w, r) for i, (w, r) in enumerate(read_records(label_file)) if cli.in_shard(i, shard))
+                pairs = ((w, r) for i, (w, r) in enumerate(read_records(label_file, skip_invalid, counts))
+                         if cli.in_shard(i, shard))
                 for record in label_records(pairs, engine, settings, meta, counts, progress,
-                                            done=lambda r: is_done(writer, r)):
+                                            done=lambda r: is_done(writer, r), skip_invalid=skip_invalid):
                     writer.write(record)
                     writer.flush()  # a killed job (a Slurm time limit) keeps every label it finished
-            log.info("labelled %d prompts%s", counts["labelled"],
-                     f", {counts['empty_label']} empty answers dropped" if counts["empty_label"] else "")
+            log.info("labelled %d prompts%s%s", counts["labelled"],
+                     f", {counts['empty_label']} empty answers dropped" if counts["empty_label"] else "",
+                     cli.counted_suffix(counts))
             return
         existing = []
         if resume and output != "-":
