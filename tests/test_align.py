@@ -486,3 +486,35 @@ def test_streaming_gc_still_collects_cyclic_garbage():
     finally:
         gc.unfreeze()
         gc.set_threshold(*saved)
+
+
+def test_one_ahead_runs_the_next_item_while_this_one_is_used():
+    """align tokenizes the next chunk in a thread while it aligns this one: results come in
+    order, the next call is already submitted when an item is handed out, and an error in the
+    thread is raised where its item would have come."""
+    from concurrent.futures import ThreadPoolExecutor
+    import threading
+
+    started, release = {i: threading.Event() for i in range(4)}, {i: threading.Event() for i in range(4)}
+
+    def work(i):
+        started[i].set()
+        release[i].wait(5)
+        if i == 3:
+            raise ValueError("item 3")
+        return i * i
+
+    def release_all():
+        for event in release.values():
+            event.set()
+
+    with ThreadPoolExecutor(1) as pool:
+        items = align.one_ahead(pool, work, range(4))
+        release[0].set()
+        assert next(items) == (0, 0)
+        assert started[1].wait(5)         # item 1 runs while the caller holds item 0
+        assert not started[2].is_set()    # and no further ahead
+        release_all()
+        assert [next(items), next(items)] == [(1, 1), (2, 4)]
+        with pytest.raises(ValueError, match="item 3"):
+            next(items)

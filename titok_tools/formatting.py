@@ -154,7 +154,7 @@ def _render(tokenizer, messages, completion, chat_template):
 
 def _tokenized(tokenizer, texts, add_special_tokens):
     """(ids, offsets) of each text, from one tokenizer call."""
-    enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True, return_attention_mask=False)
     return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
 
