@@ -4,7 +4,7 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from titok_tools.formatting import FormatError, _inside, encode, prompt_ids, stop_token_ids
+from titok_tools.formatting import Encoded, FormatError, _inside, encode, prompt_ids, stop_token_ids
 
 TEXTS = [
     "The answer is 42.",
@@ -159,3 +159,9 @@ def test_completion_run_by_bisection_matches_the_scan(widths, lead, trail, windo
         random.Random(seed).shuffle(spans)
     lo, hi = sorted(window)
     assert _inside(spans, lo, hi) == [i for i, (a, b) in enumerate(spans) if b > a and a < hi and b > lo]
+
+
+@pytest.mark.parametrize("positions", [[3], [3, 4], [2, 3, 4, 9], [2, 4, 5, 9], [0, 1, 2, 3], [1, 3], [5, 6, 8, 9, 10]])
+def test_token_ids_are_the_ids_at_the_positions(positions):
+    ids = [100 + i for i in range(12)]
+    assert Encoded(ids, positions, [], False).token_ids == [ids[p] for p in positions]

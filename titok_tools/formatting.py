@@ -30,7 +30,10 @@ class Encoded:
 
     @property
     def token_ids(self):
-        return [self.input_ids[p] for p in self.positions]
+        p = self.positions
+        if len(p) > 1 and p[-2] - p[0] == len(p) - 2:  # the usual case: one run, then the closing token
+            return self.input_ids[p[0]:p[-2] + 1] + [self.input_ids[p[-1]]]
+        return [self.input_ids[i] for i in p]
 
 
 def uses_template(tokenizer, chat_template=True):
