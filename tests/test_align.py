@@ -518,3 +518,34 @@ def test_one_ahead_runs_the_next_item_while_this_one_is_used():
         assert [next(items), next(items)] == [(1, 1), (2, 4)]
         with pytest.raises(ValueError, match="item 3"):
             next(items)
+
+
+@pytest.mark.parametrize("scope", ["sample", "batch"])
+def test_chunk_size_changes_nothing(scope, smollm2_tokenizer, gemma_tokenizer, monkeypatch):
+    """Records go through in chunks of about CHUNK_TOKENS source tokens, the next chunk tokenized
+    in a thread: one record per chunk, a few, or all at once give the same output, in input order,
+    with records titok-filter did not keep and bad ones (--skip-invalid) anywhere."""
+    words = "the quick brown fox jumps over a lazy dog while naïve 東京 emoji 🦊 wait".split()
+    records = []
+    for i in range(23):
+        record = scored(smollm2_tokenizer, " ".join(words[j % len(words)] for j in range(i, i + 3 + i % 7)), id=i, seed=i)
+        if i % 5 == 2:
+            record["titok"]["filter"]["kept"] = False
+        if i % 7 == 3:
+            record["titok"]["source"]["excess"] = None  # invalid: skipped, unless not kept (17: passes through)
+        records.append(record)
+    not_kept = {i for i in range(23) if i % 5 == 2}
+    invalid = {i for i in range(23) if i % 7 == 3} - not_kept
+
+    def aligned(chunk_tokens):
+        monkeypatch.setattr(align, "CHUNK_TOKENS", chunk_tokens)
+        counts = {}
+        pairs = ((f"in.jsonl:{i + 1}", json.loads(json.dumps(r))) for i, r in enumerate(records))
+        out = list(align_records(pairs, gemma_tokenizer, model="gemma", scope=scope, skip_invalid=True, counts=counts))
+        return out, counts
+
+    whole, counts = aligned(10 ** 9)
+    assert [r["id"] for r in whole] == [i for i in range(23) if i not in invalid] and counts["invalid"] == 2
+    assert [r["id"] for r in whole if "target" not in r["titok"]] == sorted(not_kept)
+    for chunk_tokens in (1, 5, 40):
+        assert aligned(chunk_tokens) == (whole, counts)

@@ -15,7 +15,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 import tempfile
 import time
-from itertools import chain, islice
+from itertools import chain
 
 import click
 import numpy as np
@@ -32,12 +32,21 @@ from .select import select_stream, split_by_counts
 log = logging.getLogger("titok.align")
 
 SOURCE_VALUES = {"excess": "run titok-score first", "mask": "run titok-filter first"}
-CHUNK = 16  # records per tokenizer call and per alignment pass
+CHUNK_TOKENS = 8192  # source tokens per tokenizer call and per alignment pass (~40 records of 200 tokens):
+                     # enough to amortize numpy's per-call cost and the hand-over between threads, and
+                     # memory bounded by tokens, not by records
 
 
-def batched(items, n):
-    items = iter(items)
-    while chunk := list(islice(items, n)):
+def batched(items, tokens, size):
+    """Lists of consecutive items, each closed once its items' size(item) reach `tokens`."""
+    chunk, total = [], 0
+    for item in items:
+        chunk.append(item)
+        total += size(item)
+        if total >= tokens:
+            yield chunk
+            chunk, total = [], 0
+    if chunk:
         yield chunk
 
 
@@ -373,15 +382,19 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
                                                            f"({run_k['k']}); pass -k")
         return None if not_kept(record) else source_fields(record, where, use)
 
+    def source_tokens(item):
+        return 1 if item[2] is None else len(item[2][3])
+
     def encoded(chunk):
         return encode_many(tokenizer, [f[:2] for _, _, f in chunk if f is not None], chat_template, max_length)
 
     def aligned():
-        # CHUNK records at a time: one tokenizer call, one set of array operations. The next
-        # chunk is tokenized in a thread while this one is aligned and written: the tokenizer
-        # releases the GIL (a quarter more records/s at 200 tokens, bench/bench_align.py).
+        # A chunk of records at a time: one tokenizer call, one set of array operations. The
+        # next chunk is tokenized in a thread while this one is aligned and written: the
+        # tokenizer releases the GIL.
+        chunks = batched(checked(pairs, check, skip_invalid, counts), CHUNK_TOKENS, source_tokens)
         with ThreadPoolExecutor(1, thread_name_prefix="titok-align-tokenize") as pool:
-            for chunk, encodings in one_ahead(pool, encoded, batched(checked(pairs, check, skip_invalid, counts), CHUNK)):
+            for chunk, encodings in one_ahead(pool, encoded, chunks):
                 to_align = [item for item in chunk if item[2] is not None]
                 done = iter(aligned_chunk(to_align, encodings) if to_align else ())
                 head = next(done, None)
