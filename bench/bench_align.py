@@ -17,11 +17,12 @@ Then the ratios against the issue's targets: align within 2x of the floor, >= 10
 
     python bench/bench_align.py [--records 1000] [--baseline-seconds 20] [--repeat 3]
 
-align and the floor are timed --repeat times each, best run kept (as timeit does: on a shared
-machine the slowest runs measure the neighbours).
+Each length runs --repeat rounds of align, the floor and the baseline, and the best round of
+each counts (as timeit does: on a shared machine the slowest runs measure the neighbours, and
+interleaving exposes all three to the same slow spells).
 
-The baseline is quadratic: it runs on as many records as fit in --baseline-seconds per length
-(at least 2), and its records/s come from those.
+The baseline is quadratic: each round runs it on the first records, as many as fit in
+--baseline-seconds / --repeat (at least one), and its records/s come from those.
 """
 import argparse
 import os
@@ -168,20 +169,26 @@ def time_stages(path, target):
 
 
 def time_baseline(path, source, target, budget):
+    """The first records of the file, as many as fit in `budget` seconds (at least one)."""
     started, n = time.perf_counter(), 0
     for _, record in read_records(path):
         baseline_record(record, source, target)
         n += 1
-        if n >= 2 and time.perf_counter() - started > budget:
+        if time.perf_counter() - started > budget:
             break
     return n, time.perf_counter() - started
+
+
+def rate(timings):
+    """The best records/s of several (records, seconds) timings."""
+    return max(n / seconds for n, seconds in timings)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=1000)
     parser.add_argument("--baseline-seconds", type=float, default=20.0)
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs of align and of the floor; the best counts")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of align, floor and baseline; the best of each counts")
     args = parser.parse_args()
 
     source = load_tokenizer(bundled.smollm2())
@@ -199,16 +206,21 @@ def main():
             texts = completions(target, text, length, args.records)
             path = os.path.join(tmp, f"scored-{length}.jsonl")
             write_scored(path, source, texts)
-            n, align_s = min((time_align(path, target) for _ in range(args.repeat)), key=lambda t: t[1])
-            tokenize_s, render_s = min(time_floor(texts, target) for _ in range(args.repeat))
-            nb, baseline_s = time_baseline(path, source, target, args.baseline_seconds)
-            align_rps, floor_rps = n / align_s, len(texts) / tokenize_s
-            fmt_rps, base_rps = len(texts) / (tokenize_s + render_s), nb / baseline_s
-            rows.append((length, align_s / n, nb, time_stages(path, target)))
+            # Rounds of align, floor, baseline: a slow spell of the machine hits all three alike.
+            aligns, floors, formats, baselines = [], [], [], []
+            for _ in range(args.repeat):
+                aligns.append(time_align(path, target))
+                tokenize_s, render_s = time_floor(texts, target)
+                floors.append((len(texts), tokenize_s))
+                formats.append((len(texts), tokenize_s + render_s))
+                baselines.append(time_baseline(path, source, target, args.baseline_seconds / args.repeat))
+            align_rps, floor_rps, fmt_rps, base_rps = map(rate, (aligns, floors, formats, baselines))
+            nb = min(n for n, _ in baselines)
+            rows.append((length, 1 / align_rps, nb, time_stages(path, target)))
             print(f"{length:>6} {align_rps:>12.0f} {floor_rps:>12.0f} {fmt_rps:>10.0f} {base_rps:>10.2f} "
                   f"{floor_rps / align_rps:>11.2f}x {fmt_rps / align_rps:>15.2f}x {align_rps / base_rps:>14.1f}x "
-                  f"{1e6 * align_s / n / length:>13.1f}", flush=True)
-    print(f"\nbaseline records timed per length: {', '.join(f'{l}: {nb}' for l, _, nb, _ in rows)}")
+                  f"{1e6 / align_rps / length:>13.1f}", flush=True)
+    print(f"\nbaseline records timed per round: {', '.join(f'{l}: {nb}' for l, _, nb, _ in rows)}")
     print("\nms per record: align, and its pieces other than alignment and top-k, each timed alone in one thread "
           "(align overlaps encode with the rest):")
     print(f"{'tokens':>6} {'align':>8} {'read':>8} {'encode':>8} {'write':>8} {'read+encode+write':>18}")
