@@ -509,7 +509,7 @@ def test_one_ahead_runs_the_next_item_while_this_one_is_used():
             event.set()
 
     with ThreadPoolExecutor(1) as pool:
-        items = align.one_ahead(pool, work, range(4))
+        items = align.one_ahead(lambda i: pool.submit(work, i).result, range(4))
         release[0].set()
         assert next(items) == (0, 0)
         assert started[1].wait(5)         # item 1 runs while the caller holds item 0

@@ -23,7 +23,7 @@ import orjson
 from tqdm import tqdm
 
 from . import cli
-from .formatting import FormatError, encode_many
+from .formatting import FormatError, encode_later
 from .models import load_tokenizer, tokenizer_fingerprint
 from .records import (NUMBER_TYPES, RecordError, check_numbers, checked, dumps, filter_settings, not_kept,
                       prompt_and_completion, read_records, record_writer, titok)
@@ -50,17 +50,17 @@ def batched(items, tokens, size):
         yield chunk
 
 
-def one_ahead(pool, fn, items):
-    """(item, fn(item)) for each item, in order, with fn of the next item already running in
-    `pool` while the caller works on this one."""
+def one_ahead(start, items):
+    """(item, finish()) for each item, in order, where finish = start(item): the next item is
+    started before this one is finished and handed out."""
     pending = None
     for item in items:
-        submitted = (item, pool.submit(fn, item))
+        started = (item, start(item))
         if pending is not None:
-            yield pending[0], pending[1].result()
-        pending = submitted
+            yield pending[0], pending[1]()
+        pending = started
     if pending is not None:
-        yield pending[0], pending[1].result()
+        yield pending[0], pending[1]()
 
 
 # --- the alignment itself: plain functions over offsets and values ---------------------------
@@ -385,16 +385,17 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
     def source_tokens(item):
         return 1 if item[2] is None else len(item[2][3])
 
-    def encoded(chunk):
-        return encode_many(tokenizer, [f[:2] for _, _, f in chunk if f is not None], chat_template, max_length)
-
     def aligned():
         # A chunk of records at a time: one tokenizer call, one set of array operations. The
         # next chunk is tokenized in a thread while this one is aligned and written: the
         # tokenizer releases the GIL.
         chunks = batched(checked(pairs, check, skip_invalid, counts), CHUNK_TOKENS, source_tokens)
         with ThreadPoolExecutor(1, thread_name_prefix="titok-align-tokenize") as pool:
-            for chunk, encodings in one_ahead(pool, encoded, chunks):
+            def start(chunk):  # render now, tokenize in the pool's thread
+                return encode_later(tokenizer, [f[:2] for _, _, f in chunk if f is not None], chat_template,
+                                    max_length, pool.submit)
+
+            for chunk, encodings in one_ahead(start, chunks):
                 to_align = [item for item in chunk if item[2] is not None]
                 done = iter(aligned_chunk(to_align, encodings) if to_align else ())
                 head = next(done, None)

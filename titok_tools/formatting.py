@@ -176,6 +176,14 @@ def encode(tokenizer, messages, completion, chat_template=True, max_length=None)
 def encode_many(tokenizer, items, chat_template=True, max_length=None):
     """`encode` for a list of (messages, completion) with one tokenizer call; a FormatError
     stands in the result list for an item that cannot be encoded."""
+    return encode_later(tokenizer, items, chat_template, max_length)()
+
+
+def encode_later(tokenizer, items, chat_template=True, max_length=None, submit=None):
+    """encode_many in two steps: render the items now and start the tokenizer call, return a
+    function that finishes the encodings. With `submit` (an executor's submit) the call runs
+    there: titok-align tokenizes a chunk in a thread (the tokenizer releases the GIL) while it
+    aligns the one before; the Python work stays in the calling thread."""
     rendered = []
     for messages, completion in items:
         try:
@@ -183,17 +191,27 @@ def encode_many(tokenizer, items, chat_template=True, max_length=None):
         except FormatError as e:
             rendered.append(e)
     ok = [r for r in rendered if not isinstance(r, FormatError)]
-    tokenized = iter(_tokenized(tokenizer, [r[0] for r in ok], ok[0][3]) if ok else ())
-    results = []
-    for (_, completion), r in zip(items, rendered):
-        if isinstance(r, FormatError):
-            results.append(r)
-            continue
-        try:
-            results.append(_completion_tokens(tokenizer, r, completion, *next(tokenized), max_length))
-        except FormatError as e:
-            results.append(e)
-    return results
+    if not ok:
+        tokenized = list
+    elif submit is None:
+        done = _tokenized(tokenizer, [r[0] for r in ok], ok[0][3])
+        tokenized = lambda: done  # noqa: E731
+    else:
+        tokenized = submit(_tokenized, tokenizer, [r[0] for r in ok], ok[0][3]).result
+
+    def finish():
+        pieces = iter(tokenized())
+        results = []
+        for (_, completion), r in zip(items, rendered):
+            if isinstance(r, FormatError):
+                results.append(r)
+                continue
+            try:
+                results.append(_completion_tokens(tokenizer, r, completion, *next(pieces), max_length))
+            except FormatError as e:
+                results.append(e)
+        return results
+    return finish
 
 
 def _inside(spans, lo, hi):
