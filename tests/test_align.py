@@ -549,3 +549,38 @@ def test_chunk_size_changes_nothing(scope, smollm2_tokenizer, gemma_tokenizer, m
     assert [r["id"] for r in whole if "target" not in r["titok"]] == sorted(not_kept)
     for chunk_tokens in (1, 5, 40):
         assert aligned(chunk_tokens) == (whole, counts)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 30, 10 ** 9])
+def test_the_first_bad_record_is_reported_first(chunk_tokens, smollm2_tokenizer, gemma_tokenizer, monkeypatch):
+    """Chunks are read ahead, and some problems show when a record is read (a missing field),
+    others only when its chunk is aligned (offsets out of order): the error names the first bad
+    line either way."""
+    monkeypatch.setattr(align, "CHUNK_TOKENS", chunk_tokens)
+    records = [scored(smollm2_tokenizer, f"Record number {i} says hello.", id=i, seed=i) for i in range(40)]
+    records[10]["titok"]["source"]["offsets"].reverse()  # found when its chunk is aligned
+    records[12]["titok"]["source"]["excess"] = None       # found when it is read (the same chunk or the next)
+    pairs = ((f"in.jsonl:{i + 1}", r) for i, r in enumerate(records))
+    with pytest.raises(align.RecordError, match="in.jsonl:11: titok.source.offsets"):
+        list(align_records(pairs, gemma_tokenizer, model="gemma"))
+
+
+def test_records_passed_through_weigh_their_source_tokens(smollm2_tokenizer, gemma_tokenizer, monkeypatch):
+    """A chunk holds about CHUNK_TOKENS source tokens, records titok-filter did not keep included
+    (they carry their source lists too): a long run of them is not one huge chunk."""
+    chunk_sizes = []
+    batched = align.batched
+
+    def spy(items, tokens, size):
+        for chunk in batched(items, tokens, size):
+            chunk_sizes.append(len(chunk))
+            yield chunk
+
+    monkeypatch.setattr(align, "batched", spy)
+    records = [scored(smollm2_tokenizer, "Ten words or so of text that are not kept here.", id=i) for i in range(12)]
+    for record in records[1:]:
+        record["titok"]["filter"]["kept"] = False
+    tokens = len(records[0]["titok"]["source"]["offsets"])
+    monkeypatch.setattr(align, "CHUNK_TOKENS", 3 * tokens)
+    out = list(align_records(((str(i), r) for i, r in enumerate(records)), gemma_tokenizer, model="gemma"))
+    assert [r["id"] for r in out] == list(range(12)) and chunk_sizes == [3, 3, 3, 3]

@@ -38,23 +38,39 @@ CHUNK_TOKENS = 8192  # source tokens per tokenizer call and per alignment pass (
 
 
 def batched(items, tokens, size):
-    """Lists of consecutive items, each closed once its items' size(item) reach `tokens`."""
+    """Lists of consecutive items, each closed once its items' size(item) reach `tokens`. An
+    error while reading an item comes after the chunk of the items before it, so that a caller
+    checking them reports errors in input order."""
     chunk, total = [], 0
-    for item in items:
-        chunk.append(item)
-        total += size(item)
-        if total >= tokens:
+    try:
+        for item in items:
+            chunk.append(item)
+            total += size(item)
+            if total >= tokens:
+                yield chunk
+                chunk, total = [], 0
+    except Exception:
+        if chunk:
             yield chunk
-            chunk, total = [], 0
+        raise
     if chunk:
         yield chunk
 
 
 def one_ahead(start, items):
     """(item, finish()) for each item, in order, where finish = start(item): the next item is
-    started before this one is finished and handed out."""
-    pending = None
-    for item in items:
+    started before this one is finished and handed out. An error while reading the next item
+    is raised after this one is handed out (it comes later in the input)."""
+    items, pending = iter(items), None
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            break
+        except Exception:
+            if pending is not None:
+                yield pending[0], pending[1]()
+            raise
         started = (item, start(item))
         if pending is not None:
             yield pending[0], pending[1]()
@@ -383,7 +399,13 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
         return None if not_kept(record) else source_fields(record, where, use)
 
     def source_tokens(item):
-        return 1 if item[2] is None else len(item[2][3])
+        # a record passed through (not kept) carries its source lists too: it weighs as many
+        _, record, fields = item
+        if fields is not None:
+            return len(fields[3])
+        source = record["titok"].get("source")  # not kept: titok-filter wrote record["titok"]
+        offsets = source.get("offsets") if isinstance(source, dict) else None
+        return max(1, len(offsets)) if isinstance(offsets, list) else 1
 
     def aligned():
         # A chunk of records at a time: one tokenizer call, one set of array operations. The

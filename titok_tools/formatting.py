@@ -182,8 +182,9 @@ def encode_many(tokenizer, items, chat_template=True, max_length=None):
 def encode_later(tokenizer, items, chat_template=True, max_length=None, submit=None):
     """encode_many in two steps: render the items now and start the tokenizer call, return a
     function that finishes the encodings. With `submit` (an executor's submit) the call runs
-    there: titok-align tokenizes a chunk in a thread (the tokenizer releases the GIL) while it
-    aligns the one before; the Python work stays in the calling thread."""
+    there: titok-align tokenizes a chunk in a thread (the tokenizer releases the GIL while it
+    tokenizes) while it aligns the one before; rendering and finding the completion's tokens stay
+    in the calling thread."""
     rendered = []
     for messages, completion in items:
         try:
