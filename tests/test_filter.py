@@ -125,6 +125,13 @@ def test_unscored_records_say_run_titok_score_first(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("titok", [[1, 2], "scored", {"source": "scored"}, {"source": [1.0]}])
+def test_a_titok_field_that_is_not_an_object_is_a_one_line_error(tmp_path, titok):
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS[:1] + [{"id": "x", "prompt": "p", "completion": "c", "titok": titok}])
+    result = CliRunner().invoke(main, [data])
+    assert result.exit_code == 1 and "in.jsonl:2: titok.source: missing: run titok-score first" in result.output
+
+
 @pytest.mark.parametrize("excess, field, shown", [([1.0, "x"], "titok.source.excess[1]", '"x"'),
                                                   ([True], "titok.source.excess[0]", "true"),
                                                   ([0.5, None], "titok.source.excess[1]", "null")])

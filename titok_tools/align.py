@@ -26,7 +26,7 @@ from . import cli
 from .formatting import FormatError, encode_later
 from .models import load_tokenizer, tokenizer_fingerprint
 from .records import (NUMBER_TYPES, RecordError, check_numbers, checked, dumps, filter_settings, not_kept,
-                      prompt_and_completion, read_records, record_writer, titok)
+                      prompt_and_completion, read_records, record_writer, titok, titok_part)
 from .select import select_stream, split_by_counts
 
 log = logging.getLogger("titok.align")
@@ -277,8 +277,8 @@ def source_values(record, where, use):
     """The source's offsets and the values to carry (excess or 0/1 mask), checked against the
     completion; raises a one-line RecordError naming file:line, field and record id."""
     messages, completion = prompt_and_completion(record, where)
-    source = record.get("titok", {}).get("source") if isinstance(record.get("titok"), dict) else None
-    if not isinstance(source, dict):
+    source = titok_part(record, "source")
+    if source is None:
         raise RecordError(where, "titok.source", f"missing: {SOURCE_VALUES['excess']}")
     values = source.get(use)
     if not isinstance(values, list):
@@ -297,9 +297,8 @@ def source_values(record, where, use):
 def source_fields(record, where, use):
     """The fields alignment reads, checked for presence and shape only (the numbers are checked a
     chunk at a time); a record that fails goes through source_values for its one-line error."""
-    source = record.get("titok", {}).get("source") if isinstance(record.get("titok"), dict) else None
-    values = source.get(use) if isinstance(source, dict) else None
-    offsets = source.get("offsets") if isinstance(source, dict) else None
+    source = titok_part(record, "source") or {}
+    values, offsets = source.get(use), source.get("offsets")
     if not (isinstance(values, list) and isinstance(offsets, list) and len(values) == len(offsets)):
         source_values(record, where, use)  # raises the precise error
     messages, completion = prompt_and_completion(record, where)
@@ -403,8 +402,7 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
         _, record, fields = item
         if fields is not None:
             return len(fields[3])
-        source = record["titok"].get("source")  # not kept: titok-filter wrote record["titok"]
-        offsets = source.get("offsets") if isinstance(source, dict) else None
+        offsets = (titok_part(record, "source") or {}).get("offsets")
         return max(1, len(offsets)) if isinstance(offsets, list) else 1
 
     def aligned():

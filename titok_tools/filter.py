@@ -10,7 +10,7 @@ import random
 import click
 
 from . import cli
-from .records import RecordError, check_numbers, read_records, record_writer, spooled, titok
+from .records import RecordError, check_numbers, read_records, record_writer, spooled, titok, titok_part
 from .select import auto_k, n_select, select_stream
 
 log = logging.getLogger("titok.filter")
@@ -18,8 +18,8 @@ log = logging.getLogger("titok.filter")
 
 def source_scores(record, where):
     """The scored source side of a record, checked."""
-    source = record.get("titok", {}).get("source")
-    if not isinstance(source, dict) or "excess" not in source:
+    source = titok_part(record, "source")
+    if source is None or "excess" not in source:
         raise RecordError(where, "titok.source", "missing: run titok-score first")
     excess = source["excess"]
     if not isinstance(excess, list) or not excess:

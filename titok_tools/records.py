@@ -147,11 +147,17 @@ def check_numbers(values, where, field, prefix=""):
             raise RecordError(where, f"{field}[{i}]", f"{prefix}must be a number, not {orjson.dumps(value).decode()}")
 
 
+def titok_part(record, name):
+    """record["titok"][name] ("source", "filter", "target"), or None when it is missing or not an
+    object (as anything may be in a record another script wrote)."""
+    titok_ = record.get("titok")
+    part = titok_.get(name) if isinstance(titok_, dict) else None
+    return part if isinstance(part, dict) else None
+
+
 def filter_settings(record):
     """titok.filter of a record, {} when there is none (or it is not an object)."""
-    titok_ = record.get("titok")
-    settings = titok_.get("filter") if isinstance(titok_, dict) else None
-    return settings if isinstance(settings, dict) else {}
+    return titok_part(record, "filter") or {}
 
 
 def not_kept(record):

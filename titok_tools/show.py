@@ -25,7 +25,7 @@ import numpy as np
 from . import cli
 from .align import as_spans, offsets_problem, overlap_ranges
 from .filter import source_scores
-from .records import RecordError, filter_settings, prompt_and_completion, read_records, spooled, text_output
+from .records import RecordError, filter_settings, prompt_and_completion, read_records, spooled, text_output, titok_part
 
 log = logging.getLogger("titok.show")
 
@@ -64,7 +64,7 @@ def checked_record(record, where):
     for field in ("excess", "mask"):
         if field in source and len(source[field]) != n:
             raise RecordError(where, f"titok.source.{field}", f"{len(source[field])} values for {n} tokens")
-    target = record["titok"].get("target")
+    target = titok_part(record, "target")
     if target is not None:
         problem = offsets_problem(target.get("offsets"), len(completion))
         if problem:

@@ -34,7 +34,7 @@ from . import cli
 from .formatting import FormatError, encode
 from .models import (DTYPES, base_model_name, decoder_and_head, load_model, load_tokenizer, predicting_hidden, project_logits,
                      resolve_device, resolve_dtype, right_padded, tokenizer_fingerprint)
-from .records import RecordError, checked, not_kept, prompt_and_completion, read_records, spooled
+from .records import RecordError, checked, not_kept, prompt_and_completion, read_records, spooled, titok_part
 
 log = logging.getLogger("titok.train")
 
@@ -56,8 +56,7 @@ class Example:
 def _mask_of(record, where, fingerprint, model):
     """(mask, token_ids, field) of a record: the target mask when it was made for this tokenizer,
     else the source mask when the source tokenizer is this one (same-tokenizer transfer)."""
-    titok = record.get("titok") or {}
-    target, source = titok.get("target") or {}, titok.get("source") or {}
+    target, source = titok_part(record, "target") or {}, titok_part(record, "source") or {}
     for part, name, step in ((target, "titok.target", "titok-align"), (source, "titok.source", "titok-filter")):
         if part.get("tokenizer") == fingerprint:
             if part.get("mask") is None:
