@@ -663,8 +663,7 @@ def _probability(ctx, param, value):
 @cli.resume_option
 @cli.seed_option
 @cli.shard_option
-@click.option("--skip-invalid", is_flag=True,
-              help="With --label: skip bad records (counted on stderr) instead of stopping at the first one.")
+@cli.skip_invalid_option
 @cli.command
 def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_chat_template, max_length, seed_examples,
          label_file, num, task_description, shots, template, temperature, top_p, max_new_tokens, label_temperature,
