@@ -160,11 +160,11 @@ def test_chunk_checks_agree_with_the_record_checks(records):
     rejects, whatever sits next to them in the chunk."""
     expected = [align.offsets_problem(offsets, length) is not None for offsets, length in records]
     counts = np.array([len(o) for o, _ in records])
-    spans = align.concatenated([o for o, _ in records], int(counts.sum()))
+    spans = align.concatenated([o for o, _ in records])
     assert align.spans_problems(spans, np.array([length for _, length in records]), counts).tolist() == expected
     # what is not a list of integer pairs never reaches the array checks (the record checks say why)
     for broken in ([], [[0, 1, 2]], [[0, 1], [2]], "nope", [["a", "b"]], [[0, 2 ** 70]]):
-        assert align.concatenated([[[0, 1]], broken], 3) is None
+        assert align.concatenated([[[0, 1]], broken]) is None
 
 
 @pytest.mark.parametrize("groups", [False, True])
@@ -179,8 +179,8 @@ def test_a_chunk_aligns_as_its_records_do_alone(groups, smollm2_tokenizer, gemma
         values = [[float(v > 0) for v in vs] for vs in values]
     lengths = tuple(np.array(x) for x in ([len(t) for t in texts], [len(s) for s in sources],
                                           [len(t) for t in targets]))
-    got = align.align_many(align.concatenated(sources, int(lengths[1].sum())), np.concatenate(values),
-                           align.concatenated(targets, int(lengths[2].sum())), lengths, groups=groups)
+    got = align.align_many(align.concatenated(sources), np.concatenate(values),
+                           align.concatenated(targets), lengths, groups=groups)
     reference = brute_force_groups if groups else brute_force
     assert got == [reference(s, v, t) for s, v, t in zip(sources, values, targets)]
 

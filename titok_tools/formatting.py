@@ -9,8 +9,7 @@ tokens that are scored are the tokens that are trained.
 """
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
-from itertools import islice
-from operator import eq, itemgetter, le
+from operator import eq, itemgetter
 
 from jinja2 import TemplateError
 
@@ -226,7 +225,7 @@ def _inside(spans, lo, hi):
     while end and spans[end - 1][0] == spans[end - 1][1]:
         end -= 1
     starts, ends = list(map(itemgetter(0), spans[:end])), list(map(itemgetter(1), spans[:end]))
-    if not (all(map(le, starts, islice(starts, 1, None))) and all(map(le, ends, islice(ends, 1, None)))):
+    if starts != sorted(starts) or ends != sorted(ends):  # sorting a sorted list is one C pass
         return [i for i, (a, b) in enumerate(spans) if b > a and a < hi and b > lo]
     first = bisect_right(ends, lo)  # the first token ending after lo
     last = bisect_left(starts, hi, first) - 1  # the last one starting before hi
