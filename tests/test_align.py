@@ -148,6 +148,9 @@ def test_offsets_problems():
     assert "empty" in align.offsets_problem([[0, 0], [0, 5]], 5)
     assert "pairs" in align.offsets_problem([[0, 3, 1]], 5)
     assert "integer" in align.offsets_problem("nope", 5)
+    # a completion made longer after scoring: every span fits, the closing one is not at the end
+    assert align.offsets_problem([[0, 2], [2, 3], [3, 3]], 5) == ("close at 3, not at the completion's end (5): "
+                                                                   "was it edited after scoring?")
 
 
 offset_lists = st.lists(st.lists(st.integers(-1, 12), min_size=2, max_size=2), min_size=1, max_size=8)
@@ -324,12 +327,14 @@ def test_cli_from_mask_shard_and_k(gemma_scored, smollm2_dir, smollm2_tokenizer)
         assert target["mask"] == topk_mask(target["score"], 0.2)
 
 
-def test_records_titok_filter_did_not_keep_pass_through(gemma_scored, smollm2_dir, tmp_path):
+@pytest.mark.parametrize("scope", ["global", "batch", "sample"])
+def test_records_titok_filter_did_not_keep_pass_through(scope, gemma_scored, smollm2_dir, tmp_path):
     # titok-filter --mark-only writes the dropped records too (kept: false, no mask): they pass
-    # through untouched and stay out of the selection, which a global threshold would feel.
+    # through untouched and stay out of the selection, which a global threshold would feel, and
+    # a batch group would too if they took places in it (groups of 4 kept records, as titok-filter's)
     import copy
     path, records = gemma_scored
-    target = ["--target-model", smollm2_dir, "--scope", "global"]
+    target = ["--target-model", smollm2_dir, "--scope", scope]
     kept_only = read_jsonl(run(target, path).stdout.encode())
     dropped = []
     for i in (0, 3):
@@ -352,6 +357,11 @@ def test_records_titok_filter_did_not_keep_pass_through(gemma_scored, smollm2_di
         if use == "excess":
             assert [r for r in out if r not in passed] == kept_only
     assert "2 records titok-filter did not keep passed through" in result.stderr
+    # no record kept at all: they all pass through (a global selection over nothing)
+    result = run(target, write_jsonl(tmp_path / "dropped.jsonl", dropped))
+    assert result.exit_code == 0, result.output
+    assert [r["titok"] for r in read_jsonl(result.stdout.encode())] == [
+        {k: v for k, v in d["titok"].items() if k != "target"} for d in dropped]
 
 
 def test_shards_select_alone_only_per_sample(gemma_scored, smollm2_dir):

@@ -92,6 +92,21 @@ def test_mark_only_drops_the_mask_of_an_earlier_run(tmp_path):
         ("a", False), ("b", True), ("c", False), ("d", False), ("e", False)]
 
 
+def test_a_target_aligned_under_an_earlier_selection_is_removed(tmp_path):
+    """Re-filtering aligned records: titok.target's mask came from the earlier k and keep, and
+    titok-train prefers titok.target.mask, so it goes (titok-align must run again) and the
+    summary says so; the other records and fields are untouched."""
+    import copy
+    aligned = copy.deepcopy(RECORDS)
+    for record in aligned[:3]:
+        record["titok"]["target"] = {"mask": [1], "score": [0.5]}
+    out, stderr = run(aligned, "-k", "1", "--keep", "1.0", tmp_path=tmp_path)
+    assert [sorted(r["titok"]) for r in out] == [["filter", "source"]] * 5
+    assert [{k: v for k, v in r.items() if k != "titok"} for r in out] == [
+        {k: v for k, v in r.items() if k != "titok"} for r in RECORDS]
+    assert "removed titok.target from 3 records (aligned under an earlier selection: run titok-align again)" in stderr
+
+
 @pytest.mark.parametrize("path", ["-", "/dev/stdin"])
 def test_reads_stdin_through_a_pipe(tmp_path, path):
     # /dev/stdin (or a shell's <(...)) is a pipe too: read once, so it is spooled like '-'.
@@ -246,3 +261,20 @@ def test_per_record_selection_in_one_pass_matches_the_rule(score_lists, k):
     # select_stream's sample scope goes SAMPLE_CHUNK records at a time: chunk borders change nothing
     stream = list(select_stream(iter(score_lists * 30), lambda s: s, k, "sample"))
     assert [mask for _, mask in stream] == expected * 30
+
+
+@settings(max_examples=100, deadline=None)
+@given(score_lists=st.lists(st.lists(st.floats(-5, 5, allow_nan=False), min_size=1, max_size=6), max_size=14),
+       outside=st.lists(st.integers(0, 14), max_size=6), scope=st.sampled_from(["sample", "batch", "global"]))
+def test_items_outside_the_selection_change_nothing(score_lists, outside, scope):
+    """Items whose scores_of is None (titok-align's records titok-filter did not keep) come out in
+    their place with mask None, and the others get the masks they get without them: they take
+    no place in a batch group, and no share of a global threshold."""
+    alone = [mask for _, mask in select_stream(score_lists, lambda s: s, 0.5, scope, rereader=lambda: iter(score_lists))]
+    items = [("in", i, s) for i, s in enumerate(score_lists)]
+    for n, at in enumerate(sorted(outside, reverse=True)):
+        items.insert(min(at, len(items)), ("out", n, None))
+    got = list(select_stream(items, lambda item: item[2], 0.5, scope, rereader=lambda: iter(items)))
+    assert [item for item, _ in got] == items
+    assert [mask for item, mask in got if item[0] == "out"] == [None] * len(outside)
+    assert [mask for item, mask in got if item[0] == "in"] == alone

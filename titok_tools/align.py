@@ -223,8 +223,10 @@ def offsets_problem(offsets, length):
     if (np.diff(starts) < 0).any() or (np.diff(ends) < 0).any():
         return "are not in order"
     nonempty = starts[:-1] < ends[:-1]
-    if not nonempty.all() or starts[-1] > ends[-1] or (starts[-1] == ends[-1] != length):
+    if not nonempty.all() or starts[-1] > ends[-1]:
         return "hold an empty span other than the closing token's [length, length]"
+    if starts[-1] == ends[-1] != length:
+        return f"close at {ends[-1]}, not at the completion's end ({length}): was it edited after scoring?"
     return None
 
 
@@ -460,8 +462,8 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
 
     def scores_of(record):
         # not kept: it passes through, outside the selection (with --scope batch or global it
-        # would change the kept records' masks)
-        return [] if not_kept(record) else record["titok"]["target"]["score"]
+        # would change the kept records' masks: a batch group is BATCH_GROUP kept records)
+        return None if not_kept(record) else record["titok"]["target"]["score"]
 
     stream = aligned()
     first = next(stream, None)
@@ -478,7 +480,7 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
                 spool.seek(0)
                 return (orjson.loads(line) for line in spool)
         for record, mask in select_stream(stream, scores_of, run_k["k"], scope, rereader):
-            if not not_kept(record):
+            if mask is not None:
                 record["titok"]["target"]["mask"] = mask
             yield record
 

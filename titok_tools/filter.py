@@ -120,6 +120,8 @@ def filter_records(read, k, keep, scope, mark_only=False, counts=None, rank_by="
         counts[f"n_{key}"] = counts.get(f"n_{key}", 0) + 1
         if is_kept or mark_only:
             titok(record)["filter"] = dict(settings, rank=ranks[i], kept=is_kept)
+            if titok(record).pop("target", None) is not None:  # aligned under an earlier selection
+                counts["stale_target"] = counts.get("stale_target", 0) + 1
             yield record
 
 
@@ -131,6 +133,9 @@ def summary(counts):
                  f"mean excess kept {counts['sum_kept'] / kept:+.4f}")
     if dropped:
         line += f" vs dropped {counts['sum_dropped'] / dropped:+.4f}"
+    if counts.get("stale_target"):
+        line += (f"; removed titok.target from {counts['stale_target']} records (aligned under an earlier "
+                 f"selection: run titok-align again)")
     return line
 
 
@@ -152,7 +157,8 @@ def main(input, k, scope, keep, rank_by, seed, mark_only, output, mass):
 
     Reads records scored by titok-score. Keeps the top --keep samples by mean excess, then
     sets titok.source.mask (0/1 per token) to the top -k share of tokens by excess. Adds
-    titok.filter = {k, keep, scope, rank, kept}. `-k 1 --keep 1.0` keeps every token of every
+    titok.filter = {k, keep, scope, rank, kept}; drops a titok.target from an earlier titok-align
+    (its mask came from the earlier selection). `-k 1 --keep 1.0` keeps every token of every
     sample: the all-token (SFT/KD) baseline from the same tool.
 
     -k auto picks k from the data: the smallest k whose selection (same --scope rule) holds at

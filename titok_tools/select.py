@@ -76,40 +76,49 @@ def topk_masks_each(score_lists, k):
 
 
 def select_stream(items, scores_of, k, scope, rereader=None):
-    """Yield (item, mask) for a stream of items, selecting with `scope`.
+    """Yield (item, mask) for a stream of items, in order, selecting with `scope`.
 
-    `scores_of(item)` gives the item's score list. "sample" and "batch" stream with memory
-    bounded by one group; "global" needs every score first: it runs one pass to collect them
-    (scores only, not the records), and takes `rereader()`, a fresh iterator over the items, for
-    the second pass.
+    `scores_of(item)` gives the item's score list, or None for an item outside the selection
+    (titok-align's records that titok-filter did not keep): it is yielded in its place with mask
+    None and takes no place in a batch group. "sample" and "batch" stream with memory bounded by
+    one group; "global" needs every score first: it runs one pass to collect them (scores only,
+    not the records), and takes `rereader()`, a fresh iterator over the items, for the second pass.
     """
     if scope == "sample":
         items = iter(items)
-        while chunk := list(islice(items, SAMPLE_CHUNK)):
-            yield from zip(chunk, topk_masks_each([scores_of(item) for item in chunk], k))
+        while chunk := [(item, scores_of(item)) for item in islice(items, SAMPLE_CHUNK)]:
+            yield from _with_masks(chunk, topk_masks_each([s for _, s in chunk if s is not None], k))
     elif scope == "batch":
-        group = []
+        pending, group = [], []  # the items since the last selection; the score lists among them
         for item in items:
-            group.append(item)
+            scores = scores_of(item)
+            pending.append((item, scores))
+            if scores is not None:
+                group.append(scores)
             if len(group) == BATCH_GROUP:
-                yield from zip(group, topk_masks([scores_of(g) for g in group], k))
-                group = []
-        if group:
-            yield from zip(group, topk_masks([scores_of(g) for g in group], k))
+                yield from _with_masks(pending, topk_masks(group, k))
+                pending, group = [], []
+        yield from _with_masks(pending, topk_masks(group, k))
     elif scope == "global":
         lengths, flat = array("l"), array("d")  # 8 bytes a token, not the records
         for item in items:
             scores = scores_of(item)
-            lengths.append(len(scores))
-            flat.extend(math.nan if s is None else s for s in scores)
-        keep = _topk_keep(np.frombuffer(flat, dtype=np.float64), k) if len(flat) else []
+            lengths.append(-1 if scores is None else len(scores))
+            flat.extend(math.nan if s is None else s for s in scores or ())
+        keep = _topk_keep(np.frombuffer(flat, dtype=np.float64), k)
         start = 0
         for item, n in zip(rereader(), lengths):
-            yield item, keep[start:start + n].tolist()
-            start += n
+            yield item, None if n < 0 else keep[start:start + n].tolist()
+            start += max(n, 0)
     else:
         raise ValueError(f"unknown scope {scope!r}")
 
+
+def _with_masks(pending, masks):
+    """(item, mask) for (item, scores) pairs, handing out `masks` in order to the items that have scores."""
+    masks = iter(masks)
+    for item, scores in pending:
+        yield item, None if scores is None else next(masks)
 
 
 def scope_groups(score_lists, scope):
