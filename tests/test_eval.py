@@ -216,3 +216,23 @@ def test_generation_ignores_the_checkpoints_sampling_settings(tiny_llama, qa, tm
         answers[name] = generate(model, load_tokenizer(path), prompts, max_new_tokens=6, batch_size=2)
         assert name == "plain" or model.generation_config.repetition_penalty == 5.0  # restored afterwards
     assert answers["tuned"] == answers["plain"]
+
+
+def test_metrics_go_to_a_file_checked_before_the_model_loads(tmp_path):
+    """stdout carries the records: --metrics - is refused, and a --metrics path that cannot be
+    written fails before any work (the model named here does not even exist)."""
+    data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "completion": "c"}])
+    result = CliRunner().invoke(main, ["--model", "no/such-model", "--metrics", "-", data])
+    assert result.exit_code == 2 and "stdout carries the records: give a file" in result.output
+    result = CliRunner().invoke(main, ["--model", "no/such-model", "--metrics", f"{data}/m.json", data])
+    assert result.exit_code == 1 and f"Error: {data}/m.json: cannot write: {data} is not a directory" in result.output
+
+
+@pytest.mark.parametrize("command", ["eval", "gen", "score"])
+def test_resume_without_an_output_file_is_refused_before_the_model_loads(tmp_path, command, tiny_llama_lora):
+    from titok_tools import gen, score
+    data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "completion": "c"}])
+    args = {"eval": (main, [data]), "gen": (gen.main, ["--label", data]),
+            "score": (score.main, ["--adapter", tiny_llama_lora, data])}[command]
+    result = CliRunner().invoke(args[0], ["--model", "no/such-model", "--resume", *args[1]])
+    assert result.exit_code == 2 and "--resume needs -o FILE" in result.output

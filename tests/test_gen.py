@@ -421,6 +421,20 @@ def test_empty_labels_are_dropped(seed_file):
     assert counts["empty_label"] == 1
 
 
+def test_a_query_dropped_for_its_empty_label_rules_out_no_other(seed_file):
+    """Dedup is against the kept queries: a near-duplicate in the same round of a query whose
+    label came back empty is kept (SPEC A8), and one of a kept query is not."""
+    seeds = load_seeds(seed_file, 3)
+    replies = ["Input: Which team does Naomi Osaka play for in the league?",
+               "Input: Which team does Naomi Osaka play for in this league?",
+               "Input: How many players are on a hockey team on the ice?",
+               "Input: How many players are in a hockey team on the ice?"]
+    records, counts, _ = run_scripted(replies, seeds, 4, batch_size=4,
+                                      label=lambda q: "" if "in the league" in q else "42")
+    assert [r["prompt"] for r in records] == [replies[1][7:], replies[2][7:]]
+    assert counts["empty_label"] == 1 and counts["duplicate"] == 1
+
+
 def test_shots_redrawn_per_call_and_task_description(seed_file, tmp_path):
     seeds = load_seeds(seed_file, 2)
     assert seeds.task_description == "Decide whether a sentence about sports is plausible."

@@ -60,7 +60,7 @@ def test_by_id_merges_shards_with_dropped_records(tiny_llama, tiny_llama_lora, d
     assert result.exit_code == 1
     assert f"shard 1 ({shards[1]}) has 2 records, expected 3" in result.output
     assert "--by-id INPUT" in result.output
-    assert not (tmp_path / "out.jsonl").exists()  # only FILE.partial, as with every command
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "out.jsonl.partial").exists()  # no --resume here
 
 
 def shard_files(tmp_path, sizes):

@@ -2,6 +2,7 @@
 import os
 import stat
 
+import click
 import orjson
 import pytest
 
@@ -110,3 +111,31 @@ def test_resume_names_a_line_that_is_not_a_record(tmp_path):
     (tmp_path / "out.jsonl.partial").write_bytes(_lines({"id": 0}) + b"[1, 2]\n")
     with pytest.raises(RecordError, match=r"out.jsonl.partial:2: not a JSON record"):
         record_writer(str(tmp_path / "out.jsonl"), resume=True).__enter__()
+
+
+def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path):
+    """One line naming the path and why, from check_writable (every -o, --metrics, titok-train's
+    --output), not a traceback after the work."""
+    a_file = tmp_path / "a.jsonl"
+    a_file.write_text("")
+    records.check_writable("-")
+    records.check_writable(str(tmp_path / "new" / "out.jsonl"))  # makes the directory
+    assert (tmp_path / "new").is_dir()
+    for path, why in ((a_file / "out.jsonl", f"{a_file} is not a directory"), (tmp_path, "it is a directory"),
+                      ("/proc/titok-out.jsonl", "No such file or directory")):
+        with pytest.raises(click.ClickException, match=f"^{path}: cannot write: {why}$"):
+            records.check_writable(str(path))
+    with pytest.raises(click.ClickException, match="not a directory"):
+        records.check_writable(str(a_file), is_dir=True)
+    records.check_writable(str(tmp_path), is_dir=True)
+
+
+def test_a_failed_run_leaves_no_partial_file_unless_it_can_resume(tmp_path):
+    for keep_partial in (False, True):
+        out = tmp_path / f"out-{keep_partial}.jsonl"
+        with pytest.raises(RuntimeError):
+            with record_writer(str(out), keep_partial=keep_partial) as writer:
+                writer.write({"id": 0})
+                raise RuntimeError("bad record")
+        assert not out.exists()
+        assert (tmp_path / f"out-{keep_partial}.jsonl.partial").exists() == keep_partial

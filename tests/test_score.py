@@ -144,6 +144,39 @@ def test_resume_skips_done_ids_and_output_is_atomic(tiny_llama, tiny_llama_lora,
     assert not (tmp_path / "out.jsonl.partial").exists()
 
 
+def test_resume_runs_the_batches_an_uninterrupted_run_runs(tiny_llama, tiny_llama_lora, tmp_path, monkeypatch):
+    """In bfloat16 a batch's shape and padding move the numbers: a resumed run must batch the
+    records it has left with the records they were batched with, so it runs exactly the
+    uninterrupted run's batches that hold a record not yet written (and no other)."""
+    from titok_tools import score
+    records = [dict(r, id=f"{r['id']}{i}", completion=r["completion"] + " x" * (3 * i))
+               for i in range(4) for r in RECORDS if "completion" in r]
+    data = write_jsonl(tmp_path / "in.jsonl", records)
+    out = tmp_path / "out.jsonl"
+    args = ["--model", tiny_llama, "--adapter", tiny_llama_lora, "--dtype", "float32", "--batch-tokens", "200",
+            "--window", "5", "-o", str(out)]
+    batches, run_batch = [], score._completion_logprobs
+
+    def logged(model, body, head, encs, pad_id, device):
+        batches.append(tuple(tuple(e.input_ids) for e in encs))
+        return run_batch(model, body, head, encs, pad_id, device)
+
+    monkeypatch.setattr(score, "_completion_logprobs", logged)
+    assert CliRunner().invoke(main, args + [data]).exit_code == 0
+    whole_batches, written = batches[::2], out.read_bytes().splitlines(keepends=True)  # [::2]: expert, then base
+    ids = {tuple(encode(load_tokenizer(tiny_llama), *prompt_and_completion(r, "x")).input_ids): r["id"] for r in records}
+    out.unlink()
+    (tmp_path / "out.jsonl.partial").write_bytes(b"".join(written[:7]))
+    done = {r["id"] for r in records[:7]}
+    batches.clear()
+    resumed = CliRunner().invoke(main, args + ["--resume", data])
+    assert resumed.exit_code == 0, resumed.output
+    expected = [b for b in whole_batches if any(ids[row] not in done for row in b)]
+    assert batches[::2] == expected and len(expected) < len(whole_batches)
+    assert any(any(ids[row] in done for row in b) for b in expected)  # a batch mixing done and left records
+    assert out.read_bytes() == b"".join(written)
+
+
 def test_failure_leaves_no_output_file(tiny_llama, tiny_llama_lora, tmp_path):
     data = write_jsonl(tmp_path / "in.jsonl", [RECORDS[0], {"id": "bad", "prompt": "x"}])
     out = tmp_path / "out.jsonl"

@@ -515,3 +515,9 @@ def test_real_lora_sft_on_smollm2_learns_the_task(smollm2_dir, smollm2_tokenizer
     assert scores["tuned"]["exact_match"] >= scores["vanilla"]["exact_match"] + 0.5
     predictions = read_jsonl(tmp_path / "tuned.jsonl")
     assert [p["id"] for p in predictions] == [r["id"] for r in test_records]
+
+
+def test_an_output_that_cannot_be_written_fails_before_training(tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "completion": "c"}])
+    result = CliRunner().invoke(main, ["--model", "no/such-model", "--output", f"{data}/adapter", data])
+    assert result.exit_code == 1 and f"Error: {data}/adapter: cannot write: {data} is not a directory" in result.output

@@ -14,6 +14,7 @@ import warnings
 import click
 
 from .formatting import FormatError
+from .records import check_writable
 from .select import SCOPES
 
 
@@ -53,7 +54,21 @@ def _compose(*decorators):
 
 input_argument = click.argument("input", default="-", type=click.Path(allow_dash=True, dir_okay=False))
 
+def _writable(ctx, param, value):
+    if value is not None:
+        check_writable(value)
+    return value
+
+
+def metrics_file(ctx, param, value):
+    """A JSON file beside the records (not stdout: that carries the records), checked writable now."""
+    if value == "-":
+        raise click.BadParameter("stdout carries the records: give a file (the metrics are on stderr too)")
+    return _writable(ctx, param, value)
+
+
 output_option = click.option("-o", "--output", default="-", show_default=True, type=click.Path(allow_dash=True, dir_okay=False),
+                             callback=_writable,
                              help="Write records here ('-' = stdout). A file appears only when the command succeeds "
                                   "(written as FILE.partial, then renamed).")
 

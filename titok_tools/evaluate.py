@@ -16,7 +16,8 @@ from . import cli
 from .formatting import check_prompt
 from .generation import generate
 from .models import load_model, load_tokenizer
-from .records import RecordError, checked, is_done, prompt_and_completion, read_records, record_writer, text_output
+from .records import (RecordError, check_resume, checked, is_done, prompt_and_completion, read_records, record_writer,
+                      text_output)
 
 log = logging.getLogger("titok.eval")
 
@@ -130,7 +131,8 @@ def _selected(pairs, limit, shard):
               help="Tokens to generate per answer at most (it also stops at the end of the turn).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="Prompts generated together (left padding).")
 @click.option("--limit", type=click.IntRange(min=0), help="Evaluate only the first N records of the input.")
-@click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False, writable=True), help="Also write the metrics here as JSON.")
+@click.option("--metrics", "metrics_file", type=click.Path(dir_okay=False), callback=cli.metrics_file,
+              help="Also write the metrics here as JSON (a file: stdout carries the records).")
 @cli.output_option
 @cli.resume_option
 @cli.shard_option
@@ -149,10 +151,12 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
     Example:
       titok-eval --model google/gemma-3-270m --adapter adapters/target --metrics m.json test.jsonl > predictions.jsonl
     """
+    check_resume(output, resume)
     tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
     lm = load_model(model, adapter, dtype, device, trust_remote_code, check_logits=False)  # generates only
     counts, metrics = {}, Metrics()
-    with record_writer(output, resume) as writer, tqdm(desc="titok-eval", unit="rec", mininterval=1) as progress:
+    with (record_writer(output, resume, keep_partial=True) as writer,
+          tqdm(desc="titok-eval", unit="rec", mininterval=1) as progress):
         if resume:  # what an interrupted run predicted counts in the metrics, read back from its file
             writer.flush()
             for where, record in read_records(writer.partial):

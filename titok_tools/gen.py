@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from . import cli
 from .formatting import check_prompt
-from .records import RecordError, checked, is_done, prompt_messages, read_records, record_writer
+from .records import RecordError, check_resume, checked, is_done, prompt_messages, read_records, record_writer
 
 log = logging.getLogger("titok.gen")
 
@@ -512,8 +512,6 @@ def generate_records(backend, tokenizer, template, seeds, settings, meta, existi
         with backend.without_adapter() if settings.queries_from == "base" else contextlib.nullcontext():
             replies = backend.complete(prompts, settings.max_new_tokens, settings.temperature, settings.top_p,
                                        derive_seed(settings.seed, "queries", round_))
-        # Within the round, a query is also compared with the round's earlier new queries.
-        fresh = RougeDedup(settings.rouge_threshold) if pool is not None else None
         new = []
         for pick, reply in zip(picks, replies):
             whole = len(tokenizer(reply, add_special_tokens=False)["input_ids"]) >= settings.max_new_tokens - 3
@@ -522,20 +520,24 @@ def generate_records(backend, tokenizer, template, seeds, settings, meta, existi
                 counts["format"] += 1
                 log.debug("reply rejected (%s): %r", why, reply[:200])
                 continue
-            if pool is not None:
-                key = template.dedup_key(query)
-                if pool.best(key)[1] is not None or fresh.best(key)[1] is not None:
-                    counts["duplicate"] += 1
-                    continue
-                fresh.add(key)
-            new.append((pick, query))
+            key = template.dedup_key(query) if pool is not None else None
+            if pool is not None and pool.best(key)[1] is not None:  # the seed examples and earlier rounds' queries
+                counts["duplicate"] += 1
+                continue
+            new.append((pick, query, key))
         if not new:
             continue
-        labels = backend.complete([label_prompt(seeds, q) for _, q in new], settings.label_max_new_tokens,
+        labels = backend.complete([label_prompt(seeds, q) for _, q, _ in new], settings.label_max_new_tokens,
                                   settings.label_temperature, settings.top_p, derive_seed(settings.seed, "labels", round_))
-        for (pick, query), label in zip(new, labels):
+        # Within the round, a query is compared with the round's queries kept before it: after
+        # labelling, so that one dropped for an empty label rules nothing out.
+        fresh = RougeDedup(settings.rouge_threshold) if pool is not None else None
+        for (pick, query, key), label in zip(new, labels):
             if not label.strip():
                 counts["empty_label"] += 1  # titok-score cannot use an empty completion
+                continue
+            if fresh is not None and fresh.best(key)[1] is not None:
+                counts["duplicate"] += 1
                 continue
             if kept >= settings.num:
                 return
@@ -544,7 +546,8 @@ def generate_records(backend, tokenizer, template, seeds, settings, meta, existi
                       "titok_gen": dict(meta, shots=[seeds.ids[i] for i in pick], seed=settings.seed, round=round_)}
             kept += 1
             if pool is not None:
-                pool.add(template.dedup_key(query))
+                pool.add(key)
+                fresh.add(key)
             if record["id"] in already:
                 if already[record["id"]] != query:
                     log.warning("--resume: record %s replays differently (%r, was %r): was the run's hardware or "
@@ -698,6 +701,7 @@ def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_cha
         raise click.UsageError("--shard splits --label work; query synthesis is sequential (dedup sees every query)")
     if skip_invalid and label_file is None:
         raise click.UsageError("--skip-invalid goes with --label; seed examples must all be valid")
+    check_resume(output, resume)
     settings = GenSettings(num=num or 0, shots=shots, batch_size=batch_size, max_rounds=max_rounds, temperature=temperature,
                            top_p=top_p, max_new_tokens=max_new_tokens, label_temperature=label_temperature,
                            label_max_new_tokens=label_max_new_tokens, rouge_threshold=rouge_threshold, dedup=not no_dedup,
@@ -720,7 +724,7 @@ def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_cha
     if queries_from != "expert":
         meta["queries_from"] = queries_from
     counts = {}
-    with record_writer(output, resume) as writer:
+    with record_writer(output, resume, keep_partial=True) as writer:
         if label_file is not None:
             with tqdm(desc="titok-gen label", unit="rec", mininterval=1) as progress:
                 pairs = ((w, r) for i, (w, r) in enumerate(read_records(label_file, skip_invalid, counts))

@@ -169,24 +169,47 @@ def dumps(record):
     return orjson.dumps(record, option=DUMP_OPTIONS)
 
 
+def check_writable(path, is_dir=False):
+    """Raise a one-line error now when PATH (a file, or a directory with is_dir) cannot be
+    written: commands check their outputs before their work, not after it. '-' is stdout."""
+    if path == "-":
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        not_dir = os.path.exists(parent) and not os.path.isdir(parent)
+        raise click.ClickException(f"{path}: cannot write: {f'{parent} is not a directory' if not_dir else e.strerror or e}")
+    if os.path.isdir(path) != is_dir and os.path.exists(path):
+        raise click.ClickException(f"{path}: cannot write: {'not a directory' if is_dir else 'it is a directory'}")
+
+
+def check_resume(output, resume):
+    """--resume continues a file: a command checks this before loading its model."""
+    if resume and output == "-":
+        raise click.UsageError("--resume needs -o FILE")
+
+
 class RecordWriter:
     """Write records to stdout or atomically to a file.
 
     A file is written as FILE.partial and renamed to FILE when the command succeeds, so FILE
-    is never half-written. With resume=True, the records already in FILE.partial (or FILE)
-    are kept and counted by id in `done_ids`, so the command can skip them (is_done).
+    is never half-written; after a failure FILE.partial is removed, unless keep_partial (a
+    command with --resume: it continues from there). With resume=True, the records already in
+    FILE.partial (or FILE) are kept and counted by id in `done_ids`, so the command can skip
+    them (is_done).
     """
 
-    def __init__(self, path, resume=False):
-        self.path = path
+    def __init__(self, path, resume=False, keep_partial=False):
+        self.path, self.keep_partial = path, keep_partial or resume  # a resumed file holds earlier work
         self.done_ids = Counter()
+        check_resume(path, resume)
         if path == "-":
-            if resume:
-                raise click.UsageError("--resume needs -o FILE")
             self.f = sys.stdout.buffer
             return
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
+        check_writable(path)
         self.partial = path + ".partial"
         if resume and not os.path.exists(self.partial) and os.path.exists(path):
             shutil.copyfile(path, self.partial)  # FILE itself stays as it is until the rename
@@ -223,6 +246,8 @@ class RecordWriter:
         self.f.close()
         if ok:
             os.replace(self.partial, self.path)
+        elif not self.keep_partial:
+            os.unlink(self.partial)
 
 
 def _id_key(value):
@@ -240,9 +265,9 @@ def is_done(writer, record):
 
 
 @contextmanager
-def record_writer(path, resume=False):
+def record_writer(path, resume=False, keep_partial=False):
     """Context manager around RecordWriter: renames into place only on success."""
-    writer = RecordWriter(path, resume=resume)
+    writer = RecordWriter(path, resume=resume, keep_partial=keep_partial)
     ok = False
     try:
         yield writer
@@ -294,10 +319,9 @@ def text_output(path):
         finally:
             stream.detach()  # leave sys.stdout open
         return
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, prefix=".titok-", suffix=".partial",
-                                      delete=False)
+    check_writable(path)
+    tmp = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=os.path.dirname(os.path.abspath(path)),
+                                      prefix=".titok-", suffix=".partial", delete=False)
     try:
         with tmp:
             yield tmp

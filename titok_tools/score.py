@@ -18,7 +18,8 @@ from . import cli
 from .formatting import FormatError, encode
 from .models import (adapter_sha256, decoder_and_head, load_model, load_tokenizer, predicting_hidden, right_padded,
                      token_logprobs, tokenizer_fingerprint)
-from .records import RecordError, checked, is_done, prompt_and_completion, read_records, record_writer, titok
+from .records import (RecordError, check_resume, checked, is_done, prompt_and_completion, read_records, record_writer,
+                      titok)
 
 log = logging.getLogger("titok.score")
 
@@ -47,11 +48,16 @@ def _completion_logprobs(model, body, head, encs, pad_id, device):
 
 @torch.inference_mode()
 def score_records(pairs, model, tokenizer, *, chat_template=True, max_length=768, batch_tokens=8192, window=512,
-                  source=None, skip_invalid=False, counts=None, progress=None):
+                  source=None, skip_invalid=False, counts=None, progress=None, done=None):
     """Score (where, record) pairs; yield the records, in input order, with titok.source added.
 
     Memory is bounded by `window` records: they are sorted by length inside the window so
     batches carry little padding, then written back in their input order.
+
+    `done(record)` is true for a record a resumed run already wrote: it still takes its place
+    in its window and batch (in bfloat16 a batch's shape and padding move the numbers, so the
+    rest must be batched as in an uninterrupted run), but a batch of done records only is not
+    run, and done records are not yielded again.
     """
     body, head = decoder_and_head(model)
     device = next(model.parameters()).device
@@ -69,10 +75,13 @@ def score_records(pairs, model, tokenizer, *, chat_template=True, max_length=768
         return enc
 
     def flush(window_items):
-        encs = [enc for _, _, enc in window_items]
+        encs = [enc for _, _, enc, _ in window_items]
         expert, base = [None] * len(encs), [None] * len(encs)
         for batch in _batches(list(enumerate(encs)), batch_tokens):
             index = [i for i, _ in batch]
+            todo = sum(not window_items[i][3] for i in index)
+            if not todo:
+                continue
             batch_encs = [e for _, e in batch]
             for i, lp in zip(index, _completion_logprobs(model, body, head, batch_encs, pad_id, device)):
                 expert[i] = lp
@@ -81,10 +90,12 @@ def score_records(pairs, model, tokenizer, *, chat_template=True, max_length=768
                     base[i] = lp
             if progress is not None:
                 counts["seen_tokens"] = counts.get("seen_tokens", 0) + sum(len(e.input_ids) for e in batch_encs)
-                progress.update(len(batch))
+                progress.update(todo)
                 progress.set_postfix_str(f"{counts['seen_tokens'] / progress.format_dict['elapsed']:.0f} tok/s",
                                          refresh=False)
-        for (where, record, enc), lp_e, lp_b in zip(window_items, expert, base):
+        for (where, record, enc, was_done), lp_e, lp_b in zip(window_items, expert, base):
+            if was_done:
+                continue
             excess = lp_e - lp_b
             titok(record)["source"] = dict(source, token_ids=enc.token_ids, offsets=enc.offsets, logp_expert=lp_e,
                                            logp_base=lp_b, excess=excess, mean_excess=float(excess.mean(dtype=np.float64)),
@@ -99,7 +110,7 @@ def score_records(pairs, model, tokenizer, *, chat_template=True, max_length=768
 
     window_items = []
     for where, record, enc in checked(pairs, check, skip_invalid, counts):
-        window_items.append((where, record, enc))
+        window_items.append((where, record, enc, done is not None and done(record)))
         if len(window_items) >= window:
             yield from flush(window_items)
             window_items = []
@@ -145,18 +156,20 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
     """
     if adapter is None:
         raise click.UsageError("--adapter is required: excess compares the expert (base + adapter) with the base")
+    check_resume(output, resume)
     tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
     lm = load_model(model, adapter, dtype, device, trust_remote_code)
     source = {"model": model, "adapter": adapter, "adapter_sha256": adapter_sha256(adapter),
               "tokenizer": tokenizer_fingerprint(tokenizer)}
     counts = {}
     started = time.time()
-    with record_writer(output, resume) as writer, tqdm(desc="titok-score", unit="rec", mininterval=1) as progress:
-        pairs = ((w, r) for i, (w, r) in enumerate(read_records(input, skip_invalid, counts))
-                 if cli.in_shard(i, shard) and not is_done(writer, r))
+    with (record_writer(output, resume, keep_partial=True) as writer,
+          tqdm(desc="titok-score", unit="rec", mininterval=1) as progress):
+        pairs = ((w, r) for i, (w, r) in enumerate(read_records(input, skip_invalid, counts)) if cli.in_shard(i, shard))
         for record in score_records(pairs, lm, tokenizer, chat_template=not no_chat_template, max_length=max_length,
                                     batch_tokens=batch_tokens, window=window, source=source,
-                                    skip_invalid=skip_invalid, counts=counts, progress=progress):
+                                    skip_invalid=skip_invalid, counts=counts, progress=progress,
+                                    done=lambda r: is_done(writer, r)):
             writer.write(record)
     elapsed = time.time() - started
     log.info("%s, %.0f tokens/s", summary(counts), counts.get("tokens", 0) / max(elapsed, 1e-9))

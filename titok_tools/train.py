@@ -34,7 +34,7 @@ from . import cli
 from .formatting import FormatError, encode
 from .models import (DTYPES, base_model_name, decoder_and_head, load_model, load_tokenizer, predicting_hidden, project_logits,
                      resolve_device, resolve_dtype, right_padded, tokenizer_fingerprint)
-from .records import RecordError, checked, not_kept, prompt_and_completion, read_records, spooled, titok_part
+from .records import RecordError, check_writable, checked, not_kept, prompt_and_completion, read_records, spooled, titok_part
 
 log = logging.getLogger("titok.train")
 
@@ -495,6 +495,7 @@ def main(input, model, dtype, device, trust_remote_code, chat_template, no_chat_
     output = output.rstrip("/")
     if os.path.exists(output) and not overwrite:
         raise click.ClickException(f"--output {output} exists: pass --overwrite to replace it")
+    check_writable(output, is_dir=True)  # now, not after the training
     procs = Processes(device)
     if procs.world > 1 and input == "-":
         raise click.UsageError("several processes need an INPUT file, not stdin")
