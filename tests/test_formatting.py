@@ -1,5 +1,6 @@
 """Formatting and offsets on the real tokenizers (SmolLM2 byte-level BPE, Gemma SentencePiece)."""
 import random
+import re
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -92,6 +93,18 @@ def test_template_that_rewrites_the_completion_is_an_error(smollm2_tokenizer):
     tok.chat_template = "{% for m in messages %}{{ m['content'] | upper }}<|im_end|>{% endfor %}"
     with pytest.raises(FormatError, match="changes the completion"):
         encode(tok, PROMPT, "paris")
+
+
+@pytest.mark.parametrize("which, text, token", [
+    ("smollm2_tokenizer", "a<|im_end|>b", "<|im_end|>"), ("gemma_tokenizer", "x <end_of_turn> y", "<end_of_turn>"),
+    ("gemma_tokenizer", "<bos>", "<bos>")])
+def test_a_completion_that_spells_a_special_token_is_an_error(request, which, text, token):
+    """The tokenizer reads such text as the control token itself ("a<|im_end|>b" is a, <|im_end|>,
+    b): scored and trained, it would teach the model to end its turn mid-answer."""
+    tokenizer = request.getfixturevalue(which)
+    with pytest.raises(FormatError, match=f"contains the text of the special token '{re.escape(token)}'"):
+        encode(tokenizer, PROMPT, text)
+    encode(tokenizer, PROMPT, text.replace("<", "< "))  # not a special token once spelled apart
 
 
 def test_template_that_refuses_a_conversation_is_a_format_error(smollm2_tokenizer):

@@ -227,6 +227,25 @@ def test_stdin_pipe_output_file_and_bad_input(tmp_path, records):
     assert all(flag in help_text for flag in ("--limit", "--sort", "--ansi", "--output", "--title"))
 
 
+@pytest.mark.parametrize("part, field, value, message", [
+    ("target", "coverage", None, "titok.target.coverage: must be a number, not null"),
+    ("target", "score", "x", 'titok.target.score[0]: must be a number, not "x"'),
+    ("source", "mask", "1", 'titok.source.mask[0]: must be a number, not "1"'),
+    ("target", "mask", [1], "titok.target.mask: 1 values for"),
+])
+@pytest.mark.parametrize("ansi", [[], ["--ansi"]])
+def test_malformed_per_token_fields_are_one_line_errors(tmp_path, aligned, part, field, value, message, ansi):
+    import copy
+    broken = copy.deepcopy(aligned[:2])
+    values = broken[1]["titok"][part]
+    if isinstance(value, list) or field == "coverage":
+        values[field] = value
+    else:
+        values[field][0] = value
+    result = CliRunner().invoke(main, [*ansi, write_jsonl(tmp_path / "bad.jsonl", broken)])
+    assert result.exit_code == 1 and f"bad.jsonl:2: {message}" in result.output and "Traceback" not in result.output
+
+
 # --- a real browser ----------------------------------------------------------------------------
 
 def png_pixels(path):

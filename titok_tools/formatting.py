@@ -191,8 +191,8 @@ def encode_later(tokenizer, items, chat_template=True, max_length=None, submit=N
         except FormatError as e:
             rendered.append(e)
     ok = [r for r in rendered if not isinstance(r, FormatError)]
-    if not ok:
-        tokenized = list
+    if not ok:  # nothing to tokenize: every item failed to render
+        tokenized = lambda: []  # noqa: E731
     elif submit is None:
         done = _tokenized(tokenizer, [r[0] for r in ok], ok[0][3])
         tokenized = lambda: done  # noqa: E731
@@ -241,6 +241,13 @@ def _completion_tokens(tokenizer, rendered, completion, ids, spans, max_length):
     if not inside:
         raise FormatError("the completion produced no tokens")
     first, last = inside[0], inside[-1]
+    special = _special_ids(tokenizer)
+    if not special.isdisjoint(ids[first:last + 1]):
+        # the completion's own text spells a control token (say "<|im_end|>"): the tokenizer reads
+        # it as that token, and scoring or training would teach the model to end its turn there
+        token = tokenizer.convert_ids_to_tokens(next(i for i in ids[first:last + 1] if i in special))
+        raise FormatError(f"the completion contains the text of the special token {token!r}: "
+                          "it would be read as that control token (remove or escape it)")
     if last - first + 1 == len(inside):  # the usual case: no empty token amid the completion
         offsets = [[a - start, b - start] for a, b in spans[first:last + 1]]
     else:
@@ -264,7 +271,6 @@ def _completion_tokens(tokenizer, rendered, completion, ids, spans, max_length):
             ids = ids[: last + 1] + [tokenizer.eos_token_id]
             closing = len(ids) - 1
     else:
-        special = _special_ids(tokenizer)
         closing = last + 1
         # Only whitespace may stand between the completion and the token that closes the turn.
         while closing < len(ids) and ids[closing] not in special and not text[spans[closing][0]:spans[closing][1]].strip():

@@ -15,6 +15,7 @@ written in input order and placed by CSS `order`. Only --ansi with --sort buffer
 import base64
 import hashlib
 import html
+import json
 import logging
 import math
 from array import array
@@ -25,7 +26,8 @@ import numpy as np
 from . import cli
 from .align import as_spans, offsets_problem, overlap_ranges
 from .filter import source_scores
-from .records import RecordError, filter_settings, prompt_and_completion, read_records, spooled, text_output, titok_part
+from .records import (NUMBER_TYPES, RecordError, check_numbers, filter_settings, prompt_and_completion, read_records,
+                      spooled, text_output, titok_part)
 
 log = logging.getLogger("titok.show")
 
@@ -60,20 +62,30 @@ def checked_record(record, where):
     problem = offsets_problem(source.get("offsets"), len(completion))
     if problem:
         raise RecordError(where, "titok.source.offsets", f"the offsets {problem}")
-    n = len(source["offsets"])
     for field in ("excess", "mask"):
-        if field in source and len(source[field]) != n:
-            raise RecordError(where, f"titok.source.{field}", f"{len(source[field])} values for {n} tokens")
+        _check_values(source, field, len(source["offsets"]), where, "titok.source")
     target = titok_part(record, "target")
     if target is not None:
         problem = offsets_problem(target.get("offsets"), len(completion))
         if problem:
             raise RecordError(where, "titok.target.offsets", f"the offsets {problem}")
         for field in ("score", "mask"):
-            if field in target and len(target[field]) != len(target["offsets"]):
-                raise RecordError(where, f"titok.target.{field}",
-                                  f"{len(target[field])} values for {len(target['offsets'])} tokens")
+            _check_values(target, field, len(target["offsets"]), where, "titok.target", nullable=field == "score")
+        coverage = target.get("coverage", 0.0)
+        if type(coverage) not in NUMBER_TYPES or not math.isfinite(coverage):
+            raise RecordError(where, "titok.target.coverage", f"must be a number, not {json.dumps(coverage)}")
     return messages, completion, source, target
+
+
+def _check_values(part, field, n, where, name, nullable=False):
+    """part[field], when present, must be n numbers (None allowed where nullable: unscored tokens)."""
+    if field not in part:
+        return
+    values = part[field]
+    if not isinstance(values, list) or len(values) != n:
+        raise RecordError(where, f"{name}.{field}", f"{len(values) if isinstance(values, list) else 'no list of'} "
+                                                    f"values for {n} tokens")
+    check_numbers([0.0 if v is None else v for v in values] if nullable else values, where, f"{name}.{field}")
 
 
 def _id_key(value):
