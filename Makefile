@@ -45,7 +45,7 @@ SRC_ADAPTER := $(or $(SOURCE_ADAPTER),$(OUT)/source-expert)
 TRAIN = titok-train --output $(@D) --overwrite --seed $(SEED)
 EVAL = titok-eval $(EVAL_ARGS) -o $(basename $@).jsonl --metrics $@ $(DATA)/test.jsonl
 
-.PHONY: install test demo pipeline report stages clean-demo study
+.PHONY: install test demo pipeline clean-demo study
 .SECONDARY:
 
 pipeline: $(OUT)/report.md
@@ -134,7 +134,7 @@ clean-demo:
 # STUDY_ARGS=--quick runs the rows beyond the paper's Table 2 cells for the first seed only.
 STUDY_ARGS ?=
 study: install
-	$(PYTHON) bench/study.py run $(STUDY_ARGS); status=$$?; \
+	status=0; $(PYTHON) bench/study.py run $(STUDY_ARGS) || status=$$?; \
 	$(PYTHON) bench/study.py report $(STUDY_ARGS) && exit $$status
 
 # --- set-up and tests -----------------------------------------------------------------------

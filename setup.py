@@ -25,6 +25,8 @@ setup(
         "safetensors>=0.4",
         "numpy>=1.24",
         "gguf>=0.10",
+        "jinja2>=3.1",  # imported directly (formatting: chat templates' TemplateError); transformers only wants it for templates
+        "tokenizers>=0.20",  # imported directly (align: the target's normalizer); also a transformers dependency
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],

@@ -15,7 +15,8 @@ For each length, records/s of
 Then the ratios against the issue's targets: align within 2x of the floor, >= 10x the baseline at
 200 tokens, >= 100x at 3,000, per-record time linear in length.
 
-    python bench/bench_align.py [--records 1000] [--baseline-seconds 20] [--repeat 3]
+    python bench/bench_align.py [--records 1000] [--baseline-seconds 20] [--repeat 3] [--lengths 50,200,800,3000]
+                                [--default-gc]
 
 Each length runs --repeat rounds of align, the floor and the baseline, and the best round of
 each counts (as timeit does: on a shared machine the slowest runs measure the neighbours, and
@@ -187,23 +188,30 @@ def rate(timings):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=1000)
-    parser.add_argument("--baseline-seconds", type=float, default=20.0)
+    parser.add_argument("--records", type=int, default=1000, help="records per length")
+    parser.add_argument("--baseline-seconds", type=float, default=20.0,
+                        help="time for the (quadratic) baseline per length, over all its rounds")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of align, floor and baseline; the best of each counts")
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), type=lambda s: [int(x) for x in s.split(",")],
+                        help="completion lengths in target tokens, comma-separated")
+    parser.add_argument("--default-gc", action="store_true",
+                        help="leave the garbage collector at Python's thresholds (titok-align sets it for streaming, "
+                             "cli.streaming_gc): shows what that setting saves")
     args = parser.parse_args()
 
     source = load_tokenizer(bundled.smollm2())
     target = load_tokenizer(bundled.gemma(), GEMMA_TEMPLATE)
-    streaming_gc()  # as titok-align does after loading its tokenizer
+    if not args.default_gc:
+        streaming_gc()  # as titok-align does after loading its tokenizer
     text = corpus()
     print(f"SmolLM2-135M -> Gemma-3-270m tokenizers; {args.records} records per length; CPU, one process "
-          f"(align: two threads, the floor: one)\n")
+          f"(align: two threads, the floor: one){'; garbage collector at Python defaults' if args.default_gc else ''}\n")
     header = (f"{'tokens':>6} {'align rec/s':>12} {'floor rec/s':>12} {'floor+fmt':>10} {'baseline':>10} "
               f"{'floor/align':>12} {'fmt+floor/align':>16} {'align/baseline':>15} {'align us/tok':>13}")
     print(header)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for length in LENGTHS:
+        for length in args.lengths:
             texts = completions(target, text, length, args.records)
             path = os.path.join(tmp, f"scored-{length}.jsonl")
             write_scored(path, source, texts)

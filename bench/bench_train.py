@@ -27,10 +27,13 @@ from titok_tools.models import load_model, resolve_dtype  # noqa: E402
 from titok_tools.select import topk_mask  # noqa: E402
 from titok_tools.train import Example, add_lora, collate, token_losses  # noqa: E402
 
-MODELS = {
-    "smollm2": os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1-04da094c9f01"),
-    "gemma": os.path.join(ROOT, "models", "gemma-3-270m-q4_k_m.gguf"),
-}
+
+def model_path(name):
+    """The bundled model's GGUF (converted once to safetensors under $TITOK_CACHE)."""
+    from titok_tools import bundled
+    return bundled.smollm2() if name == "smollm2" else bundled.gemma()
+
+
 BATCH, LENGTH, PROMPT = 4, 256, 64
 
 
@@ -113,7 +116,7 @@ def main():
     parser.add_argument("--models", default="smollm2,gemma")
     args = parser.parse_args()
     for name in args.models.split(","):
-        bench_model(name, MODELS[name], args.rounds)
+        bench_model(name, model_path(name), args.rounds)
 
 
 if __name__ == "__main__":

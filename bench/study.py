@@ -423,18 +423,22 @@ def report(args):
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["run", "report", "plan"])
+    parser.add_argument("action", choices=["run", "report", "plan"],
+                        help="run the steps not yet done, tabulate the results, or list the steps and commands")
     parser.add_argument("--tasks", default="object_counting,sports_understanding,reasoning_about_colored_objects",
-                        type=lambda s: s.split(","))
-    parser.add_argument("--pairs", default="gemma,smollm2", type=lambda s: s.split(","))
-    parser.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--train-size", type=int, default=128)
-    parser.add_argument("--test-size", type=int, default=100)
+                        type=lambda s: s.split(","), help="BIG-bench tasks, comma-separated")
+    parser.add_argument("--pairs", default="gemma,smollm2", type=lambda s: s.split(","),
+                        help="targets, comma-separated: gemma (Gemma-3-270M, cross-tokenizer), smollm2 (SmolLM2, a fresh LoRA)")
+    parser.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")],
+                        help="seeds, comma-separated: each varies the M random samples and the target LoRA's "
+                             "initialization and data order (the data split, expert and pools are seed 0's)")
+    parser.add_argument("--train-size", type=int, default=128, help="real training examples per task")
+    parser.add_argument("--test-size", type=int, default=100, help="test questions per task")
     parser.add_argument("-m", type=int, default=64, help="samples kept (the pool is 2M)")
     parser.add_argument("--mass", default="0.9", help="-k auto's share of positive excess")
     parser.add_argument("--quick", action="store_true",
                         help="the k sweep, -k auto, closing-token, query-source and ceiling arms for the first seed only")
-    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=2, help="steps run at once")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per step (default cores / jobs)")
     parser.add_argument("--out", default=os.path.join(ROOT, "work", "study"),
                         help="the work dir: data, adapters, records, predictions, logs")
@@ -442,7 +446,8 @@ def parse(argv=None):
                         help="the metrics of every eval, the scored synthetic pools, the chosen -k auto and the "
                              "step times (committed: a finished step there is never re-run, and a fresh clone "
                              "resumes the study)")
-    parser.add_argument("-o", "--output", default=os.path.join(ROOT, "results", "study.md"))
+    parser.add_argument("-o", "--output", default=os.path.join(ROOT, "results", "study.md"),
+                        help="the Markdown report that `report` writes")
     args = parser.parse_args(argv)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     return args

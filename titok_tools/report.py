@@ -31,7 +31,7 @@ def _number(value, spec):
 @click.command()
 @click.argument("results", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The Markdown file to write.")
-@click.option("--title", default="TiTok transfer", show_default=True)
+@click.option("--title", default="TiTok transfer", show_default=True, help="The report's heading.")
 @click.option("--setting", "settings", multiple=True, metavar="KEY=VALUE", help="A setting of the run to list under the table.")
 def main(results, output, title, settings):
     """Tabulate NAME=METRICS.json results into a Markdown report."""
