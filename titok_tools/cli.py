@@ -36,7 +36,7 @@ def streaming_gc():
 
     Records are JSON (lists and dicts without cycles, freed by reference counting), but each one
     allocates thousands of lists, and at Python's default thresholds the collector walks a
-    record's lists several times while it is in flight: 40% of titok-align's time at 3,000 tokens
+    record's lists several times while it is in flight: 45% of titok-align's time at 3,000 tokens
     a record. What was loaded is frozen (never walked again) and collections come once per
     100,000 allocations: cyclic garbage is still collected, memory stays flat.
     """

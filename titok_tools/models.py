@@ -127,7 +127,7 @@ def resolve_device(device):
 
 def resolve_dtype(dtype, device):
     """auto: bfloat16 where the hardware runs it natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX,
-    2-3x faster than float32 on the CPUs here), float16 on CUDA without bf16, else float32."""
+    about 2x as fast as float32 on the CPUs here: README), float16 on CUDA without bf16, else float32."""
     if dtype != "auto":
         return DTYPES[dtype]
     if device.startswith("cuda"):
