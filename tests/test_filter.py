@@ -278,3 +278,19 @@ def test_items_outside_the_selection_change_nothing(score_lists, outside, scope)
     assert [item for item, _ in got] == items
     assert [mask for item, mask in got if item[0] == "out"] == [None] * len(outside)
     assert [mask for item, mask in got if item[0] == "in"] == alone
+
+
+def test_batch_scope_hands_out_items_outside_at_once_when_no_group_waits():
+    """A run of records titok-filter did not keep between two batch groups is not held in memory
+    until the next group fills: each comes out before the next item is read."""
+    read = []
+
+    def items():
+        for item in [[1.0]] * 4 + [None] * 3 + [[2.0]] + [None] * 2:
+            read.append(item)
+            yield item
+
+    stream = select_stream(items(), lambda s: s, 0.5, "batch")
+    assert [next(stream) for _ in range(7)] == [([1.0], [1])] * 2 + [([1.0], [0])] * 2 + [(None, None)] * 3
+    assert len(read) == 7
+    assert list(stream) == [([2.0], [1]), (None, None), (None, None)]

@@ -107,6 +107,20 @@ def test_a_completion_that_spells_a_special_token_is_an_error(request, which, te
     encode(tokenizer, PROMPT, text.replace("<", "< "))  # not a special token once spelled apart
 
 
+def test_an_unknown_word_is_not_taken_for_a_spelled_special_token():
+    """<unk> is a special token, but a word read as <unk> does not spell it: only text that is the
+    token's own text is refused."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1, "hello": 2, "hi": 3, "[": 4, "]": 5}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", eos_token="</s>")
+    prompt = [{"role": "user", "content": "hi "}]
+    assert encode(tokenizer, prompt, "hello zebra", chat_template=False).token_ids == [2, 0, 1]
+    with pytest.raises(FormatError, match="special token '\\[UNK\\]'"):
+        encode(tokenizer, prompt, "hello [UNK]", chat_template=False)
+
+
 def test_template_that_refuses_a_conversation_is_a_format_error(smollm2_tokenizer):
     import copy
     import click

@@ -243,11 +243,14 @@ def _completion_tokens(tokenizer, rendered, completion, ids, spans, max_length):
     first, last = inside[0], inside[-1]
     special = _special_ids(tokenizer)
     if not special.isdisjoint(ids[first:last + 1]):
-        # the completion's own text spells a control token (say "<|im_end|>"): the tokenizer reads
-        # it as that token, and scoring or training would teach the model to end its turn there
-        token = tokenizer.convert_ids_to_tokens(next(i for i in ids[first:last + 1] if i in special))
-        raise FormatError(f"the completion contains the text of the special token {token!r}: "
-                          "it would be read as that control token (remove or escape it)")
+        # The completion's own text spells a control token (say "<|im_end|>"): the tokenizer reads
+        # it as that token, and scoring or training would teach the model to end its turn there.
+        # (An unknown word read as <unk> is special too, but its text is the word, not "<unk>".)
+        for i in inside:
+            token = tokenizer.convert_ids_to_tokens(ids[i])
+            if ids[i] in special and token in text[spans[i][0]:spans[i][1]]:
+                raise FormatError(f"the completion contains the text of the special token {token!r}: "
+                                  "it would be read as that control token (remove or escape it)")
     if last - first + 1 == len(inside):  # the usual case: no empty token amid the completion
         offsets = [[a - start, b - start] for a, b in spans[first:last + 1]]
     else:

@@ -81,8 +81,10 @@ def select_stream(items, scores_of, k, scope, rereader=None):
     `scores_of(item)` gives the item's score list, or None for an item outside the selection
     (titok-align's records that titok-filter did not keep): it is yielded in its place with mask
     None and takes no place in a batch group. "sample" and "batch" stream with memory bounded by
-    one group; "global" needs every score first: it runs one pass to collect them (scores only,
-    not the records), and takes `rereader()`, a fresh iterator over the items, for the second pass.
+    one group (and, in a batch group, the items outside the selection that come between its
+    members: they wait for the group's masks); "global" needs every score first: it runs one
+    pass to collect them (scores only, not the records), and takes `rereader()`, a fresh
+    iterator over the items, for the second pass.
     """
     if scope == "sample":
         items = iter(items)
@@ -92,6 +94,9 @@ def select_stream(items, scores_of, k, scope, rereader=None):
         pending, group = [], []  # the items since the last selection; the score lists among them
         for item in items:
             scores = scores_of(item)
+            if scores is None and not pending:  # outside, and nothing waits for a group before it
+                yield item, None
+                continue
             pending.append((item, scores))
             if scores is not None:
                 group.append(scores)
