@@ -119,9 +119,13 @@ def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path):
     a_file = tmp_path / "a.jsonl"
     a_file.write_text("")
     records.check_writable("-")
-    records.check_writable(str(tmp_path / "new" / "out.jsonl"))  # makes the directory
-    assert (tmp_path / "new").is_dir()
+    records.check_writable(str(tmp_path / "new" / "dirs" / "out.jsonl"))  # creates nothing: the writer will
+    assert not (tmp_path / "new").exists()
+    with record_writer(str(tmp_path / "new" / "dirs" / "out.jsonl")) as writer:
+        writer.write({"id": 0})
+    assert (tmp_path / "new" / "dirs" / "out.jsonl").read_bytes() == _lines({"id": 0})
     for path, why in ((a_file / "out.jsonl", f"{a_file} is not a directory"), (tmp_path, "it is a directory"),
+                      (a_file / "sub" / "out.jsonl", f"{a_file} is not a directory"),
                       ("/proc/titok-out.jsonl", "No such file or directory")):
         with pytest.raises(click.ClickException, match=f"^{path}: cannot write: {why}$"):
             records.check_writable(str(path))

@@ -171,19 +171,25 @@ def dumps(record):
 
 def check_writable(path, is_dir=False):
     """Raise a one-line error now when PATH (a file, or a directory with is_dir) cannot be
-    written: commands check their outputs before their work, not after it. '-' is stdout."""
+    written: commands check their outputs before their work, not after it. '-' is stdout.
+    Nothing is created: the nearest existing directory above PATH must take a new file (the
+    writer makes the missing ones when it opens)."""
     if path == "-":
         return
-    parent = os.path.dirname(os.path.abspath(path))
+    if not path:
+        raise click.ClickException("cannot write to an empty path")
+    if os.path.exists(path) and os.path.isdir(path) != is_dir:
+        raise click.ClickException(f"{path}: cannot write: {'not a directory' if is_dir else 'it is a directory'}")
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise click.ClickException(f"{path}: cannot write: {existing} is not a directory")
     try:
-        os.makedirs(parent, exist_ok=True)
-        with tempfile.TemporaryFile(dir=parent):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        not_dir = os.path.exists(parent) and not os.path.isdir(parent)
-        raise click.ClickException(f"{path}: cannot write: {f'{parent} is not a directory' if not_dir else e.strerror or e}")
-    if os.path.isdir(path) != is_dir and os.path.exists(path):
-        raise click.ClickException(f"{path}: cannot write: {'not a directory' if is_dir else 'it is a directory'}")
+        raise click.ClickException(f"{path}: cannot write: {e.strerror or e}")
 
 
 def check_resume(output, resume):
@@ -210,6 +216,7 @@ class RecordWriter:
             self.f = sys.stdout.buffer
             return
         check_writable(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.partial = path + ".partial"
         if resume and not os.path.exists(self.partial) and os.path.exists(path):
             shutil.copyfile(path, self.partial)  # FILE itself stays as it is until the rename
@@ -320,6 +327,7 @@ def text_output(path):
             stream.detach()  # leave sys.stdout open
         return
     check_writable(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=os.path.dirname(os.path.abspath(path)),
                                       prefix=".titok-", suffix=".partial", delete=False)
     try:
