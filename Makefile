@@ -36,6 +36,8 @@ BIGBENCH_ARGS ?=
 SFT_ARGS ?=#                         extra titok-train arguments for the source expert
 TRAIN_ARGS ?=#                       ... for every target LoRA
 GEN_ARGS ?=
+SCORE_ARGS ?=
+ALIGN_ARGS ?=#                       e.g. --skip-invalid: a completion may spell a special token of the target only
 EVAL_ARGS ?=
 
 RUN := --device $(DEVICE) --dtype $(DTYPE)
@@ -66,12 +68,12 @@ $(OUT)/synthetic.jsonl: $(SRC_ADAPTER)/adapter_config.json $(DATA)/train.jsonl
 # 3. Token-level excess of the expert over its base, 4. top-M samples and top-k tokens,
 # 5. the scores carried onto the target's tokens.
 $(OUT)/scored.jsonl: $(OUT)/synthetic.jsonl
-	titok-score $(SRC) --adapter $(SRC_ADAPTER) --resume -o $@ $<
+	titok-score $(SRC) --adapter $(SRC_ADAPTER) --resume -o $@ $(SCORE_ARGS) $<
 $(OUT)/filtered.jsonl: $(OUT)/scored.jsonl
 	titok-filter -k $(K) --keep $(M) --scope $(SCOPE) -o $@ $<
 $(OUT)/aligned.jsonl: $(OUT)/filtered.jsonl
 	titok-align --target-model $(TARGET_MODEL) $(if $(TARGET_TEMPLATE),--chat-template $(TARGET_TEMPLATE)) \
-	  --scope $(SCOPE) -o $@ $<
+	  --scope $(SCOPE) -o $@ $(ALIGN_ARGS) $<
 
 # 6. The target LoRA on the selected tokens (TiTok), and the baselines: all tokens of M random
 # synthetic samples (KD / all-token), and the ceiling: the task's real training data.
@@ -104,6 +106,7 @@ $(OUT)/report.md: $(foreach e,$(EVALS),$(OUT)/eval/$(e).json)
 	  --setting source="$(SOURCE_MODEL)" --setting target="$(TARGET_MODEL)" --setting M=$(M) --setting K=$(K) \
 	  --setting scope=$(SCOPE) --setting seed=$(SEED) --setting train_args="$(TRAIN_ARGS)" \
 	  --setting sft_args="$(SFT_ARGS)" --setting gen_args="$(GEN_ARGS)" --setting eval_args="$(EVAL_ARGS)" \
+	  $(if $(SCORE_ARGS),--setting score_args="$(SCORE_ARGS)") $(if $(ALIGN_ARGS),--setting align_args="$(ALIGN_ARGS)") \
 	  $(foreach e,$(EVALS),$(e)=$(OUT)/eval/$(e).json)
 	@cat $@
 

@@ -82,6 +82,14 @@ def test_make_wires_every_stage():
     assert all(p >= 0 for p in positions), dict(zip(order, positions))
     assert positions == sorted(positions)
     assert "--model mistralai/Mistral-7B-Instruct-v0.3" in out and "--num $((2 * 250))" in out
+    assert "align_args" not in out  # the report lists extra arguments only when there are some
+    # Each stage's extra arguments reach that stage's command (and the report's settings).
+    extra = subprocess.run(["make", "-n", "-C", ROOT, "pipeline", "OUT=/tmp/titok-make-n", "DATA=/tmp/titok-make-n/data",
+                            "SCORE_ARGS=--window 64", "ALIGN_ARGS=--skip-invalid"],
+                           capture_output=True, text=True, check=True).stdout.split("\n")
+    assert "--window 64" in next(line for line in extra if "titok-score" in line)
+    assert "--skip-invalid" in next(line for line in extra if line.lstrip().startswith("--scope"))
+    assert any('--setting align_args="--skip-invalid"' in line for line in extra)
     # A user's own file replaces a stage: with aligned.jsonl present, make starts after it.
     os.makedirs("/tmp/titok-make-n2", exist_ok=True)
     for name in ("aligned.jsonl",):
