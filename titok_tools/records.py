@@ -137,14 +137,19 @@ def titok(record):
 NUMBER_TYPES = {int, float}  # not bool (true/false) nor numeric strings: titok-score writes floats
 
 
+def check_number(value, where, field, prefix=""):
+    """Raise a RecordError naming `field` when `value` is not a finite number."""
+    if type(value) not in NUMBER_TYPES or not math.isfinite(value):
+        raise RecordError(where, field, f"{prefix}must be a number, not {orjson.dumps(value).decode()}")
+
+
 def check_numbers(values, where, field, prefix=""):
     """Raise a RecordError naming field[i] for the first value of a per-token list that is not a
     finite number."""
     if set(map(type, values)) <= NUMBER_TYPES and all(map(math.isfinite, values)):
         return  # the usual case, in two C-speed passes (this runs on every record)
     for i, value in enumerate(values):
-        if type(value) not in NUMBER_TYPES or not math.isfinite(value):
-            raise RecordError(where, f"{field}[{i}]", f"{prefix}must be a number, not {orjson.dumps(value).decode()}")
+        check_number(value, where, f"{field}[{i}]", prefix)
 
 
 def titok_part(record, name):
@@ -327,9 +332,10 @@ def text_output(path):
             stream.detach()  # leave sys.stdout open
         return
     check_writable(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=os.path.dirname(os.path.abspath(path)),
-                                      prefix=".titok-", suffix=".partial", delete=False)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, prefix=".titok-", suffix=".partial",
+                                      delete=False)
     try:
         with tmp:
             yield tmp

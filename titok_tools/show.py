@@ -15,7 +15,6 @@ written in input order and placed by CSS `order`. Only --ansi with --sort buffer
 import base64
 import hashlib
 import html
-import json
 import logging
 import math
 from array import array
@@ -26,7 +25,7 @@ import numpy as np
 from . import cli
 from .align import as_spans, offsets_problem, overlap_ranges
 from .filter import source_scores
-from .records import (NUMBER_TYPES, RecordError, check_numbers, filter_settings, prompt_and_completion, read_records,
+from .records import (RecordError, check_number, check_numbers, filter_settings, prompt_and_completion, read_records,
                       spooled, text_output, titok_part)
 
 log = logging.getLogger("titok.show")
@@ -71,9 +70,8 @@ def checked_record(record, where):
             raise RecordError(where, "titok.target.offsets", f"the offsets {problem}")
         for field in ("score", "mask"):
             _check_values(target, field, len(target["offsets"]), where, "titok.target", nullable=field == "score")
-        coverage = target.get("coverage", 0.0)
-        if type(coverage) not in NUMBER_TYPES or not math.isfinite(coverage):
-            raise RecordError(where, "titok.target.coverage", f"must be a number, not {json.dumps(coverage)}")
+        if "coverage" in target:
+            check_number(target["coverage"], where, "titok.target.coverage")
     return messages, completion, source, target
 
 
