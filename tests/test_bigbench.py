@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from conftest import read_jsonl
 from titok_tools import bigbench
+from titok_tools.evaluate import exact_match
 
 COUNT = {  # free text: target as a list and as a string; one example without an answer
     "name": "count_things", "description": "Count the objects",
@@ -114,11 +115,32 @@ def test_subtasks_merged_or_one_by_name(sdist, tmp_path):
     assert [(r["id"], r["task"], r["task_description"]) for r in merged] == [
         ("deduce/three:0", "deduce/three", "Three objects"), ("deduce/three:1", "deduce/three", "Three objects"),
         ("deduce/two:0", "deduce/two", "Two objects")]
-    assert merged[2]["prompt"] in ("Two objects.\n\nA is left of B. Which is leftmost?\n\nOptions:\n(A) A\n(B) B",
-                                   "Two objects.\n\nA is left of B. Which is leftmost?\n\nOptions:\n(A) B\n(B) A")
+    # Options that are letters themselves are listed unlabelled (see test_letter_options_...).
+    assert merged[2]["prompt"] in ("Two objects.\n\nA is left of B. Which is leftmost?\n\nOptions:\n- A\n- B",
+                                   "Two objects.\n\nA is left of B. Which is leftmost?\n\nOptions:\n- B\n- A")
     assert merged[2]["completion"] == "A"
     one, _ = records(out, "deduce/two")
     assert one == merged[2:]
+
+
+def test_letter_options_are_listed_without_labels():
+    # hyperbaton's inputs name their sentences a and b, and its options are "a"/"b" (snarks: "(a)"/"(b)").
+    # Labelled, a shuffled list read "(A) b / (B) a": exact match then credited the answer "(A)"
+    # (the label of the wrong option) for the completion "a", and refused "(B)".
+    task = {"examples": [{"input": 'Which order is right? a "big red ball" b "red big ball"',
+                          "target_scores": {"a": 1, "b": 0}}]}
+    for seed in range(8):  # both orders come up
+        record = bigbench.example_record(task, task["examples"][0], "hyperbaton:0", "hyperbaton", seed)
+        options = record["prompt"].split("Options:\n")[1].splitlines()
+        assert sorted(options) == ["- a", "- b"] and record["completion"] == "a"
+        assert exact_match("a", record["completion"]) and not exact_match("b", record["completion"])
+    snark = {"examples": [{"input": "Which is sarcastic? (a) x (b) y", "target_scores": {"(a)": 0, "(b)": 1}}]}
+    record = bigbench.example_record(snark, snark["examples"][0], "snarks:0", "snarks", 0)
+    assert sorted(record["prompt"].split("Options:\n")[1].splitlines()) == ["- (a)", "- (b)"]
+    # Options that are not letters keep their labels; one that reads as a letter (the pronoun "I",
+    # exact match's "(i)") is enough to list them all unlabelled.
+    assert bigbench.option_lines(["Yes", "No"]) == ["(A) Yes", "(B) No"]
+    assert bigbench.option_lines(["I", "you"]) == ["- I", "- you"]
 
 
 def test_split_is_seeded_and_sized(sdist, tmp_path):

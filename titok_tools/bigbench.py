@@ -12,7 +12,8 @@ boolean_expressions) are not data files and are refused with a clear message.
 Each record: {"id", "task", "prompt", "completion", "references"[, "options"], "task_description"}.
 - id: "<task>:<index of the example in its task.json>", task: the (sub)task it comes from.
 - prompt: the task's `task_prefix`, then `example_input_prefix` + input, then (multiple choice)
-  "Options:\\n(A) ...", then `example_output_prefix` when it is more than whitespace. BIG-bench's
+  "Options:\\n(A) ..." (or "- ..." lines when the options are letters themselves, as in hyperbaton:
+  labels would collide with them), then `example_output_prefix` when it is more than whitespace. BIG-bench's
   default "Q:"/"A:" wrappers are not added: the chat template marks the turns.
 - completion: a free-text `target` as it is (the first one when it is a list); for multiple choice
   (`target_scores`) the text of the highest-scored option (the first such one on ties).
@@ -37,6 +38,7 @@ import click
 import orjson
 
 from . import cli
+from .evaluate import is_choice_letter
 from .models import cache_dir
 from .records import record_writer
 
@@ -134,6 +136,16 @@ def option_label(i):
     return label
 
 
+def option_lines(options):
+    """The lines listing the options: "(A) text", "(B) text", ... When an option's text is itself a
+    letter (hyperbaton's "a"/"b", snarks' "(a)"/"(b)": the input names its sentences so), labels
+    would collide with it ("(A) b", "(B) a") and exact match would credit "(A)" as "a": such
+    options are listed unlabelled, "- text"."""
+    if any(is_choice_letter(text) for text in options):
+        return [f"- {text}" for text in options]
+    return [f"({option_label(i)}) {text}" for i, text in enumerate(options)]
+
+
 def _shuffle_rng(seed, example_id):
     # Seeded by the id, not by position in a stream, so an example's option order does not
     # depend on which other tasks or examples were converted with it.
@@ -156,7 +168,7 @@ def example_record(task_json, example, example_id, task_name, seed):
         best = max(scores[text] for text in options)
         references = [text for text in options if scores[text] == best]
         _shuffle_rng(seed, example_id).shuffle(options)
-        body = body.rstrip() + "\n\nOptions:\n" + "\n".join(f"({option_label(i)}) {text}" for i, text in enumerate(options))
+        body = body.rstrip() + "\n\nOptions:\n" + "\n".join(option_lines(options))
     else:
         target = example.get("target")
         references = [t for t in (target if isinstance(target, list) else [target]) if isinstance(t, str) and t.strip()]

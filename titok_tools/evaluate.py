@@ -34,6 +34,12 @@ def normalize(text):
     return f"({choice.group(1)})" if choice else text
 
 
+def is_choice_letter(text):
+    """Whether an answer reads as a multiple-choice letter ("A", "(a)", "b)"): exact match takes
+    it for the option that letter labels."""
+    return _CHOICE.match(normalize(text)) is not None
+
+
 def exact_match(prediction, reference):
     return normalize(prediction) == normalize(reference)
 
