@@ -594,3 +594,25 @@ def test_records_passed_through_weigh_their_source_tokens(smollm2_tokenizer, gem
     monkeypatch.setattr(align, "CHUNK_TOKENS", 3 * tokens)
     out = list(align_records(((str(i), r) for i, r in enumerate(records)), gemma_tokenizer, model="gemma"))
     assert [r["id"] for r in out] == list(range(12)) and chunk_sizes == [3, 3, 3, 3]
+
+
+def test_present_but_wrong_fields_are_not_called_missing(smollm2_dir, smollm2_tokenizer, tmp_path):
+    record = scored(smollm2_tokenizer, "Fine.", id="w")
+    record["titok"]["source"]["excess"] = "abc"
+    result = run(["--target-model", smollm2_dir, "-k", "0.5"], write_jsonl(tmp_path / "a.jsonl", [record]))
+    assert result.exit_code == 1 and "a.jsonl:1: titok.source.excess: must be a list of numbers" in result.output
+    for k, shown in ((5, "5"), ("x", '"x"'), (True, "true")):
+        record = scored(smollm2_tokenizer, "Fine.", id="w")
+        record["titok"]["filter"]["k"] = k
+        result = run(["--target-model", smollm2_dir], write_jsonl(tmp_path / "b.jsonl", [record]))
+        assert result.exit_code == 1
+        assert f"b.jsonl:1: titok.filter.k: must be a number in (0, 1], not {shown}: pass -k" in result.output
+
+
+def test_scores_past_float_range_average_without_overflow():
+    # two source tokens of 1.7e308 onto one target token: their sum is inf (written as null by
+    # orjson, yet selected); the mean is 1.7e308
+    big = 1.7e308
+    assert align_values([[0, 2], [2, 4], [4, 4]], [big, big, -big], [[0, 4], [4, 4]], 4) == [big, -big]
+    assert align_values([[0, 2], [2, 4], [4, 4]], [big, -big, 1.0], [[0, 4], [4, 4]], 4) == [0.0, 1.0]
+    assert align_values([[0, 1], [1, 2], [2, 2]], [big, big, 0.0], [[0, 2], [2, 2]], 2, groups=True) == [big, 0.0]

@@ -294,3 +294,12 @@ def test_batch_scope_hands_out_items_outside_at_once_when_no_group_waits():
     assert [next(stream) for _ in range(7)] == [([1.0], [1])] * 2 + [([1.0], [0])] * 2 + [(None, None)] * 3
     assert len(read) == 7
     assert list(stream) == [([2.0], [1]), (None, None), (None, None)]
+
+
+@pytest.mark.parametrize("mean, shown", [(True, "true"), ("1.0", '"1.0"'), (None, "null")])
+def test_mean_excess_must_be_a_number(tmp_path, mean, shown):
+    # true was ranked as 1.0: a bool is not a score
+    bad = dict(scored("x", [1.0]), titok={"source": {"excess": [1.0], "mean_excess": mean}})
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS[:1] + [bad])
+    result = CliRunner().invoke(main, [data])
+    assert result.exit_code == 1 and f"in.jsonl:2: titok.source.mean_excess: must be a number, not {shown}" in result.output

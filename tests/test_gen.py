@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -306,6 +307,14 @@ def test_bad_templates(text, message, tmp_path):
     with pytest.raises(Exception) as e:
         load_template(str(path))
     assert message in str(e.value)
+
+
+def test_a_template_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"keep: line\n---\n{examples} \xe9t\xe9")
+    with pytest.raises(click.ClickException) as e:
+        load_template(str(path))
+    assert e.value.message == f"--template {path}: not UTF-8 text (invalid continuation byte at byte 26)"
 
 
 # --- templates, parsing, prompts ---------------------------------------------------------------------

@@ -101,6 +101,19 @@ def test_by_id_rejects_shards_that_do_not_match_the_input(tmp_path):
     assert CliRunner().invoke(merge.main, []).exit_code == 2  # no shard files
 
 
+def test_stdin_stands_for_one_shard_or_the_input(tmp_path):
+    shards = shard_files(tmp_path, [2, 2, 1])
+    with open(shards[1], "rb") as f:
+        result = CliRunner().invoke(merge.main, [shards[0], "-", shards[2]], input=f.read())
+    assert result.exit_code == 0 and [r["id"] for r in read_jsonl(result.stdout_bytes)] == list(range(5))
+    input = write_jsonl(tmp_path / "in.jsonl", [{"id": i} for i in range(5)])
+    with open(input, "rb") as f:
+        result = CliRunner().invoke(merge.main, ["--by-id", "-", *shards], input=f.read())
+    assert result.exit_code == 0 and [r["id"] for r in read_jsonl(result.stdout_bytes)] == list(range(5))
+    result = CliRunner().invoke(merge.main, ["--by-id", "-", "-", shards[1], shards[2]], input=b"")
+    assert result.exit_code == 2 and "stdin ('-') can stand for one file only" in result.output
+
+
 def test_records_without_ids_merge_as_they_are(tmp_path):
     # A user's own stage may write records without "id": the merge must not number a shard's lines.
     shards = [write_jsonl(tmp_path / f"s{i}.jsonl", [{"x": i}, {"x": i + 2}]) for i in range(2)]

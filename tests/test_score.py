@@ -190,6 +190,8 @@ def test_failure_leaves_no_output_file(tiny_llama, tiny_llama_lora, tmp_path):
     (b'{"prompt": "x"}', "in.jsonl:2: completion: missing"),
     (b'{"prompt": "x", "completion": "  "}', "in.jsonl:2: completion: is empty"),
     (b'{"prompt": 3, "completion": "y"}', "in.jsonl:2: prompt: must be a string or a list"),
+    (b'{"prompt": [{"role": 5, "content": "hi"}], "completion": "y"}', "in.jsonl:2: prompt: must be a string or a list"),
+    (b'{"prompt": "x", "completion": "y", "titok": "x"}', "in.jsonl:2: titok: must be an object"),
     (b'{"messages": [{"role": "user", "content": "hi"}]}', "in.jsonl:2: messages: the last message must be"),
     (b'[1, 2]', "in.jsonl:2: a record must be a JSON object"),
 ])
@@ -203,6 +205,18 @@ def test_bad_records_give_one_line_errors(tiny_llama, tiny_llama_lora, tmp_path,
     skipped = CliRunner().invoke(main, args + ["--skip-invalid", str(path)])
     assert skipped.exit_code == 0 and len(read_jsonl(skipped.stdout_bytes)) == 1
     assert "1 invalid records skipped" in skipped.stderr
+
+
+def test_a_template_that_fails_on_a_record_names_it(tiny_llama, tiny_llama_lora, tmp_path):
+    # a user's template that adds a number to a string: a TypeError inside Jinja, not a TemplateError
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] + (5 if m['role'] == 'system' else '') }}"
+                        "<|im_end|>{% endfor %}")
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS[:2])  # b has a system message
+    args = ["--model", tiny_llama, "--adapter", tiny_llama_lora, "--chat-template", str(template)]
+    result = CliRunner().invoke(main, args + [data])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "in.jsonl:2: completion: the chat template failed on this conversation:" in result.output
 
 
 def test_a_template_that_refuses_a_record_names_it(tiny_llama, tiny_llama_lora, no_system_template, tmp_path):
@@ -227,6 +241,37 @@ def test_adapter_for_another_base_is_refused(smollm2_dir, tiny_llama_lora, tmp_p
     result = CliRunner().invoke(main, ["--model", smollm2_dir, "--adapter", tiny_llama_lora, data])
     assert result.exit_code == 1
     assert "was made for base" in result.output and "weight shapes do not fit" in result.output
+
+
+@pytest.mark.parametrize("config, weights, message", [
+    (b"{bad", True, "adapter_config.json is not valid JSON"),
+    (b"\xff{}", True, "adapter_config.json is not valid JSON"),
+    (b"[]", True, "adapter_config.json must hold a JSON object"),
+    (None, True, "no adapter_config.json"),
+    (b"{}", False, "no adapter_model.safetensors or adapter_model.bin"),  # peft went to the Hub for them
+])
+def test_broken_adapter_dirs_are_one_line_errors(tiny_llama, tiny_llama_lora, tmp_path, config, weights, message):
+    import shutil
+    broken = shutil.copytree(tiny_llama_lora, tmp_path / "adapter")
+    if config is None:
+        os.remove(broken / "adapter_config.json")
+    else:
+        (broken / "adapter_config.json").write_bytes(config)
+    if not weights:
+        os.remove(broken / "adapter_model.safetensors")
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS[:1])
+    result = CliRunner().invoke(main, ["--model", tiny_llama, "--adapter", str(broken), data])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith(f"Error: --adapter {broken}: {message}")
+
+
+def test_a_chat_template_file_that_is_not_utf8_is_one_line(tiny_llama, tiny_llama_lora, tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_bytes(b"\xff{{ messages }}")
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS[:1])
+    result = CliRunner().invoke(main, ["--model", tiny_llama, "--adapter", tiny_llama_lora, "--chat-template", str(template), data])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == f"Error: --chat-template {template}: not UTF-8 text (invalid start byte at byte 0)"
 
 
 def test_adapter_naming_another_base_is_flagged(tiny_llama, tiny_llama_lora, tmp_path):

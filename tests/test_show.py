@@ -318,3 +318,17 @@ def test_headless_chromium_renders_the_page(tmp_path, aligned):
         assert int(stats["data-n"]) == len(source["excess"]) and int(stats["data-selected"]) == sum(source["mask"])
         assert float(stats["data-mean"]) == pytest.approx(sum(source["excess"]) / len(source["excess"]), abs=1e-6)
         assert float(stats["data-coverage"]) == pytest.approx(target["coverage"], abs=1e-6)
+
+
+@pytest.mark.parametrize("value", [1e17, 1e308, -1.7976931348623157e308, 0.0])
+def test_histogram_of_one_value_at_any_magnitude(tmp_path, records, value):
+    # every token the same score: numpy could not cut [x-1, x+1] into bins at 1e17 and beyond
+    import copy
+    same = copy.deepcopy(records)
+    for record in same:
+        source = record["titok"]["source"]
+        source["excess"] = [value] * len(source["excess"])
+        source["mean_excess"] = value
+    page = Page(show(write_jsonl(tmp_path / "in.jsonl", same)))
+    assert sum(page.elements["bins"]) == int(page.elements["facts"]["data-tokens"])
+    assert max(page.elements["bins"]) == int(page.elements["facts"]["data-tokens"])  # one bin holds them all

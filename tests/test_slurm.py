@@ -177,6 +177,13 @@ def test_existing_outputs_are_not_submitted_again(env):
     assert "--dependency" not in submitted[0][0] and submitted[1][0]["--dependency"] == "afterok:101"
 
 
+@pytest.mark.parametrize("k", ["auto", "1", "0.3", ".5", "1e-1"])
+def test_k_values_titok_filter_takes(env, k):
+    result = titok_slurm(env, "--dry-run", "--task", env["TASK_DIR"], "--k", k)
+    assert result.returncode == 0, result.stderr
+    assert f"titok-filter -k {k} " in result.stdout
+
+
 def test_dry_run_submits_nothing(env):
     result = titok_slurm(env, "--dry-run", "--task", env["TASK_DIR"], "--out", "o", "--shards", "2")
     assert result.returncode == 0, result.stderr
@@ -198,6 +205,11 @@ def test_dry_run_submits_nothing(env):
     ([], {"GPUS": "x"}, "GPUS must be a positive integer"),
     ([], {"M": "-1"}, "M must be a positive integer"),
     ([], {"SCOPE": "batches"}, "SCOPE must be sample, batch or global"),
+    ([], {"K": "5"}, "K must be a number in (0, 1] or auto, not '5'"),  # titok-filter refused it after gen and score
+    ([], {"K": "0"}, "K must be a number in (0, 1] or auto"),
+    ([], {"K": "-0.5"}, "K must be a number in (0, 1] or auto"),
+    ([], {"K": "nan"}, "K must be a number in (0, 1] or auto"),
+    ([], {"K": "0.3x"}, "K must be a number in (0, 1] or auto"),
 ])
 def test_bad_settings(env, args, extra, message):
     if args in ([], ["--shards"]) and "set TASK" not in message:

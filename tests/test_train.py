@@ -400,12 +400,38 @@ def test_output_json_and_existing_output_dir(tiny, tmp_path):
     assert json.load(open(tmp_path / "out" / "titok_train.json"))["arguments"]["seed"] == 1
     assert [p for p in os.listdir(tmp_path) if p.startswith(".out")] == []   # no temp dir left behind
 
+    # the same inputs and seed give the same bytes, titok_train.json included (it held the seconds)
+    saved = {name: open(tmp_path / "out" / name, "rb").read() for name in ("adapter_model.safetensors", "titok_train.json")}
+    assert runner.invoke(main, _cli_args(model_dir, tmp_path / "out", data, "--overwrite", "--seed", "1")).exit_code == 0
+    assert {name: open(tmp_path / "out" / name, "rb").read() for name in saved} == saved
+
+
+def test_overwrite_keeps_the_old_adapter_until_the_new_one_is_in_place(tiny, tmp_path, monkeypatch):
+    model_dir, tokenizer = tiny
+    data = write_jsonl(tmp_path / "data.jsonl", masked_records(tokenizer, repeat_records(WORDS[:2])))
+    runner = CliRunner()
+    assert runner.invoke(main, _cli_args(model_dir, tmp_path / "out", data)).exit_code == 0
+    old = open(tmp_path / "out" / "adapter_model.safetensors", "rb").read()
+    rename = os.rename
+
+    def failing_rename(src, dst):  # the new adapter cannot be moved in (a full disk, a crash)
+        if ".tmp-" in os.path.basename(src) and not src.endswith(".old"):
+            raise OSError(28, "No space left on device")
+        return rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    result = runner.invoke(main, _cli_args(model_dir, tmp_path / "out", data, "--overwrite", "--seed", "1"))
+    assert result.exit_code != 0
+    assert open(tmp_path / "out" / "adapter_model.safetensors", "rb").read() == old  # it was deleted before
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".out")] == []
+
 
 @pytest.mark.parametrize("case, message", [
     ("mask_length", "has 2 entries but the completion has"),
     ("other_tokenizer", "run `titok-align --target-model"),
     ("no_mask", "--all-tokens"),
     ("token_ids", "token_ids: differ"),
+    ("token_ids_not_a_list", "titok.source.token_ids: must be a list of token ids"),
     ("nothing_selected", "no records to train on (skipped: 2 with no selected token)"),
     ("empty", "no records to train on"),
 ])
@@ -421,6 +447,8 @@ def test_bad_input_is_one_clear_error(tiny, tmp_path, case, message):
         records[1].pop("titok")
     elif case == "token_ids":
         source["token_ids"] = source["token_ids"][::-1]
+    elif case == "token_ids_not_a_list":
+        source["token_ids"] = 5
     elif case == "nothing_selected":
         for r in records:
             r["titok"]["source"]["mask"] = [0] * len(r["titok"]["source"]["mask"])
@@ -430,7 +458,7 @@ def test_bad_input_is_one_clear_error(tiny, tmp_path, case, message):
     result = CliRunner().invoke(main, _cli_args(model_dir, tmp_path / "out", data))
     assert result.exit_code == 1, result.output
     assert message in result.output
-    if case in ("mask_length", "other_tokenizer", "no_mask", "token_ids"):
+    if case in ("mask_length", "other_tokenizer", "no_mask", "token_ids", "token_ids_not_a_list"):
         assert f"{data}:2" in result.output                       # names the record
     assert len(result.output.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "out")

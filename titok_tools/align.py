@@ -133,12 +133,15 @@ def _range_means(values, lo, hi):
     count = hi - lo
     total = np.zeros(len(lo))
     rows, step = np.flatnonzero(count > 0), 0
-    while rows.size:  # one pass per position inside the runs: sum(count) additions in all
-        total[rows] += values[lo[rows] + step]
-        step += 1
-        rows = rows[count[rows] > step]
-    with np.errstate(invalid="ignore"):
-        means = (total / count).tolist()
+    with np.errstate(invalid="ignore", over="ignore"):
+        while rows.size:  # one pass per position inside the runs: sum(count) additions in all
+            total[rows] += values[lo[rows] + step]
+            step += 1
+            rows = rows[count[rows] > step]
+        means = total / count
+    for j in np.flatnonzero(np.isinf(means)):  # the sum passed float64's range (values near 1e308): divide first
+        means[j] = sum(values[lo[j]:hi[j]] / count[j])
+    means = means.tolist()
     if count.all():  # the usual case: every target token overlaps a source token
         return means
     return [None if c == 0 else m for m, c in zip(means, count.tolist())]
@@ -285,7 +288,8 @@ def source_values(record, where, use):
         raise RecordError(where, "titok.source", f"missing: {SOURCE_VALUES['excess']}")
     values = source.get(use)
     if not isinstance(values, list):
-        raise RecordError(where, f"titok.source.{use}", f"missing: {SOURCE_VALUES[use]}")
+        problem = f"missing: {SOURCE_VALUES[use]}" if values is None else "must be a list of numbers, one per token"
+        raise RecordError(where, f"titok.source.{use}", problem)
     spans = as_spans(source.get("offsets"))
     problem = offsets_problem(spans, len(completion))
     if problem:
@@ -370,8 +374,10 @@ def finish_record(where, record, fields, enc, scores, fingerprint, text_normaliz
 
 def recorded_k(record, where):
     k = filter_settings(record).get("k")
-    if not isinstance(k, (int, float)) or not 0 < k <= 1:
+    if k is None:
         raise RecordError(where, "titok.filter.k", "missing: pass -k, or run titok-filter first")
+    if type(k) not in NUMBER_TYPES or not 0 < k <= 1:
+        raise RecordError(where, "titok.filter.k", f"must be a number in (0, 1], not {orjson.dumps(k).decode()}: pass -k")
     return k
 
 

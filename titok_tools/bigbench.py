@@ -251,7 +251,7 @@ def _names(ctx, param, value):
               help=f"A local {SDIST_FILE} (default: download it once into the cache).")
 @click.option("--cache", type=click.Path(file_okay=False),
               help="Where the sdist is downloaded (default $TITOK_CACHE, else ~/.cache/titok-tools).")
-@click.option("--test-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--test-fraction", default=0.2, show_default=True, type=cli.Finite(0, 1),
               help="Share of each task's examples that go to test.jsonl.")
 @click.option("--test-size", type=click.IntRange(min=0), help="Exact number of test examples per task (overrides --test-fraction).")
 @click.option("--train-size", type=click.IntRange(min=1), help="At most this many train examples per task (a seeded choice).")

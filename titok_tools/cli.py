@@ -7,6 +7,7 @@ Options read the same everywhere: `--model`, `--adapter`, `--dtype`, `--device`,
 import functools
 import gc
 import logging
+import math
 import os
 import sys
 import warnings
@@ -50,6 +51,17 @@ def _compose(*decorators):
             f = d(f)
         return f
     return apply
+
+
+class Finite(click.FloatRange):
+    """A float option's type, in a range like click.FloatRange, that also refuses nan and inf
+    (every comparison with nan is false: a range alone lets it through to the work)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 input_argument = click.argument("input", default="-", type=click.Path(allow_dash=True, dir_okay=False))

@@ -10,7 +10,7 @@ import random
 import click
 
 from . import cli
-from .records import RecordError, check_numbers, read_records, record_writer, spooled, titok, titok_part
+from .records import RecordError, check_number, check_numbers, read_records, record_writer, spooled, titok, titok_part
 from .select import auto_k, n_select, select_stream
 
 log = logging.getLogger("titok.filter")
@@ -25,8 +25,7 @@ def source_scores(record, where):
     if not isinstance(excess, list) or not excess:
         raise RecordError(where, "titok.source.excess", "must be a non-empty list of numbers")
     check_numbers(excess, where, "titok.source.excess")
-    if not isinstance(source.get("mean_excess"), (int, float)):
-        raise RecordError(where, "titok.source.mean_excess", "must be a number")
+    check_number(source.get("mean_excess"), where, "titok.source.mean_excess")
     return source
 
 
@@ -142,7 +141,7 @@ def summary(counts):
 @click.command()
 @cli.input_argument
 @cli.selection_options(0.7, auto=True)
-@click.option("--mass", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+@click.option("--mass", type=cli.Finite(0, 1, min_open=True), default=0.9, show_default=True,
               help="With -k auto: the share of the kept samples' positive excess the selected tokens must hold.")
 @click.option("-M", "--keep", default="0.5", show_default=True,
               help="Samples to keep, by mean excess: a count (250) or a fraction of the input (0.5 = the paper's 2x pool).")

@@ -41,12 +41,15 @@ def uses_template(tokenizer, chat_template=True):
 
 def _apply_template(tokenizer, messages, add_generation_prompt=False):
     """The chat template's text for `messages`. A template that refuses them (roles that must
-    alternate, no system role: its raise_exception) raises FormatError, which stages report
-    per record, not a traceback."""
+    alternate, no system role: its raise_exception) or fails on them (a user's template adding a
+    number to a string: a TypeError inside Jinja) raises FormatError, which stages report per
+    record, not a traceback."""
     try:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     except TemplateError as e:
         raise FormatError(f"the chat template refused this conversation: {e}") from None
+    except TypeError as e:
+        raise FormatError(f"the chat template failed on this conversation: {e}") from None
 
 
 def render_prompt(tokenizer, messages, chat_template=True):

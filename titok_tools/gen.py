@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from . import cli
 from .formatting import check_prompt
-from .records import RecordError, check_resume, checked, is_done, prompt_messages, read_records, record_writer
+from .records import RecordError, check_resume, checked, is_done, prompt_messages, read_records, read_text, record_writer
 
 log = logging.getLogger("titok.gen")
 
@@ -276,8 +276,7 @@ def template_path(name):
 
 def load_template(name):
     path = template_path(name)
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    lines = read_text(path, "--template").split("\n")
     settings = dict(SETTINGS)
     for lineno, line in enumerate(lines):
         where = f"{path}:{lineno + 1}"
@@ -623,12 +622,6 @@ def label_records(pairs, backend, settings, meta, counts=None, progress=None, do
 # ---------------------------------------------------------------------------------------------
 # Command line
 
-def _probability(ctx, param, value):
-    if not 0 < value <= 1:
-        raise click.BadParameter(f"{value} is outside (0, 1]")
-    return value
-
-
 @click.command()
 @cli.model_options
 @cli.adapter_option
@@ -643,15 +636,15 @@ def _probability(ctx, param, value):
 @click.option("--shots", default=3, show_default=True, type=click.IntRange(min=1), help="Exemplars per query prompt, re-drawn per call.")
 @click.option("--template", default="default", show_default=True,
               help="Query template: a file, or the name of a bundled one (default, multiple-choice) in data/templates/query-NAME.txt.")
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0), help="Sampling temperature of queries.")
-@click.option("--top-p", default=0.9, show_default=True, type=float, callback=_probability, help="Nucleus sampling of queries (and of labels when sampled).")
+@click.option("--temperature", default=1.0, show_default=True, type=cli.Finite(min=0), help="Sampling temperature of queries.")
+@click.option("--top-p", default=0.9, show_default=True, type=cli.Finite(0, 1, min_open=True), help="Nucleus sampling of queries (and of labels when sampled).")
 @click.option("--max-new-tokens", default=200, show_default=True, type=click.IntRange(min=1), help="Token budget of a query reply.")
-@click.option("--label-temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy labels.")
+@click.option("--label-temperature", default=0.0, show_default=True, type=cli.Finite(min=0), help="0 = greedy labels.")
 @click.option("--label-max-new-tokens", default=200, show_default=True, type=click.IntRange(min=1), help="Token budget of a label.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Prompts per generate call; a round of query synthesis is one batch, and --label answers blocks of this "
                    "many consecutive prompts (with --shard, of the shard's prompts).")
-@click.option("--rouge-threshold", default=0.7, show_default=True, type=float, callback=_probability,
+@click.option("--rouge-threshold", default=0.7, show_default=True, type=cli.Finite(0, 1, min_open=True),
               help="Reject a query whose ROUGE-L F with a seed example or a kept query is at least this.")
 @click.option("--no-dedup", is_flag=True, help="Keep near-duplicate queries (the paper does for history tasks).")
 @click.option("--max-rounds", type=click.IntRange(min=1), help="Stop after this many rounds even if fewer than --num "

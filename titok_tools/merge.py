@@ -82,11 +82,11 @@ def merge_by_id(paths, input_path, counts=None):
 
 
 @click.command()
-@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, allow_dash=True))
 @cli.output_option
-@click.option("--by-id", "by_id", type=click.Path(exists=True, dir_okay=False, allow_dash=False), metavar="INPUT",
+@click.option("--by-id", "by_id", type=click.Path(exists=True, dir_okay=False, allow_dash=True), metavar="INPUT",
               help="Order by the ids of INPUT, the file the shards were made from: for stages that dropped records "
-                   "(--skip-invalid).")
+                   "(--skip-invalid). A shard or INPUT may be '-' (stdin), one of them.")
 @cli.command
 def main(shards, output, by_id):
     """Merge the outputs of `--shard 0/N ... --shard N-1/N` runs, given in shard order, into input order.
@@ -100,6 +100,8 @@ def main(shards, output, by_id):
       for i in 0 1 2; do titok-score ... --shard $i/3 -o scored.$i.jsonl data.jsonl; done
       titok-merge -o scored.jsonl scored.0.jsonl scored.1.jsonl scored.2.jsonl
     """
+    if [*shards, by_id].count("-") > 1:
+        raise click.UsageError("stdin ('-') can stand for one file only")
     counts = {}
     records = merge_by_id(shards, by_id, counts) if by_id else merge_round_robin(shards)
     n = 0

@@ -16,6 +16,8 @@ import click
 import orjson
 import torch
 
+from .records import read_text
+
 log = logging.getLogger("titok")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,8 +112,7 @@ def load_tokenizer(model, chat_template=None, trust_remote_code=False):
     if not tokenizer.is_fast:
         raise click.ClickException(f"--model {model}: needs a fast tokenizer (character offsets)")
     if chat_template:
-        with open(chat_template, encoding="utf-8") as f:
-            tokenizer.chat_template = f.read()
+        tokenizer.chat_template = read_text(chat_template, "--chat-template")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -148,6 +149,8 @@ def load_model(model, adapter=None, dtype="auto", device="auto", trust_remote_co
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if adapter is not None:
+        adapter_config(adapter)  # checked before the (slow) base model loads
     path = resolve(model, trust_remote_code=trust_remote_code)
     try:
         base = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
@@ -184,14 +187,32 @@ def names_same_base(made_for, model_name, loaded_from):
             or os.path.basename(os.path.normpath(made_for)) in tails)
 
 
-def load_adapter(base, adapter, model_name, trainable=False):
-    from peft import PeftModel
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
+
+def adapter_config(adapter):
+    """The adapter dir's adapter_config.json, checked along with its weights file: load_model
+    reads it before the base model loads, so a broken adapter is a one-line error at once (and
+    peft never goes looking for missing weights on the Hub)."""
     config_path = os.path.join(adapter, "adapter_config.json")
     if not os.path.isfile(config_path):
         raise click.ClickException(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter dir)")
-    with open(config_path) as f:
-        made_for = json.load(f).get("base_model_name_or_path")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as e:  # not JSON, not UTF-8
+        raise click.ClickException(f"--adapter {adapter}: adapter_config.json is not valid JSON: {e}")
+    if not isinstance(config, dict):
+        raise click.ClickException(f"--adapter {adapter}: adapter_config.json must hold a JSON object")
+    if not any(os.path.isfile(os.path.join(adapter, name)) for name in ADAPTER_WEIGHTS):
+        raise click.ClickException(f"--adapter {adapter}: no {' or '.join(ADAPTER_WEIGHTS)}: the adapter's weights are missing")
+    return config
+
+
+def load_adapter(base, adapter, model_name, trainable=False):
+    from peft import PeftModel
+
+    made_for = adapter_config(adapter).get("base_model_name_or_path")
     if made_for and not names_same_base(made_for, model_name, base.name_or_path):
         log.warning("--adapter %s was made for base %r, not --model %s: make sure it is the same model",
                     adapter, made_for, model_name)
@@ -206,7 +227,7 @@ def load_adapter(base, adapter, model_name, trainable=False):
 
 def adapter_sha256(adapter):
     """sha256 of the adapter's weights file: which exact adapter produced the scores."""
-    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+    for name in ADAPTER_WEIGHTS:
         path = os.path.join(adapter, name)
         if os.path.isfile(path):
             h = hashlib.sha256()

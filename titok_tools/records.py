@@ -35,6 +35,17 @@ def _open_input(path):
         raise click.ClickException(f"{path}: cannot read: {e.strerror}")
 
 
+def read_text(path, option):
+    """A UTF-8 text file an option names (a template), or a one-line error naming the option."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise click.ClickException(f"{option} {path}: not UTF-8 text ({e.reason} at byte {e.start})")
+    except OSError as e:
+        raise click.ClickException(f"{option} {path}: cannot read: {e.strerror}")
+
+
 def read_records(path, skip_invalid=False, counts=None, name=None, default_id=True):
     """Yield (where, record) for every non-blank line of a JSONL file or '-' (stdin).
 
@@ -87,7 +98,8 @@ def checked(pairs, check, skip_invalid=False, counts=None):
 def _as_messages(value, where, field):
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
-    if isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in value):
+    if isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                       and isinstance(m.get("role"), str) for m in value):
         return value
     raise RecordError(where, field, "must be a string or a list of {role, content} messages")
 

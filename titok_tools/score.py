@@ -66,6 +66,8 @@ def score_records(pairs, model, tokenizer, *, chat_template=True, max_length=768
 
     def check(where, record):
         messages, completion = prompt_and_completion(record, where)
+        if not isinstance(record.get("titok", {}), dict):  # titok.source goes in there
+            raise RecordError(where, "titok", "must be an object")
         try:
             enc = encode(tokenizer, messages, completion, chat_template, max_length)
         except FormatError as e:

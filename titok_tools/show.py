@@ -218,8 +218,12 @@ def histogram_svg(values, scale, width=340, height=150):
     if not len(values):
         return "<p>no tokens</p>"
     lo, hi = (float(x) for x in np.percentile(values, [0.5, 99.5]))
-    if hi <= lo:
-        lo, hi = lo - 1, hi + 1
+    # At least 1 wide, and wide for the values' magnitude: at 1e17 numpy cannot cut [x-1, x+1]
+    # into bins ("Too many bins for data range").
+    least = max(1.0, abs(lo) * 1e-9, abs(hi) * 1e-9)
+    if hi - lo < least:
+        middle, biggest = lo / 2 + hi / 2, np.finfo(np.float64).max
+        lo, hi = max(middle - least / 2, -biggest), min(middle + least / 2, biggest)
     counts, edges = np.histogram(np.clip(values, lo, hi), bins=HISTOGRAM_BINS, range=(lo, hi))
     plot_h, step, top = height - 28, width / HISTOGRAM_BINS, max(int(counts.max()), 1)
     body = []

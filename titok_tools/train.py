@@ -91,7 +91,9 @@ def make_example(record, where, tokenizer, *, fingerprint, model, all_tokens, tr
             hint = " (the completion was truncated: use the --max-length of the earlier stages)" if enc.truncated else ""
             raise RecordError(where, field, f"has {len(mask)} entries but the completion has {len(enc.positions)} "
                                             f"tokens with this tokenizer and template{hint}")
-        if token_ids is not None and list(token_ids) != enc.token_ids:
+        if token_ids is not None and not isinstance(token_ids, list):
+            raise RecordError(where, field.replace(".mask", ".token_ids"), "must be a list of token ids")
+        if token_ids is not None and token_ids != enc.token_ids:
             raise RecordError(where, field.replace(".mask", ".token_ids"),
                               "differ from this model's tokens of the completion (another chat template, "
                               "--no-chat-template or --max-length than the earlier stages?)")
@@ -452,22 +454,22 @@ def add_lora(model, model_name, *, r, alpha, dropout, target_modules, seed):
               help="Also train each completion's closing token (EOS / end-of-turn) whatever its mask: a target that "
                    "never has it selected never learns to stop (a base target on a new chat template, short answers).")
 @click.option("--lora-r", default=8, show_default=True, type=click.IntRange(min=1), help="LoRA rank.")
-@click.option("--lora-alpha", default=8.0, show_default=True, type=float, help="LoRA scale numerator: updates are scaled by alpha / r.")
-@click.option("--lora-dropout", default=0.05, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+@click.option("--lora-alpha", default=8.0, show_default=True, type=cli.Finite(min=0, min_open=True), help="LoRA scale numerator: updates are scaled by alpha / r.")
+@click.option("--lora-dropout", default=0.05, show_default=True, type=cli.Finite(0, 1, max_open=True),
               help="Dropout on the LoRA input while training.")
 @click.option("--target-modules", default="q_proj,v_proj", show_default=True,
               help="Comma-separated module names to adapt, or all-linear.")
-@click.option("--lr", "--learning-rate", "lr", default=5e-5, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--lr", "--learning-rate", "lr", default=5e-5, show_default=True, type=cli.Finite(min=0, min_open=True),
               help="Peak AdamW learning rate (linear warmup, then linear decay to 0).")
-@click.option("--weight-decay", default=0.01, show_default=True, type=click.FloatRange(min=0), help="AdamW weight decay.")
-@click.option("--warmup-ratio", default=0.1, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--weight-decay", default=0.01, show_default=True, type=cli.Finite(min=0), help="AdamW weight decay.")
+@click.option("--warmup-ratio", default=0.1, show_default=True, type=cli.Finite(0, 1),
               help="Share of the steps with a linearly rising lr; then it falls linearly to 0.")
-@click.option("--max-grad-norm", default=0.3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--max-grad-norm", default=0.3, show_default=True, type=cli.Finite(min=0, min_open=True),
               help="Clip the gradient norm of each step to this.")
 @click.option("--epochs", default=2, show_default=True, type=click.IntRange(min=1), help="Passes over the records.")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Records per micro-batch and process.")
 @click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1), help="Micro-batches per optimizer step.")
-@click.option("--neftune-alpha", type=click.FloatRange(min=0, min_open=True),
+@click.option("--neftune-alpha", type=cli.Finite(min=0, min_open=True),
               help="NEFTune embedding noise (off unless given; the official target training used 5 or 7).")
 @click.option("--save-every", type=click.IntRange(min=1), help="Checkpoint every N steps into OUTPUT.checkpoint/.")
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.checkpoint/ (same input and arguments) to the same result.")
@@ -541,7 +543,7 @@ def main(input, model, dtype, device, trust_remote_code, chat_template, no_chat_
                     "records": len(examples), "skipped": {k: counts.get(k, 0) for k in ("no_selected", "not_kept", "invalid")},
                     "completion_tokens": counts["completion_tokens"], "selected_tokens_per_epoch": counts["selected_tokens"],
                     "tokens_trained": history["tokens"], "steps": history["steps"], "processes": procs.world,
-                    "loss": history["loss"], "seconds": round(elapsed, 3)}
+                    "loss": history["loss"]}  # no timing: same inputs and --seed, same bytes (it is in the log)
             write_adapter(lm, output, info, overwrite)
             shutil.rmtree(output + CHECKPOINT_SUFFIX, ignore_errors=True)
             log.info("trained %d steps on %d tokens in %.0f s (%.0f tokens/s); final loss %.4f; adapter in %s",
@@ -561,11 +563,19 @@ def write_adapter(model, output, info, overwrite=False):
         model.save_pretrained(tmp)
         with open(os.path.join(tmp, "titok_train.json"), "w") as f:
             json.dump(info, f, indent=1, default=str)
-        if os.path.exists(output):
-            if not overwrite:
-                raise click.ClickException(f"--output {output} exists: pass --overwrite to replace it")
-            shutil.rmtree(output)
-        os.rename(tmp, output)
+        if not os.path.exists(output):
+            os.rename(tmp, output)
+        elif not overwrite:
+            raise click.ClickException(f"--output {output} exists: pass --overwrite to replace it")
+        else:  # the old adapter goes only once the new one is in its place
+            aside = tmp + ".old"
+            os.rename(output, aside)
+            try:
+                os.rename(tmp, output)
+            except OSError:
+                os.rename(aside, output)
+                raise
+            shutil.rmtree(aside)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
