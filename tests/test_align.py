@@ -316,15 +316,18 @@ def test_cli_aligns_and_selects(gemma_scored, smollm2_dir, smollm2_tokenizer, tm
 
 def test_cli_from_mask_shard_and_k(gemma_scored, smollm2_dir, smollm2_tokenizer):
     path, records = gemma_scored
-    result = run(["--target-model", smollm2_dir, "--from", "mask", "-k", "0.2", "--shard", "1/2"], path)
+    result = run(["--target-model", smollm2_dir, "--from", "mask", "-k", "0.2", "--shard", "0/2"], path)
     assert result.exit_code == 0, result.output
     out = read_jsonl(result.stdout.encode())
-    assert [r["id"] for r in out] == [1, 3, 5]
+    assert [r["id"] for r in out] == [0, 2, 4]
+    differs = 0
     for record in out:
         target, source = record["titok"]["target"], records[record["id"]]["titok"]["source"]
         tgt = encode(smollm2_tokenizer, PROMPT, record["completion"])
         assert target["score"] == brute_force_groups(source["offsets"], source["mask"], tgt.offsets)
         assert target["mask"] == topk_mask(target["score"], 0.2)
+        differs += target["score"] != brute_force(source["offsets"], source["mask"], tgt.offsets)
+    assert differs  # these records tell the paper's groups from per-token means: --from mask reaches the groups
 
 
 @pytest.mark.parametrize("scope", ["global", "batch", "sample"])

@@ -303,3 +303,23 @@ def test_mean_excess_must_be_a_number(tmp_path, mean, shown):
     data = write_jsonl(tmp_path / "in.jsonl", RECORDS[:1] + [bad])
     result = CliRunner().invoke(main, [data])
     assert result.exit_code == 1 and f"in.jsonl:2: titok.source.mean_excess: must be a number, not {shown}" in result.output
+
+
+def test_defaults_are_the_papers_k_and_a_2x_pool(tmp_path):
+    # SPEC A4: k = 0.7, M = 0.5 of the input (the 2x pool), per sample
+    records = [scored(f"r{i}", [float(j % 5) - i for j in range(10)]) for i in range(5)]  # 0.5 of 5: 2
+    out, _ = run(records, tmp_path=tmp_path)
+    assert [r["id"] for r in out] == ["r0", "r1"]
+    assert all(r["titok"]["filter"] == {"k": 0.7, "keep": 2, "scope": "sample", "rank": rank, "kept": True}
+               for rank, r in enumerate(out, 1))
+    assert [sum(r["titok"]["source"]["mask"]) for r in out] == [7, 7]
+
+
+@pytest.mark.parametrize("keep, kept", [("0.5", 3), ("0.3", 2), ("0.1", 1), ("10", 7), ("7", 7)])
+def test_keep_fraction_rounds_down_and_a_count_caps_at_the_input(tmp_path, keep, kept):
+    # M = max(1, floor(f * n)), the rule of the tokens: 0.5 of 7 is 3 (not round's or ceil's 4);
+    # a count beyond the input keeps all and records how many it kept
+    records = [scored(f"r{i}", [float(-i)]) for i in range(7)]
+    out, _ = run(records, "--keep", keep, tmp_path=tmp_path)
+    assert [r["id"] for r in out] == [f"r{i}" for i in range(kept)]
+    assert {r["titok"]["filter"]["keep"] for r in out} == {kept}

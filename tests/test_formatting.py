@@ -5,7 +5,7 @@ import re
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from titok_tools.formatting import Encoded, FormatError, _inside, encode, prompt_ids, stop_token_ids
+from titok_tools.formatting import Encoded, FormatError, _inside, encode, prompt_ids, render_prompt, stop_token_ids
 
 TEXTS = [
     "The answer is 42.",
@@ -192,3 +192,39 @@ def test_completion_run_by_bisection_matches_the_scan(widths, lead, trail, windo
 def test_token_ids_are_the_ids_at_the_positions(positions):
     ids = [100 + i for i in range(12)]
     assert Encoded(ids, positions, [], False).token_ids == [ids[p] for p in positions]
+
+
+def test_generation_prompts_lose_their_start_not_their_end(smollm2_tokenizer):
+    # the model continues after the prompt's last tokens (the assistant header): a cut keeps those
+    messages = [{"role": "user", "content": "Say hi"}]
+    full = prompt_ids(smollm2_tokenizer, messages)
+    assert len(full) > 5 and prompt_ids(smollm2_tokenizer, messages, max_length=5) == full[-5:]
+    assert smollm2_tokenizer.convert_ids_to_tokens(full[-5:]) == ["Ċ", "<|im_start|>", "ass", "istant", "Ċ"]
+
+
+def test_a_completion_of_exactly_max_length_tokens_is_not_truncated(smollm2_tokenizer):
+    messages = [{"role": "user", "content": "Say hi"}]
+    whole = encode(smollm2_tokenizer, messages, "Hello there, friend")
+    n = len(whole.positions)  # the closing <|im_end|> included
+    at = encode(smollm2_tokenizer, messages, "Hello there, friend", max_length=n)
+    assert not at.truncated and at.token_ids == whole.token_ids and at.offsets == whole.offsets
+    cut = encode(smollm2_tokenizer, messages, "Hello there, friend", max_length=n - 1)
+    assert cut.truncated and cut.token_ids == whole.token_ids[:n - 1] and cut.offsets == whole.offsets[:n - 1]
+
+
+def test_a_token_reaching_past_the_completion_is_clipped_to_it(smollm2_tokenizer):
+    # a template that writes "!!" after the answer: "Wow!" + "!!" tokenizes as Wow|!!!, and the
+    # last token's span must end at the completion's end (4), not at 6
+    import copy
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m.content }}{% if m.role == 'assistant' %}!!{% endif %}"
+                               "<|im_end|>{% endfor %}")
+    enc = encode(tokenizer, [{"role": "user", "content": "Say it"}], "Wow!")
+    assert tokenizer.convert_ids_to_tokens(enc.token_ids) == ["Wow", "!!!", "<|im_end|>"]
+    assert enc.offsets == [[0, 3], [3, 4], [4, 4]]
+
+
+def test_plain_format_separates_messages_by_a_blank_line(smollm2_tokenizer):
+    # what --no-chat-template writes: earlier stages' data depends on it staying the same
+    messages = [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]
+    assert render_prompt(smollm2_tokenizer, messages, chat_template=False) == "a\n\nb"

@@ -139,3 +139,19 @@ def test_trained_adapter_from_a_relative_dir_loads_anywhere(tiny_llama, tmp_path
         for model in (relative, tiny_llama):
             load_model(model, str(tmp_path / "adapter"), dtype="float32", device="cpu")
     assert "was made for base" not in caplog.text
+
+
+def test_log_probs_of_a_bfloat16_model_are_a_float32_log_softmax(tiny_llama):
+    # SPEC A3: the model may run in bf16, its log-softmax runs in float32 (in bf16 a log-prob
+    # keeps 8 bits of mantissa: excess, a difference of two, would be mostly rounding)
+    model = load_model(tiny_llama, dtype="bfloat16", device="cpu")
+    body, head = models.decoder_and_head(model)
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 11]])
+    with torch.no_grad():
+        hidden = body(input_ids=ids).last_hidden_state[0, :-1]
+        ours = models.token_logprobs(model, head, hidden, ids[0, 1:])
+        logits = model(input_ids=ids).logits[0, :-1].float()
+    reference = torch.log_softmax(logits, dim=-1)[torch.arange(7), ids[0, 1:]]
+    assert ours.dtype == torch.float32
+    assert torch.allclose(ours, reference, atol=1e-4)
+    assert not torch.equal(ours, ours.bfloat16().float())  # not bf16 numbers widened afterwards

@@ -332,3 +332,26 @@ def test_histogram_of_one_value_at_any_magnitude(tmp_path, records, value):
     page = Page(show(write_jsonl(tmp_path / "in.jsonl", same)))
     assert sum(page.elements["bins"]) == int(page.elements["facts"]["data-tokens"])
     assert max(page.elements["bins"]) == int(page.elements["facts"]["data-tokens"])  # one bin holds them all
+
+
+def test_colours_scale_and_selected_count(tmp_path, records):
+    import copy
+    from titok_tools.show import MIDDLE, NEGATIVE, POSITIVE
+    # red for excess the expert adds, blue for what it takes away, grey at 0
+    assert (POSITIVE, NEGATIVE, MIDDLE) == ((178, 24, 43), (33, 102, 172), (247, 247, 247))
+    assert colour(2.0, 2.0) == POSITIVE and colour(-5.0, 2.0) == NEGATIVE and colour(0.0, 2.0) == MIDDLE
+    assert colour(1.0, 2.0) == tuple(round(m + (p - m) / 2) for m, p in zip(MIDDLE, POSITIVE))
+    # the scale is the 99th percentile of |excess| (one outlier does not wash out every colour),
+    # and "selected" counts the mask's ones, not the tokens
+    one = copy.deepcopy(records[0])
+    source = one["titok"]["source"]
+    n = len(source["offsets"])
+    source["excess"] = [-0.1 * (i + 1) for i in range(n - 1)] + [50.0]
+    source["mask"] = [1, 0, 1] + [0] * (n - 3)
+    source["mean_excess"] = sum(source["excess"]) / n
+    page = Page(show(write_jsonl(tmp_path / "in.jsonl", [one])))
+    values = sorted(abs(v) for v in source["excess"])
+    at = 0.99 * (n - 1)  # numpy's default (linear) percentile, by hand
+    expected = values[int(at)] + (values[int(at) + 1] - values[int(at)]) * (at - int(at))
+    assert float(page.elements["legend"]["data-scale"]) == pytest.approx(expected) and expected < 50
+    assert int(page.elements["facts"]["data-selected"]) == 2
