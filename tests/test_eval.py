@@ -169,6 +169,26 @@ def test_references_list_counts_the_best_answer():
     assert result["rougeL"] == (1.0 + 0.0 + best) / 3
 
 
+def test_rouge_is_the_stemmed_f_measure():
+    from titok_tools.evaluate import Metrics
+
+    # Stemmed, the prediction is "the cat run home quickli today": 4 of its 6 tokens are the
+    # reference's 4 (P = 4/6, R = 4/4), so F = 2PR/(P+R) = 0.8 for ROUGE-1 and ROUGE-L alike.
+    prediction, reference = "the cats running home quickly today", "the cat runs home"
+    p, r = 4 / 6, 4 / 4
+    f = 2 * p * r / (p + r)
+    assert f == pytest.approx(0.8)
+    metrics = Metrics()
+    metrics.add(prediction, [reference])
+    result = metrics.result()
+    assert result["rouge1"] == pytest.approx(f) and result["rougeL"] == pytest.approx(f)
+    assert result["exact_match"] == 0.0
+    # Not the unstemmed F (only "the" and "home" match: 0.4), and not the recall (1.0).
+    unstemmed = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(reference, prediction)["rougeL"].fmeasure
+    assert unstemmed == pytest.approx(0.4) and result["rougeL"] != pytest.approx(unstemmed)
+    assert result["rougeL"] != pytest.approx(r)
+
+
 def test_generation_hands_the_head_contiguous_states_and_same_tokens(tiny_llama, tiny_llama_lora, qa):
     """A loaded adapter freezes the base, and torch.matmul then copies the output layer's weight
     per prompt for the strided last-position slice of the first step; generate() makes that

@@ -183,6 +183,49 @@ def test_options_reach_the_generator(tiny_llama, seed_file, loose_template, tmp_
     assert len(read_jsonl(tmp_path / "o.jsonl")) == 3
 
 
+def canned_gen(monkeypatch, tiny_llama, seed_file, tmp_path, *extra):
+    """Run titok-gen --num 1 with the model's generation replaced by one fixed query: returns
+    the backend calls (their prompts and sampling settings) and the dedup thresholds used."""
+    calls, thresholds = [], []
+
+    def complete(self, prompts, max_new_tokens, temperature, top_p, seed):
+        calls.append({"prompts": [p[-1]["content"] for p in prompts], "settings": (max_new_tokens, temperature, top_p)})
+        return ["Input: Who won the 1998 World Cup final in France?"] * len(prompts)
+
+    class Recording(RougeDedup):
+        def __init__(self, threshold):
+            thresholds.append(threshold)
+            super().__init__(threshold)
+
+    monkeypatch.setattr(gen.HfBackend, "complete", complete)
+    monkeypatch.setattr(gen, "RougeDedup", Recording)
+    invoke(["--model", tiny_llama, "--dtype", "float32", "--device", "cpu", "--seed-examples", seed_file,
+            "--num", 1, *extra, "-o", tmp_path / "o.jsonl"])
+    return calls, thresholds
+
+
+def test_sampling_defaults_are_the_spec(tiny_llama, seed_file, tmp_path, monkeypatch):
+    # SPEC A8 with no sampling option given: queries sampled at temperature 1.0, top-p 0.9, 200
+    # new tokens; labels greedy; ROUGE-L threshold 0.7; 3 exemplars per query prompt.
+    calls, thresholds = canned_gen(monkeypatch, tiny_llama, seed_file, tmp_path)
+    queries, labels = calls
+    assert len(queries["prompts"]) == 8 and queries["settings"] == (200, 1.0, 0.9)   # --batch-size 8
+    assert labels["settings"][:2] == (200, 0.0)
+    assert thresholds and set(thresholds) == {0.7}
+    assert all(sum(s in p for s in SPORTS) == 3 for p in queries["prompts"])
+    assert len(read_jsonl(tmp_path / "o.jsonl")[0]["titok_gen"]["shots"]) == 3
+
+
+def test_seed_chooses_the_exemplars(tiny_llama, seed_file, tmp_path, monkeypatch):
+    # The replies are fixed, so only the exemplar draw can differ between seeds.
+    shown = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        calls, _ = canned_gen(monkeypatch, tiny_llama, seed_file, tmp_path, "--seed", seed)
+        shown[name] = [tuple(s for s in SPORTS if s in p) for p in calls[0]["prompts"]]
+    assert shown["a"] == shown["b"]
+    assert shown["a"] != shown["c"]
+
+
 def test_unparsable_replies_are_counted_and_rounds_capped(tiny_llama, seed_file, tmp_path):
     # Random tokens never make an "Options:" block: every reply is a format rejection.
     result = invoke(["--model", tiny_llama, "--dtype", "float32", "--seed-examples", seed_file, "--template",
@@ -280,8 +323,8 @@ def test_bad_seed_files(case, message, tiny_llama, tmp_path):
     (["--num", "2", "--label", "x.jsonl"], "exactly one of"),
     (["--num", "2", "--shard", "0/2"], "--shard splits --label work"),
     (["--num", "2", "--skip-invalid"], "--skip-invalid goes with --label"),
-    (["--num", "2", "--top-p", "1.5"], "outside (0, 1]"),
-    (["--num", "2", "--rouge-threshold", "0"], "outside (0, 1]"),
+    (["--num", "2", "--top-p", "1.5"], "1.5 is not in the range 0<x<=1"),
+    (["--num", "2", "--rouge-threshold", "0"], "0.0 is not in the range 0<x<=1"),
     (["--num", "2", "--template", "nonesuch"], "no bundled template"),
 ])
 def test_bad_options(args, message, tiny_llama, seed_file):
@@ -453,7 +496,9 @@ def test_shots_redrawn_per_call_and_task_description(seed_file, tmp_path):
                                        "Is curling played on grass fields?", "Why do swimmers shave their arms?"]]
     records, _, backend = run_scripted(replies, seeds, 8, shots=2, batch_size=4)
     shown = [tuple(s for s in SPORTS if s in prompt) for prompt in backend.prompts]
-    assert all(len(s) == 2 for s in shown) and len(set(shown)) > 1
+    assert all(len(s) == 2 for s in shown) and len(shown) == 8
+    # Re-drawn per call: the 4 calls of round 1 differ among themselves, and round 2 draws anew.
+    assert len(set(shown[:4])) > 1 and shown[4:] != shown[:4]
     assert all(p.startswith("Decide whether a sentence about sports is plausible.") for p in backend.prompts)
     assert [set(r["titok_gen"]["shots"]) for r in records] == [{f"s{SPORTS.index(x)}" for x in s} for s in shown]
     # --task-description wins; else a shared system message; else a generic line.
@@ -489,6 +534,24 @@ def test_dedup_matches_rouge_score(pool_texts, text, threshold):
         assert index is not None and f == scores[index] and f >= threshold
     else:  # pairs pruned by the bounds are not scored, so f is the best of those scored
         assert index is None and f < threshold
+
+
+def test_dedup_threshold_is_inclusive():
+    # SPEC A8 keeps a query only when F < 0.7: F exactly 0.7 (7 of 10 words in order, both
+    # lengths 10) is a duplicate. Just below: 11 words sharing 8 with the pool text but, with
+    # "two one" swapped, only 7 in order, so F = 2*7/(10+11) = 0.667 is scored, and kept.
+    kept = "one two three four five six seven eight nine ten"
+    at, below = "one two three four five six seven alpha beta gamma", "two one three four five six seven alpha beta gamma eight"
+    assert rouge(kept, at) == 0.7 and rouge(kept, below) == pytest.approx(14 / 21)
+    pool = RougeDedup(0.7)
+    pool.add(kept)
+    assert pool.best(at) == (0.7, 0)
+    assert pool.best(below) == (rouge(kept, below), None)
+    # The boundary at 1.0 too: only an identical text (after tokenizing) reaches it.
+    pool = RougeDedup(1.0)
+    pool.add(kept)
+    assert pool.best(kept) == (1.0, 0) and pool.best(kept.upper() + "!") == (1.0, 0)
+    assert pool.best(at)[1] is None
 
 
 def test_dedup_scores_equal_rouge_score_exactly():
