@@ -1,6 +1,7 @@
 """titok-train: the masked loss against hand computations, its invariance to how a step is split
 (accumulation, processes), reload, resume, bad input, and one real LoRA run on SmolLM2-135M."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from titok_tools import train as train_module
 from titok_tools.evaluate import main as eval_main
 from titok_tools.formatting import encode, stop_token_ids
 from titok_tools.models import load_model, load_tokenizer, tokenizer_fingerprint
-from titok_tools.train import add_lora, main, masked_loss, prepare_examples, train, write_adapter
+from titok_tools.train import add_lora, main, make_example, masked_loss, prepare_examples, train, write_adapter
 
 WORDS = """apple river candle forest mirror garden pencil window rabbit silver castle bottle dragon pepper button
 jacket ladder marble needle orange pillow rocket saddle tunnel velvet wallet anchor basket cactus donkey engine
@@ -538,7 +539,7 @@ def test_real_lora_sft_on_smollm2_learns_the_task(smollm2_dir, smollm2_tokenizer
     print(f"\nSmolLM2-135M 'Repeat twice' task, 16 held-out records: loss {vanilla_loss:.3f} -> {tuned_loss:.3f}; "
           f"exact match {scores['vanilla']['exact_match']:.3f} -> {scores['tuned']['exact_match']:.3f}; "
           f"ROUGE-L {scores['vanilla']['rougeL']:.3f} -> {scores['tuned']['rougeL']:.3f}; train loss "
-          f"{info['loss'][0]:.3f} -> {info['loss'][-1]:.3f} in {info['seconds']:.0f} s")
+          f"{info['loss'][0]:.3f} -> {info['loss'][-1]:.3f}")
     assert tuned_loss < 0.5 * vanilla_loss
     assert scores["tuned"]["exact_match"] >= scores["vanilla"]["exact_match"] + 0.5
     predictions = read_jsonl(tmp_path / "tuned.jsonl")
@@ -549,3 +550,119 @@ def test_an_output_that_cannot_be_written_fails_before_training(tmp_path):
     data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "completion": "c"}])
     result = CliRunner().invoke(main, ["--model", "no/such-model", "--output", f"{data}/adapter", data])
     assert result.exit_code == 1 and f"Error: {data}/adapter: cannot write: {data} is not a directory" in result.output
+
+
+def test_defaults_are_the_official_codes(tiny, tmp_path, monkeypatch):
+    """SPEC A7: with no hyper-parameter flag, the adapter and the run use LoRA r=8, alpha=8,
+    dropout 0.05 on q_proj,v_proj; AdamW lr 5e-5, weight decay 0.01, warmup 0.1, clip 0.3,
+    2 epochs of batch 4; and those values reach the training loop, not only the report."""
+    model_dir, tokenizer = tiny
+    data = write_jsonl(tmp_path / "data.jsonl", repeat_records(WORDS[:2]))
+    seen, real_train = {}, train_module.train
+
+    def spy_train(*args, **kwargs):
+        seen.update(kwargs)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", spy_train)
+    # Not _cli_args: it sets --lr and --lora-r.
+    result = CliRunner().invoke(main, ["--model", model_dir, "--output", str(tmp_path / "out"), "--dtype", "float32",
+                                       "--all-tokens", data])
+    assert result.exit_code == 0, result.output
+    config = json.load(open(tmp_path / "out" / "adapter_config.json"))
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 8, 0.05)
+    assert set(config["target_modules"]) == {"q_proj", "v_proj"}
+    defaults = {"lr": 5e-5, "weight_decay": 0.01, "warmup_ratio": 0.1, "max_grad_norm": 0.3, "epochs": 2, "batch_size": 4}
+    arguments = json.load(open(tmp_path / "out" / "titok_train.json"))["arguments"]
+    assert {k: arguments[k] for k in defaults} == defaults
+    assert {k: seen[k] for k in defaults} == defaults
+
+
+@pytest.mark.parametrize("warmup_ratio", [0.1, 0.25])
+def test_lr_warms_up_linearly_then_decays_linearly_to_zero(tiny, monkeypatch, warmup_ratio):
+    """The lr of each optimizer step: ceil(warmup_ratio * steps) steps rising from 0, then a linear
+    fall to 0 at the end. 20 records, batch 4, 2 epochs = 10 steps; 0.25 -> ceil(2.5) = 3 warmup
+    steps (floor would give 2)."""
+    model_dir, tokenizer = tiny
+    examples = examples_of(repeat_records(WORDS[:20]), tokenizer, all_tokens=True)
+    lrs, real_step = [], torch.optim.AdamW.step
+
+    def spy_step(self, *args, **kwargs):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
+    train(fresh_lora(model_dir), examples, tokenizer.pad_token_id, epochs=2, batch_size=4, lr=5e-5,
+          warmup_ratio=warmup_ratio, progress=False)
+    total, peak = 10, 5e-5
+    warmup = math.ceil(warmup_ratio * total)
+    expected = [peak * (i / warmup if i < warmup else (total - i) / (total - warmup)) for i in range(total)]
+    if warmup_ratio == 0.1:      # the figures, by hand
+        assert expected[:3] == pytest.approx([0, 5e-5, 5e-5 * 8 / 9])
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_seed_reaches_the_lora_init(tiny, tmp_path):
+    """--seed draws the fresh LoRA's A matrices: with no dropout and one record (so no data order),
+    the init is the only thing the seed can change."""
+    model_dir, tokenizer = tiny
+    data = write_jsonl(tmp_path / "data.jsonl", repeat_records(["apple"]))
+
+    def lora_a(name, seed):
+        result = CliRunner().invoke(main, _cli_args(model_dir, tmp_path / name, data, "--all-tokens", "--lora-dropout", "0",
+                                                    "--epochs", "1", "--seed", seed))
+        assert result.exit_code == 0, result.output
+        weights = load_file(tmp_path / name / "adapter_model.safetensors")
+        return {k: v for k, v in weights.items() if "lora_A" in k}
+
+    a0, again, a1 = lora_a("s0", "0"), lora_a("s0-again", "0"), lora_a("s1", "1")
+    assert a0 and a0.keys() == a1.keys() == again.keys()
+    assert all(torch.equal(a0[k], again[k]) for k in a0)
+    assert all(not torch.allclose(a0[k], a1[k]) for k in a0)
+
+
+def test_train_closing_leaves_a_truncated_completion_alone(tiny):
+    """A completion cut at --max-length has lost its closing token: its last token is an ordinary
+    one, which --train-closing must not force to weight 1 against its mask."""
+    _, tokenizer = tiny
+    record = repeat_records(["apple forest mirror garden pencil window"])[0]
+    enc = encode(tokenizer, [{"role": "user", "content": record["prompt"]}], record["completion"], max_length=4)
+    assert enc.truncated and len(enc.positions) == 4
+    assert enc.input_ids[enc.positions[-1]] not in stop_token_ids(tokenizer)
+    record["titok"] = {"source": {"tokenizer": tokenizer_fingerprint(tokenizer), "token_ids": enc.token_ids,
+                                  "mask": [1, 1, 1, 0]}}
+    example, _ = make_example(record, "in:1", tokenizer, fingerprint=tokenizer_fingerprint(tokenizer), model="tiny",
+                              all_tokens=False, train_closing=True, max_length=4)
+    assert example.positions == enc.positions[:3] and example.weights == [1.0, 1.0, 1.0]
+
+
+def test_target_mask_wins_over_a_source_mask_of_the_same_tokenizer(tiny):
+    """Same-tokenizer transfer run through titok-align too: the record has both masks for this
+    tokenizer, and the target's (the aligned one) is the one trained."""
+    _, tokenizer = tiny
+    records = repeat_records(WORDS[:4])
+    sources = masked_records(tokenizer, records, seed=0, field="source")
+    targets = masked_records(tokenizer, records, seed=1, field="target")
+    both = [dict(r, titok={**s["titok"], **t["titok"]}) for r, s, t in zip(records, sources, targets)]
+    for r in both:
+        r["titok"]["source"]["mask"] = [1] * len(r["titok"]["source"]["mask"])   # so the two sums differ
+    counts = {}
+    examples = examples_of(both, tokenizer, counts=counts)
+    target_sum = sum(sum(r["titok"]["target"]["mask"]) for r in both)
+    assert target_sum < sum(sum(r["titok"]["source"]["mask"]) for r in both)
+    assert counts["selected_tokens"] == target_sum
+    for r, e in zip(both, examples):
+        enc = encode(tokenizer, [{"role": "user", "content": r["prompt"]}], r["completion"])
+        assert e.positions == [p for p, m in zip(enc.positions, r["titok"]["target"]["mask"]) if m]
+
+
+def test_position_0_is_never_trained(tiny):
+    """With no template, an empty prompt and a tokenizer that adds no BOS, the completion's first
+    token is at position 0: nothing precedes it to predict it from, so it is left out (the hidden
+    state at -1 would be the sequence's last)."""
+    _, tokenizer = tiny
+    record = {"prompt": "", "completion": "hello world"}
+    enc = encode(tokenizer, [{"role": "user", "content": ""}], record["completion"], chat_template=False)
+    assert enc.positions[0] == 0                              # the case under test does arise
+    (example,) = prepare_examples([("in:1", record)], tokenizer, model="tiny", all_tokens=True, chat_template=False)
+    assert example.positions == enc.positions[1:] and 0 not in example.positions
