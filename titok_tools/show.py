@@ -229,7 +229,7 @@ def histogram_svg(values, scale, width=340, height=150):
     body = []
     for j, c in enumerate(counts.tolist()):
         h = plot_h * c / top
-        centre = (edges[j] + edges[j + 1]) / 2
+        centre = edges[j] / 2 + edges[j + 1] / 2  # no overflow near float64's limit
         body.append(f'<rect class="bin" data-count="{c}" x="{j * step:.1f}" y="{plot_h - h + 12:.1f}" '
                     f'width="{max(step - 1, 1):.1f}" height="{h:.1f}" fill="{hex_colour(colour(centre, scale))}" '
                     f'stroke="#999" stroke-width="0.3"><title>{edges[j]:+.3f} to {edges[j + 1]:+.3f}: {c}</title></rect>')
@@ -255,7 +255,7 @@ def means_svg(means, settings, width=340, height=150):
     plot_h = height - 24
 
     def y(v):
-        return 10 + plot_h * (hi - v) / span
+        return 10 + plot_h * ((hi - v) / span)
     step, scale = width / len(points), max(abs(lo), abs(hi)) or 1.0
     body = [f'<rect x="{j * step:.2f}" y="{min(y(ranked[p]), y(0)):.1f}" width="{max(step, 0.5):.2f}" '
             f'height="{abs(y(ranked[p]) - y(0)):.1f}" fill="{hex_colour(colour(float(ranked[p]), scale))}"/>'
@@ -291,7 +291,7 @@ def header_html(numbers, title):
     s = numbers.scale
     means = np.frombuffer(numbers.means, dtype=np.float64)
     coverage = np.frombuffer(numbers.coverage, dtype=np.float64)
-    mean = float(means.mean()) if len(means) else math.nan
+    mean = float((means / len(means)).sum()) if len(means) else math.nan  # a sum of 1e308s would overflow
     settings = numbers.filter or {}
     facts = [f"{numbers.records} records", f"{numbers.tokens} source tokens",
              f"{numbers.selected} selected", f"mean excess {mean:+.4f}"]
