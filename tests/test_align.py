@@ -619,3 +619,5 @@ def test_scores_past_float_range_average_without_overflow():
     assert align_values([[0, 2], [2, 4], [4, 4]], [big, big, -big], [[0, 4], [4, 4]], 4) == [big, -big]
     assert align_values([[0, 2], [2, 4], [4, 4]], [big, -big, 1.0], [[0, 4], [4, 4]], 4) == [0.0, 1.0]
     assert align_values([[0, 1], [1, 2], [2, 2]], [big, big, 0.0], [[0, 2], [2, 2]], 2, groups=True) == [big, 0.0]
+    biggest = np.finfo(np.float64).max  # a third of it, rounded, times three passes it
+    assert align_values([[0, 1], [1, 2], [2, 3], [3, 3]], [biggest] * 3 + [0.0], [[0, 3], [3, 3]], 3) == [biggest, 0.0]

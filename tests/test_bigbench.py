@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from conftest import read_jsonl
 from titok_tools import bigbench
-from titok_tools.evaluate import exact_match
+from titok_tools.answers import exact_match
 
 COUNT = {  # free text: target as a list and as a string; one example without an answer
     "name": "count_things", "description": "Count the objects",
@@ -137,10 +137,13 @@ def test_letter_options_are_listed_without_labels():
     snark = {"examples": [{"input": "Which is sarcastic? (a) x (b) y", "target_scores": {"(a)": 0, "(b)": 1}}]}
     record = bigbench.example_record(snark, snark["examples"][0], "snarks:0", "snarks", 0)
     assert sorted(record["prompt"].split("Options:\n")[1].splitlines()) == ["- (a)", "- (b)"]
-    # Options that are not letters keep their labels; one that reads as a letter (the pronoun "I",
-    # exact match's "(i)") is enough to list them all unlabelled.
+    # Only a letter the labels use collides: misconceptions' T/F and a pronoun "I" among two
+    # options keep their labels (A, B); "C" among three does not.
     assert bigbench.option_lines(["Yes", "No"]) == ["(A) Yes", "(B) No"]
-    assert bigbench.option_lines(["I", "you"]) == ["- I", "- you"]
+    assert bigbench.option_lines(["T", "F"]) == ["(A) T", "(B) F"]
+    assert bigbench.option_lines(["I", "you"]) == ["(A) I", "(B) you"]
+    assert bigbench.option_lines(["x", "y", "C"]) == ["- x", "- y", "- C"]
+    assert bigbench.option_lines(["x", "C"]) == ["(A) x", "(B) C"]
 
 
 def test_split_is_seeded_and_sized(sdist, tmp_path):

@@ -585,3 +585,17 @@ def test_queries_from_base_writes_queries_without_the_adapter(tiny_llama, tiny_l
     assert [r["prompt"] for r in mixed] == [r["prompt"] for r in base]
     assert [r["prompt"] for r in mixed] != [r["prompt"] for r in expert]
     assert mixed[0]["titok_gen"]["queries_from"] == "base" and mixed[0]["titok_gen"]["adapter"] == tiny_llama_lora
+
+
+def test_vllm_backend_checks_the_adapter_dir_like_the_hf_one(tmp_path, monkeypatch):
+    # it read adapter_config.json itself: bad JSON there was a traceback (stub vllm: not installed here)
+    import types
+    from titok_tools.gen import VllmBackend
+    vllm, request = types.ModuleType("vllm"), types.ModuleType("vllm.lora.request")
+    vllm.LLM, request.LoRARequest = object, object
+    for name, module in (("vllm", vllm), ("vllm.lora", types.ModuleType("vllm.lora")), ("vllm.lora.request", request)):
+        monkeypatch.setitem(sys.modules, name, module)
+    (tmp_path / "adapter_config.json").write_text("{bad")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(click.ClickException, match="adapter_config.json is not valid JSON"):
+        VllmBackend("m", str(tmp_path), "auto", False, None, True, 768, 1, 0)

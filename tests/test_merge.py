@@ -110,6 +110,9 @@ def test_stdin_stands_for_one_shard_or_the_input(tmp_path):
     with open(input, "rb") as f:
         result = CliRunner().invoke(merge.main, ["--by-id", "-", *shards], input=f.read())
     assert result.exit_code == 0 and [r["id"] for r in read_jsonl(result.stdout_bytes)] == list(range(5))
+    with open(shards[2], "rb") as f:  # a short shard on stdin is named as such
+        result = CliRunner().invoke(merge.main, ["-", shards[0], shards[1]], input=f.read())
+    assert result.exit_code == 1 and "shard 0 (<stdin>) has 1 records, expected 2" in result.output
     result = CliRunner().invoke(merge.main, ["--by-id", "-", "-", shards[1], shards[2]], input=b"")
     assert result.exit_code == 2 and "stdin ('-') can stand for one file only" in result.output
 

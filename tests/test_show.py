@@ -355,3 +355,20 @@ def test_colours_scale_and_selected_count(tmp_path, records):
     expected = values[int(at)] + (values[int(at) + 1] - values[int(at)]) * (at - int(at))
     assert float(page.elements["legend"]["data-scale"]) == pytest.approx(expected) and expected < 50
     assert int(page.elements["facts"]["data-selected"]) == 2
+
+
+def test_histogram_of_a_narrow_range_uses_every_bin_and_huge_scores_of_both_signs_work(tmp_path, records):
+    # scores within 0.05 of each other get 40 bins over their own range (a widening to at least
+    # 1 once left 37 of 40 bins empty), and +-1e308 (a range past float64's) still draws
+    import copy
+    from titok_tools.show import HISTOGRAM_BINS
+    narrow, huge = copy.deepcopy(records), copy.deepcopy(records)
+    for i, (a, b) in enumerate(zip(narrow, huge)):
+        n = len(a["titok"]["source"]["excess"])
+        a["titok"]["source"]["excess"] = [0.05 * (i * n + j) / (5 * n) for j in range(n)]
+        b["titok"]["source"]["excess"] = [(-1) ** j * 1e308 for j in range(n)]
+    page = Page(show(write_jsonl(tmp_path / "narrow.jsonl", narrow)))
+    assert len(page.elements["bins"]) == HISTOGRAM_BINS and sum(c > 0 for c in page.elements["bins"]) >= 35
+    page = Page(show(write_jsonl(tmp_path / "huge.jsonl", huge)))
+    bins = page.elements["bins"]
+    assert sum(bins) == int(page.elements["facts"]["data-tokens"]) and bins[0] > 0 and bins[-1] > 0

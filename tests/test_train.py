@@ -666,3 +666,19 @@ def test_position_0_is_never_trained(tiny):
     assert enc.positions[0] == 0                              # the case under test does arise
     (example,) = prepare_examples([("in:1", record)], tokenizer, model="tiny", all_tokens=True, chat_template=False)
     assert example.positions == enc.positions[1:] and 0 not in example.positions
+
+
+def test_overwrite_of_a_linked_output_replaces_the_link_not_its_target(tmp_path):
+    from titok_tools.train import write_adapter
+
+    class Saved:  # what write_adapter needs of a model
+        def save_pretrained(self, path):
+            open(os.path.join(path, "adapter_model.safetensors"), "w").write("new")
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "adapter_model.safetensors").write_text("old")
+    os.symlink(tmp_path / "real", tmp_path / "out")
+    write_adapter(Saved(), str(tmp_path / "out"), {}, overwrite=True)  # rmtree refused the link, after the work
+    assert not os.path.islink(tmp_path / "out") and (tmp_path / "out" / "adapter_model.safetensors").read_text() == "new"
+    assert (tmp_path / "real" / "adapter_model.safetensors").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["out", "real"]  # nothing hidden left behind

@@ -139,8 +139,9 @@ def _range_means(values, lo, hi):
             step += 1
             rows = rows[count[rows] > step]
         means = total / count
-    for j in np.flatnonzero(np.isinf(means)):  # the sum passed float64's range (values near 1e308): divide first
-        means[j] = sum(values[lo[j]:hi[j]] / count[j])
+        for j in np.flatnonzero(np.isinf(means)):  # the sum passed float64's range (values near 1e308):
+            run = values[lo[j]:hi[j]]              # divide first; rounding can still pass the largest value,
+            means[j] = min(max((run / count[j]).sum(), run.min()), run.max())  # which a mean never does
     means = means.tolist()
     if count.all():  # the usual case: every target token overlaps a source token
         return means

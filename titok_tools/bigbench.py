@@ -38,7 +38,7 @@ import click
 import orjson
 
 from . import cli
-from .evaluate import is_choice_letter
+from .answers import choice_letter
 from .models import cache_dir
 from .records import record_writer
 
@@ -137,11 +137,13 @@ def option_label(i):
 
 
 def option_lines(options):
-    """The lines listing the options: "(A) text", "(B) text", ... When an option's text is itself a
-    letter (hyperbaton's "a"/"b", snarks' "(a)"/"(b)": the input names its sentences so), labels
-    would collide with it ("(A) b", "(B) a") and exact match would credit "(A)" as "a": such
-    options are listed unlabelled, "- text"."""
-    if any(is_choice_letter(text) for text in options):
+    """The lines listing the options: "(A) text", "(B) text", ... When an option's text is itself
+    one of those labels' letters (hyperbaton's "a"/"b", snarks' "(a)"/"(b)": the input names its
+    sentences so), the labels would collide with it ("(A) b", "(B) a") and exact match would
+    credit "(A)" as "a": such options are listed unlabelled, "- text". (misconceptions' T/F do
+    not collide with (A)/(B): they keep their labels.)"""
+    letters = {choice_letter(text) for text in options} - {None}
+    if any(ord(letter) - ord("a") < len(options) for letter in letters):
         return [f"- {text}" for text in options]
     return [f"({option_label(i)}) {text}" for i, text in enumerate(options)]
 

@@ -6,13 +6,12 @@ ROUGE-1 and ROUGE-L F) go to stderr and to --metrics FILE. Generation is the sha
 """
 import json
 import logging
-import re
-import string
 
 import click
 from tqdm import tqdm
 
 from . import cli
+from .answers import exact_match, normalize  # noqa: F401 (normalize: part of this module's API)
 from .formatting import check_prompt
 from .generation import generate
 from .models import load_model, load_tokenizer
@@ -21,27 +20,6 @@ from .records import (RecordError, check_resume, checked, is_done, prompt_and_co
 
 log = logging.getLogger("titok.eval")
 
-# Surrounding characters that do not change an answer: quotes, sentence punctuation.
-_SURROUNDING = string.whitespace + "\"'`“”‘’.,;:!?"
-_CHOICE = re.compile(r"^\(?([a-z])\)?$")
-
-
-def normalize(text):
-    """The form answers are compared in: stripped, lowercased, without surrounding quotes or
-    punctuation, inner whitespace collapsed; a multiple-choice letter ("A", "(A)", "a)") as "(a)"."""
-    text = " ".join(text.lower().split()).strip(_SURROUNDING)
-    choice = _CHOICE.match(text)
-    return f"({choice.group(1)})" if choice else text
-
-
-def is_choice_letter(text):
-    """Whether an answer reads as a multiple-choice letter ("A", "(a)", "b)"): exact match takes
-    it for the option that letter labels."""
-    return _CHOICE.match(normalize(text)) is not None
-
-
-def exact_match(prediction, reference):
-    return normalize(prediction) == normalize(reference)
 
 
 class Metrics:

@@ -398,12 +398,9 @@ class VllmBackend:
         except ImportError:
             raise click.ClickException("--backend vllm needs vLLM: pip install 'titok-tools[vllm]'")
         from .formatting import stop_token_ids
-        from .models import resolve
+        from .models import adapter_config, resolve
 
-        rank = 16
-        if adapter:
-            with open(os.path.join(adapter, "adapter_config.json")) as f:
-                rank = int(json.load(f).get("r", 16))
+        rank = int(adapter_config(adapter).get("r", 16)) if adapter else 16
         # vLLM accepts only these maximum ranks: take the smallest that fits the adapter.
         max_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), 512)
         self.llm = LLM(model=resolve(model, trust_remote_code=trust_remote_code), dtype=dtype, seed=seed,

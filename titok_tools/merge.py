@@ -14,7 +14,7 @@ import click
 import orjson
 
 from . import cli
-from .records import read_records, record_writer
+from .records import read_records, record_writer, shown_name
 
 log = logging.getLogger("titok.merge")
 
@@ -28,7 +28,7 @@ def _expected_counts(counts):
 
 def _count_error(paths, counts):
     expected = _expected_counts(counts)
-    short = [f"shard {i} ({paths[i]}) has {c} records, expected {e}"
+    short = [f"shard {i} ({shown_name(paths[i])}) has {c} records, expected {e}"
              for i, (c, e) in enumerate(zip(counts, expected)) if c < e]
     return click.ClickException(
         f"{'; '.join(short)}: records are missing (an interrupted run, or one with --skip-invalid: "
@@ -78,7 +78,7 @@ def merge_by_id(paths, input_path, counts=None):
             where, record = head
             raise click.ClickException(
                 f"{where}: id {_key(record).decode()} does not follow the input's order for shard {shard}/{n} "
-                f"(index i % {n} == {shard}): are these the shards of {input_path}, given in shard order?")
+                f"(index i % {n} == {shard}): are these the shards of {shown_name(input_path)}, given in shard order?")
 
 
 @click.command()

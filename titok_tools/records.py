@@ -35,6 +35,11 @@ def _open_input(path):
         raise click.ClickException(f"{path}: cannot read: {e.strerror}")
 
 
+def shown_name(path):
+    """How messages name an input: its path, or <stdin> for '-'."""
+    return "<stdin>" if path == "-" else path
+
+
 def read_text(path, option):
     """A UTF-8 text file an option names (a template), or a one-line error naming the option."""
     try:
@@ -54,7 +59,7 @@ def read_records(path, skip_invalid=False, counts=None, name=None, default_id=Tr
     skip_invalid, lines that are not JSON objects are skipped and counted in counts["invalid"]
     instead of raising.
     """
-    name = name or ("<stdin>" if path == "-" else path)
+    name = name or shown_name(path)
     f = _open_input(path)
     try:
         for lineno, line in enumerate(f):

@@ -218,13 +218,16 @@ def histogram_svg(values, scale, width=340, height=150):
     if not len(values):
         return "<p>no tokens</p>"
     lo, hi = (float(x) for x in np.percentile(values, [0.5, 99.5]))
-    # At least 1 wide, and wide for the values' magnitude: at 1e17 numpy cannot cut [x-1, x+1]
-    # into bins ("Too many bins for data range").
-    least = max(1.0, abs(lo) * 1e-9, abs(hi) * 1e-9)
-    if hi - lo < least:
-        middle, biggest = lo / 2 + hi / 2, np.finfo(np.float64).max
-        lo, hi = max(middle - least / 2, -biggest), min(middle + least / 2, biggest)
-    counts, edges = np.histogram(np.clip(values, lo, hi), bins=HISTOGRAM_BINS, range=(lo, hi))
+    # One value, or values closer than float64 resolves at their size (1e17 and 1e17 + 16): numpy
+    # cannot cut [x-1, x+1] into bins there ("Too many bins for data range"), so widen by the size.
+    fine = max(abs(lo), abs(hi)) * 1e-9
+    if hi - lo <= fine:
+        middle, half, biggest = lo / 2 + hi / 2, max(1.0, fine), np.finfo(np.float64).max
+        lo, hi = max(middle - half, -biggest), min(middle + half, biggest)
+    # halved when hi - lo itself passes float64's range (scores of +-1e308), doubled back after
+    shrink = 1.0 if np.isfinite(hi - lo) else 0.5
+    counts, edges = np.histogram(np.clip(values, lo, hi) * shrink, bins=HISTOGRAM_BINS, range=(lo * shrink, hi * shrink))
+    edges = edges / shrink
     plot_h, step, top = height - 28, width / HISTOGRAM_BINS, max(int(counts.max()), 1)
     body = []
     for j, c in enumerate(counts.tolist()):

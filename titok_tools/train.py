@@ -575,7 +575,10 @@ def write_adapter(model, output, info, overwrite=False):
             except OSError:
                 os.rename(aside, output)
                 raise
-            shutil.rmtree(aside)
+            if os.path.islink(aside):  # --output was a link: the name now holds the adapter, its target stays
+                os.unlink(aside)
+            else:
+                shutil.rmtree(aside)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
