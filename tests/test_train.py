@@ -669,8 +669,6 @@ def test_position_0_is_never_trained(tiny):
 
 
 def test_overwrite_of_a_linked_output_replaces_the_link_not_its_target(tmp_path):
-    from titok_tools.train import write_adapter
-
     class Saved:  # what write_adapter needs of a model
         def save_pretrained(self, path):
             open(os.path.join(path, "adapter_model.safetensors"), "w").write("new")

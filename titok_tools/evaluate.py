@@ -11,7 +11,7 @@ import click
 from tqdm import tqdm
 
 from . import cli
-from .answers import exact_match, normalize  # noqa: F401 (normalize: part of this module's API)
+from .answers import exact_match
 from .formatting import check_prompt
 from .generation import generate
 from .models import load_model, load_tokenizer

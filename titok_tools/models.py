@@ -149,8 +149,7 @@ def load_model(model, adapter=None, dtype="auto", device="auto", trust_remote_co
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    if adapter is not None:
-        adapter_config(adapter)  # checked before the (slow) base model loads
+    config = adapter_config(adapter) if adapter is not None else None  # checked before the (slow) base loads
     path = resolve(model, trust_remote_code=trust_remote_code)
     try:
         base = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
@@ -160,7 +159,7 @@ def load_model(model, adapter=None, dtype="auto", device="auto", trust_remote_co
     if check_logits:
         check_project_logits(base, model)
     if adapter is not None:
-        base = load_adapter(base, adapter, model, trainable=trainable)
+        base = load_adapter(base, adapter, config, model, trainable=trainable)
     base.train(trainable)
     return base
 
@@ -209,10 +208,11 @@ def adapter_config(adapter):
     return config
 
 
-def load_adapter(base, adapter, model_name, trainable=False):
+def load_adapter(base, adapter, config, model_name, trainable=False):
+    """PEFT's model of `base` + the adapter dir, whose adapter_config(adapter) is `config`."""
     from peft import PeftModel
 
-    made_for = adapter_config(adapter).get("base_model_name_or_path")
+    made_for = config.get("base_model_name_or_path")
     if made_for and not names_same_base(made_for, model_name, base.name_or_path):
         log.warning("--adapter %s was made for base %r, not --model %s: make sure it is the same model",
                     adapter, made_for, model_name)
