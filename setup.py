@@ -27,6 +27,9 @@ setup(
         "gguf>=0.10",
         "jinja2>=3.1",  # imported directly (formatting: chat templates' TemplateError); transformers only wants it for templates
         "tokenizers>=0.20",  # imported directly (align: the target's normalizer); also a transformers dependency
+        # titok-align reads the few fields it needs straight from each JSON line (the source's per-token
+        # arrays into numpy, never Python lists) and splices its part into the line: 1.4-1.7x the records/s
+        "pysimdjson>=6.0",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],

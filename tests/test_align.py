@@ -5,7 +5,9 @@ import os
 import unicodedata
 
 import numpy as np
+import orjson
 import pytest
+import simdjson
 from click.testing import CliRunner
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
@@ -14,6 +16,7 @@ from titok_tools import align
 from titok_tools.align import align_records, align_values, main, overlap_ranges
 from titok_tools.formatting import FormatError, encode
 from titok_tools.models import load_tokenizer, tokenizer_fingerprint
+from titok_tools.records import JsonLine, parse_line
 from titok_tools.select import n_select, topk_mask, topk_masks
 
 TEXTS = {
@@ -163,11 +166,13 @@ def test_chunk_checks_agree_with_the_record_checks(records):
     rejects, whatever sits next to them in the chunk."""
     expected = [align.offsets_problem(offsets, length) is not None for offsets, length in records]
     counts = np.array([len(o) for o, _ in records])
-    spans = align.concatenated([o for o, _ in records])
+    spans = stacked([o for o, _ in records])
     assert align.spans_problems(spans, np.array([length for _, length in records]), counts).tolist() == expected
-    # what is not a list of integer pairs never reaches the array checks (the record checks say why)
-    for broken in ([], [[0, 1, 2]], [[0, 1], [2]], "nope", [["a", "b"]], [[0, 2 ** 70]]):
-        assert align.concatenated([[[0, 1]], broken]) is None
+
+
+def stacked(offset_lists):
+    """Several records' offsets as one (n, 2) array, as titok-align lays a chunk's spans."""
+    return np.array([pair for offsets in offset_lists for pair in offsets], dtype=np.int64).reshape(-1, 2)
 
 
 @pytest.mark.parametrize("groups", [False, True])
@@ -182,8 +187,7 @@ def test_a_chunk_aligns_as_its_records_do_alone(groups, smollm2_tokenizer, gemma
         values = [[float(v > 0) for v in vs] for vs in values]
     lengths = tuple(np.array(x) for x in ([len(t) for t in texts], [len(s) for s in sources],
                                           [len(t) for t in targets]))
-    got = align.align_many(align.concatenated(sources), np.concatenate(values),
-                           align.concatenated(targets), lengths, groups=groups)
+    got = align.align_many(stacked(sources), np.concatenate(values), stacked(targets), lengths, groups=groups)
     reference = brute_force_groups if groups else brute_force
     assert got == [reference(s, v, t) for s, v, t in zip(sources, values, targets)]
 
@@ -578,11 +582,9 @@ def test_the_first_bad_record_is_reported_first(chunk_tokens, smollm2_tokenizer,
         list(align_records(pairs, gemma_tokenizer, model="gemma"))
 
 
-def test_records_passed_through_weigh_their_source_tokens(smollm2_tokenizer, gemma_tokenizer, monkeypatch):
-    """A chunk holds about CHUNK_TOKENS source tokens, records titok-filter did not keep included
-    (they carry their source lists too): a long run of them is not one huge chunk."""
-    chunk_sizes = []
-    batched = align.batched
+def spy_chunk_sizes(monkeypatch):
+    """The number of records in each chunk align_records makes."""
+    chunk_sizes, batched = [], align.batched
 
     def spy(items, tokens, size):
         for chunk in batched(items, tokens, size):
@@ -590,6 +592,13 @@ def test_records_passed_through_weigh_their_source_tokens(smollm2_tokenizer, gem
             yield chunk
 
     monkeypatch.setattr(align, "batched", spy)
+    return chunk_sizes
+
+
+def test_records_passed_through_weigh_their_source_tokens(smollm2_tokenizer, gemma_tokenizer, monkeypatch):
+    """A chunk holds about CHUNK_TOKENS source tokens, records titok-filter did not keep included
+    (they carry their source lists too): a long run of them is not one huge chunk."""
+    chunk_sizes = spy_chunk_sizes(monkeypatch)
     records = [scored(smollm2_tokenizer, "Ten words or so of text that are not kept here.", id=i) for i in range(12)]
     for record in records[1:]:
         record["titok"]["filter"]["kept"] = False
@@ -621,3 +630,186 @@ def test_scores_past_float_range_average_without_overflow():
     assert align_values([[0, 1], [1, 2], [2, 2]], [big, big, 0.0], [[0, 2], [2, 2]], 2, groups=True) == [big, 0.0]
     biggest = np.finfo(np.float64).max  # a third of it, rounded, times three passes it
     assert align_values([[0, 1], [1, 2], [2, 3], [3, 3]], [biggest] * 3 + [0.0], [[0, 3], [3, 3]], 3) == [biggest, 0.0]
+
+
+# --- JSON lines, read lazily: the command's path ---------------------------------------------
+
+def as_lines(texts):
+    return [(f"in.jsonl:{i + 1}", JsonLine(text, i)) for i, text in enumerate(texts)]
+
+
+def spy_lazily(monkeypatch):
+    """Whether read_lazily took each line (True) or handed it to the full parse (False)."""
+    taken, original = [], align.read_lazily
+
+    def spy(parser, text, use, fingerprint):
+        result = original(parser, text, use, fingerprint)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(align, "read_lazily", spy)
+    return taken
+
+
+def mixed_lines(smollm2_tokenizer, gemma_tokenizer):
+    """Lines of every kind align_records meets, and whether each can take the fast path."""
+    words = "Some words, naïve 東京 🦊 and more words here".split()
+    records = [scored(smollm2_tokenizer, " ".join(words[i % 5:]), id=i, seed=i) for i in range(10)]
+    conversation = records[1]  # TRL's messages instead of prompt + completion
+    records[1] = {"id": 1, "messages": [{"role": "user", "content": conversation["prompt"]},
+                                        {"role": "assistant", "content": conversation["completion"]}],
+                  "titok": conversation["titok"]}
+    records[2]["titok"]["filter"]["kept"] = False
+    del records[3]["id"]                                                   # the full parse numbers it
+    records[4] = scored(smollm2_tokenizer, "Braces {like} these } close", id=4)
+    records[4] = {"titok": records[4].pop("titok"), **records[4]}          # titok not last
+    records[5]["titok"]["target"] = {"score": [1.0]}                       # from an earlier run
+    records[6]["titok"]["filter"]["kept"] = False
+    records[6]["titok"]["target"] = {"score": [1.0]}
+    records[7] = scored(gemma_tokenizer, records[7]["completion"], id=7)   # the target's own tokens
+    records[8] = {"id": 8, "meta": {"big": 1.0e300, "name": "é"}, **{k: v for k, v in records[8].items() if k != "id"}}
+    texts = [orjson.dumps(r) + b"\n" for r in records]
+    stale = {**records[9]["titok"], "filter": {**records[9]["titok"]["filter"], "k": 0.9}}
+    texts[9] = b'{"titok": ' + orjson.dumps(stale) + b", " + texts[9][1:]  # a repeated key: the last one holds
+    texts[2] = texts[2].rstrip() + b" \r\n"
+    texts[8] = texts[8].replace("é".encode(), b"\\u00e9").replace(b"1e300", b"1.0E+300").rstrip() + b"\r\n"
+    return texts, [True, True, True, False, False, False, False, False, True, False]
+
+
+@pytest.mark.parametrize("scope, use", [("sample", "excess"), ("batch", "excess"), ("global", "excess"),
+                                        ("sample", "mask")])
+def test_lines_align_as_dicts_do(scope, use, smollm2_tokenizer, gemma_tokenizer, monkeypatch):
+    """align_records on JSON lines (titok-align's path: the fields it reads taken straight from
+    each line, its target part spliced in) gives the records it gives on the parsed dicts; lines
+    it cannot take that way (no id, titok not last, a target of an earlier run, a repeated key,
+    the target's own tokens) go through the full parse. Fields it does not own keep their bytes."""
+    texts, fast = mixed_lines(smollm2_tokenizer, gemma_tokenizer)
+    taken = spy_lazily(monkeypatch)
+    counts = {}
+    out = list(align_records(as_lines(texts), gemma_tokenizer, model="g", scope=scope, use=use, counts=counts))
+    assert taken == fast and all(isinstance(line, bytes) and line.endswith(b"}\n") for line in out)
+    dicts = [parse_line(where, line) for where, line in as_lines(texts)]
+    expected = list(align_records(zip([w for w, _ in as_lines(texts)], dicts), gemma_tokenizer, model="g",
+                                  scope=scope, use=use, counts=(dict_counts := {})))
+    assert [orjson.loads(line) for line in out] == expected and counts == dict_counts
+    assert [r["id"] for r in expected] == list(range(10)) and expected[5]["titok"]["target"]["score"] != [1.0]
+    assert [("target" in r["titok"]) for r in expected] == [i not in (2, 6) for i in range(10)]
+    assert [line.count(b'"target"') for line in out] == [i not in (2, 6) for i in range(10)]  # none left over
+    assert out[2] == texts[2].rstrip() + b"\n"  # not kept: passed through as it came
+    assert [line.count(b'"titok"') for line in out] == [1] * 10  # a line read whole is written with one
+    for i in (0, 1, 8):        # up to titok's closing brace, the line as it came
+        titok_end = texts[i].rindex(b"}", 0, texts[i].rindex(b"}"))
+        assert out[i].startswith(texts[i][:titok_end] + b',"target":{')
+    assert b'"name":"\\u00e9"' in out[8] and b'"big":1.0E+300' in out[8]
+
+
+def test_read_lazily_hands_what_it_cannot_check_to_the_full_parse(smollm2_dir, smollm2_tokenizer, tmp_path):
+    """Shapes that simdjson's flat buffers would hide (ragged or nested pairs, nested values),
+    other types, and lines it reads differently from orjson go to the full parse, whose checks
+    name the field; the parser is free again after each."""
+    parser = simdjson.Parser()
+    good = scored(smollm2_tokenizer, "Some fine words.", id="x")
+    record, spans, values = align.read_lazily(parser, orjson.dumps(good), "excess", "another tokenizer")
+    source = good["titok"]["source"]
+    assert record == {"id": "x", "prompt": good["prompt"], "completion": good["completion"],
+                      "titok": {"filter": good["titok"]["filter"], "source": {"tokenizer": source["tokenizer"]}}}
+    assert spans.tolist() == source["offsets"] and values.tolist() == source["excess"]
+
+    def variant(change):
+        record = json.loads(json.dumps(good))
+        change(record["titok"]["source"])
+        return orjson.dumps(record)
+
+    (a, b), (c, d) = source["offsets"][:2]
+    broken = {
+        "ragged pairs": variant(lambda s: s["offsets"].__setitem__(slice(0, 2), [[a, b, c], [d]])),
+        "nested pair": variant(lambda s: s["offsets"].__setitem__(0, [a, [b]])),
+        "flat offsets": variant(lambda s: s.__setitem__("offsets", [x for pair in s["offsets"] for x in pair])),
+        "float offset": variant(lambda s: s["offsets"][0].__setitem__(1, 1.5)),
+        "no offsets": variant(lambda s: s.update(offsets=[], excess=[])),
+        "nested value": variant(lambda s: s["excess"].__setitem__(0, [s["excess"][0]])),
+        "bool value": variant(lambda s: s["excess"].__setitem__(0, True)),
+        "null value": variant(lambda s: s["excess"].__setitem__(0, None)),
+        "text value": variant(lambda s: s["excess"].__setitem__(0, "1.5")),
+        "short values": variant(lambda s: s["excess"].pop()),
+        "no source": orjson.dumps({**good, "titok": {"filter": good["titok"]["filter"]}}),
+        "titok not an object": orjson.dumps({**good, "titok": "x"}),
+        "an array": b"[1, 2]",
+        "a byte-order mark": b"\xef\xbb\xbf" + orjson.dumps(good),
+        "an id below -2**63": orjson.dumps(good).replace(b'"id":"x"', b'"id":-9223372036854775809'),
+        "an integer past 2**64": orjson.dumps(good).replace(b'"id":"x"', b'"id":123456789012345678901234567890'),
+    }
+    for name, text in broken.items():
+        assert align.read_lazily(parser, text, "excess", "another tokenizer") is None, name
+    assert align.read_lazily(parser, orjson.dumps(good), "excess", source["tokenizer"]) is None  # same tokenizer
+    assert align.read_lazily(parser, orjson.dumps(good), "mask", "another")[2].tolist() == source["mask"]
+
+    target = ["--target-model", smollm2_dir, "-k", "0.5"]
+    for name, message in (("ragged pairs", "titok.source.offsets: record 'x': the offsets are not a non-empty list"),
+                          ("nested value", "titok.source.excess[0]: record 'x': must be a number, not ["),
+                          ("a byte-order mark", "in.jsonl:1: invalid JSON")):
+        (tmp_path / "in.jsonl").write_bytes(broken[name] + b"\n")
+        result = run(target, tmp_path / "in.jsonl")
+        assert result.exit_code == 1 and message in result.output, (name, result.output)
+
+
+@pytest.mark.parametrize("scope", ["sample", "global"])
+def test_lines_stream_in_chunks_in_input_order(scope, smollm2_tokenizer, gemma_tokenizer, monkeypatch):
+    """As test_chunk_size_changes_nothing, on lines: any chunk size gives the same lines, with
+    records passed through, bad ones skipped (--skip-invalid) and the first bad one reported."""
+    records = [scored(smollm2_tokenizer, f"Record number {i} says hello.", id=i, seed=i) for i in range(30)]
+    for i in range(0, 30, 4):
+        records[i]["titok"]["filter"]["kept"] = False
+    records[9]["titok"]["source"]["offsets"].reverse()  # found when its chunk is aligned
+    records[13]["titok"]["source"]["excess"] = None      # found when it is read
+    texts = [orjson.dumps(r) + b"\n" for r in records]
+
+    def aligned(chunk_tokens, skip_invalid=True):
+        monkeypatch.setattr(align, "CHUNK_TOKENS", chunk_tokens)
+        counts = {}
+        out = list(align_records(as_lines(texts), gemma_tokenizer, model="g", scope=scope, skip_invalid=skip_invalid,
+                                 counts=counts))
+        return out, counts
+
+    whole, counts = aligned(10 ** 9)
+    assert [orjson.loads(line)["id"] for line in whole] == [i for i in range(30) if i not in (9, 13)]
+    assert counts["invalid"] == 2 and counts["not_kept"] == 8
+    for chunk_tokens in (1, 7, 60):
+        assert aligned(chunk_tokens) == (whole, counts)
+        with pytest.raises(align.RecordError, match="in.jsonl:10: titok.source.offsets"):
+            aligned(chunk_tokens, skip_invalid=False)
+
+
+def test_lines_passed_through_weigh_about_their_tokens(smollm2_tokenizer, gemma_tokenizer, monkeypatch):
+    chunk_sizes = spy_chunk_sizes(monkeypatch)
+    records = [scored(smollm2_tokenizer, "Ten words or so of text that are not kept here.", id=i) for i in range(12)]
+    for record in records:
+        record["titok"]["filter"]["kept"] = False
+    texts = [orjson.dumps(r) + b"\n" for r in records]
+    tokens = len(records[0]["titok"]["source"]["offsets"])
+    assert tokens / 2 < len(texts[0]) / 64 < tokens * 2  # a scored line holds about 64 bytes a token
+    monkeypatch.setattr(align, "CHUNK_TOKENS", 3 * (1 + len(texts[0]) // 64))
+    assert list(align_records(as_lines(texts), gemma_tokenizer, model="g")) == texts
+    assert chunk_sizes == [3, 3, 3, 3]
+
+
+def test_shards_count_only_the_lines_that_are_records(gemma_scored, smollm2_dir, tmp_path):
+    """--shard I/N takes every N-th record, counting only the lines that are JSON objects (as
+    every stage and titok-merge --by-id count them); a line that is not one is reported in every
+    shard, or skipped and counted with --skip-invalid. An integer past 64 bits (simdjson refuses
+    it, orjson reads it) still makes a record."""
+    path, records = gemma_scored
+    lines = open(path, "rb").read().splitlines()
+    huge = lines[3].replace(b'"id":3', b'"id":123456789012345678901234567890')
+    assert huge != lines[3]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join([lines[0], b"not json", lines[1], b"[1]", lines[2], huge,
+                                                     lines[4], lines[5]]) + b"\n")
+    target = ["--target-model", smollm2_dir, "--skip-invalid"]
+    ids = []
+    for shard in ("0/2", "1/2"):
+        result = run(target + ["--shard", shard], tmp_path / "in.jsonl")
+        assert result.exit_code == 0 and "2 invalid records skipped" in result.stderr, result.output
+        ids.append([r["id"] for r in read_jsonl(result.stdout.encode())])
+    assert ids == [[0, 2, 4], [1, 1.2345678901234568e+29, 5]]
+    result = run(["--target-model", smollm2_dir, "--shard", "1/2"], tmp_path / "in.jsonl")
+    assert result.exit_code == 1 and "in.jsonl:2: invalid JSON" in result.output

@@ -1,13 +1,16 @@
-"""records: the atomic text writer (titok-show pages, metrics, reports) and the resumable record writer."""
+"""records: reading records and JSON lines, the atomic text writer (titok-show pages, metrics, reports), the
+resumable record writer, splicing a member into a JSON line."""
 import os
 import stat
 
 import click
+import numpy as np
 import orjson
 import pytest
 
 from titok_tools import records
-from titok_tools.records import RecordError, is_done, record_writer, text_output
+from titok_tools.records import (RecordError, insert_member, is_done, parse_line, read_records, record_writer,
+                                 text_output)
 
 
 def test_text_output_appears_only_on_success(tmp_path):
@@ -143,3 +146,43 @@ def test_a_failed_run_leaves_no_partial_file_unless_it_can_resume(tmp_path):
                 raise RuntimeError("bad record")
         assert not out.exists()
         assert (tmp_path / f"out-{keep_partial}.jsonl.partial").exists() == keep_partial
+
+
+def test_records_as_json_lines(tmp_path):
+    """parse=False hands out each non-blank line as it is, with its 0-based number; parse_line
+    gives the dict read_records would have (the number as the id of a record without one), or
+    its one-line error."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"id": "a", "x": 1.0e5}\n\n  \n{"x": 2}\r\n[1]\n{"x": \n')
+    pairs = list(read_records(str(path), parse=False))
+    assert [(where, line.lineno) for where, line in pairs] == [(f"{path}:1", 0), (f"{path}:4", 3), (f"{path}:5", 4),
+                                                              (f"{path}:6", 5)]
+    assert pairs[0][1].text == b'{"id": "a", "x": 1.0e5}\n'
+    assert parse_line(*pairs[0]) == {"id": "a", "x": 100000.0}
+    assert parse_line(*pairs[1]) == {"x": 2, "id": 3} and parse_line(*pairs[1], default_id=False) == {"x": 2}
+    with pytest.raises(RecordError, match=r"in.jsonl:5: a record must be a JSON object$"):
+        parse_line(*pairs[2])
+    with pytest.raises(RecordError, match=r"in.jsonl:6: invalid JSON \("):
+        parse_line(*pairs[3])
+    # the parsed reading is parse_line over the same lines
+    assert [r for _, r in read_records(str(path), skip_invalid=True)] == [parse_line(*pairs[0]), parse_line(*pairs[1])]
+
+
+@pytest.mark.parametrize("line, depth, expected", [
+    (b'{"a": 1}\n', 1, b'{"a": 1,"k":[1,2]}\n'),
+    (b'{"a": 1, "t": {"s": 2}}', 2, b'{"a": 1, "t": {"s": 2,"k":[1,2]}}\n'),
+    (b'{"a":1,"t":{"s":2,"f":{"x":0}}}\r\n', 3, b'{"a":1,"t":{"s":2,"f":{"x":0,"k":[1,2]}}}\n'),
+    (b'{ "t" : { "s" : 2 }  }  \n', 2, b'{ "t" : { "s" : 2,"k":[1,2]}  }\n'),   # whitespace before each brace
+    (b'{"a": "}", "t": {}}\n', 2, b'{"a": "}", "t": {"k":[1,2]}}\n'),          # an empty object: no comma
+    (b'{"t": {\n}}', 2, b'{"t": {"k":[1,2]}}\n'),
+])
+def test_insert_member(line, depth, expected):
+    out = insert_member(line, "k", np.array([1, 2]), depth)
+    assert out == expected and orjson.loads(out) is not None
+
+
+def test_the_writer_writes_json_lines_as_they_are(tmp_path):
+    with record_writer(str(tmp_path / "out.jsonl")) as writer:
+        writer.write({"id": 1})
+        writer.write(b'{"id": 2,  "x": 1.0e5}\n')
+    assert (tmp_path / "out.jsonl").read_bytes() == b'{"id":1}\n{"id": 2,  "x": 1.0e5}\n'

@@ -9,10 +9,15 @@ giving its fractional masks. A target token that overlaps no source token gets n
 and is never selected. Then the target grid gets its own top-k mask with the same rule as
 titok-filter.
 
-Only the target's tokenizer is loaded, never its weights.
+Only the target's tokenizer is loaded, never its weights. The command reads each record's JSON
+line lazily (simdjson): only the fields it reads become Python objects (the source's per-token
+arrays go straight into numpy), and it writes the line back with titok.target spliced in, so the
+fields it does not own keep their bytes and are not serialized again (read_lazily says which
+lines take the full parse instead).
 """
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 import tempfile
 import time
 from itertools import chain
@@ -20,13 +25,14 @@ from itertools import chain
 import click
 import numpy as np
 import orjson
+import simdjson
 from tqdm import tqdm
 
 from . import cli
 from .formatting import FormatError, encode_later
 from .models import load_tokenizer, tokenizer_fingerprint
-from .records import (NUMBER_TYPES, RecordError, check_numbers, checked, dumps, filter_settings, not_kept,
-                      prompt_and_completion, read_records, record_writer, titok, titok_part)
+from .records import (NUMBER_TYPES, JsonLine, RecordError, check_numbers, checked, dumps, filter_settings, insert_member,
+                      not_kept, parse_line, prompt_and_completion, read_records, record_writer, titok, titok_part)
 from .select import select_stream, split_by_counts
 
 log = logging.getLogger("titok.align")
@@ -189,21 +195,6 @@ def only_types(items, types):
     return set(map(type, items)) <= types
 
 
-def concatenated(offset_lists):
-    """Several records' [start, end] lists as one (total, 2) int64 array; None when one of them
-    is not a list of integer pairs (the per-record checks say which)."""
-    try:
-        pairs = list(chain.from_iterable(offset_lists))
-        if not all(offset_lists) or set(map(len, pairs)) != {2}:
-            return None
-        flat = list(chain.from_iterable(pairs))  # flattened once: chained chains cost twice as much
-        if not only_types(flat, {int}):
-            return None
-        return np.array(flat, dtype=np.int64).reshape(-1, 2)
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
 def as_spans(offsets):
     """offsets as an (n, 2) integer array, or None if they are not a non-empty list of integer pairs."""
     try:
@@ -302,15 +293,85 @@ def source_values(record, where, use):
     return messages, completion, source, spans, np.asarray(values, dtype=np.float64)
 
 
-def source_fields(record, where, use):
-    """The fields alignment reads, checked for presence and shape only (the numbers are checked a
-    chunk at a time); a record that fails goes through source_values for its one-line error."""
-    source = titok_part(record, "source") or {}
-    values, offsets = source.get(use), source.get("offsets")
-    if not (isinstance(values, list) and isinstance(offsets, list) and len(values) == len(offsets)):
-        source_values(record, where, use)  # raises the precise error
-    messages, completion = prompt_and_completion(record, where)
-    return messages, completion, source, values, offsets
+def read_lazily(parser, text, use, fingerprint):
+    """The fast path for a record still as its JSON line: (record, spans, values), where `record`
+    holds only what alignment reads (id, prompt, completion, messages, titok.filter and the
+    source's tokenizer) and the source's offsets and values go from the line to arrays
+    (simdjson) without becoming Python lists; the output is the line itself with titok.target
+    spliced in (records.insert_member). None when the line needs the full parse: a repeated key
+    or one simdjson refuses (say an integer past 64 bits), no id, titok not the record's last
+    member or holding a target of an earlier run, the target's own tokenizer (its token ids are
+    compared), offsets and values that are not integer pairs and numbers, one per token (the
+    full parse's checks then say why). Their order and range are checked a chunk at a time."""
+    if not text.lstrip().startswith(b"{"):  # simdjson skips a byte-order mark, as other stages' orjson does not
+        return None
+    try:
+        doc = parser.parse(text)
+        keys = list(doc.keys())
+        if not keys or keys[-1] != "titok" or "id" not in keys or len(set(keys)) < len(keys):
+            return None
+        part = doc["titok"]
+        parts = list(part.keys())
+        if "target" in parts or len(set(parts)) < len(parts):
+            return None
+        record = {key: _plain(doc[key]) for key in ("id", "prompt", "completion", "messages") if key in keys}
+        record["titok"] = {"filter": _plain(part["filter"])} if "filter" in parts else {}
+        if not_kept(record):
+            return record, None, None
+        source = part["source"]
+        tokenizer = _plain(source.get("tokenizer"))
+        if tokenizer == fingerprint:
+            return None
+        offsets, numbers = source["offsets"], source[use]
+        n = len(offsets)
+        # as_buffer flattens any nesting: the arrays' text without its digits shows their shape
+        if (not n or len(numbers) != n or numbers.mini.count(b"[") != 1
+                or offsets.mini.translate(None, b"-0123456789") != b"[" + b"[,]," * (n - 1) + b"[,]]"):
+            return None
+        spans = np.frombuffer(offsets.as_buffer(of_type="i"), dtype=np.int64).reshape(n, 2)
+        values = np.frombuffer(numbers.as_buffer(of_type="d"), dtype=np.float64)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError):  # RuntimeError: an integer past 64 bits
+        return None
+    record["titok"]["source"] = {"tokenizer": tokenizer}
+    return record, spans, values
+
+
+def in_shard(pairs, shard):
+    """The (where, JsonLine) pairs of --shard I/N: the records whose index counting only the lines
+    that are JSON objects (as every stage counts its records) is I modulo N, and every line that is
+    not one (align_records reports it, or counts it with --skip-invalid, as every shard did)."""
+    parser, index = simdjson.Parser(), 0
+    for where, line in pairs:
+        if not _is_object(parser, line.text):
+            yield where, line
+            continue
+        if cli.in_shard(index, shard):
+            yield where, line
+        index += 1
+
+
+def _is_object(parser, text):
+    """Whether parse_line takes this line: simdjson's parse first, orjson's where simdjson refuses
+    (an integer past 64 bits)."""
+    if text.lstrip().startswith(b"{"):  # not a byte-order mark either
+        try:
+            parser.parse(text)
+            return True
+        except (ValueError, RuntimeError):  # RuntimeError: BIGINT_ERROR
+            pass
+    try:
+        return isinstance(orjson.loads(text), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
+def _plain(value):
+    """A simdjson value as plain Python (objects and arrays are views into the parser's buffer)."""
+    if isinstance(value, simdjson.Object):
+        return value.as_dict()
+    if isinstance(value, simdjson.Array):
+        return value.as_list()
+    return value
 
 
 def target_problem(where, record, completion, enc):
@@ -332,16 +393,13 @@ def chunk_arrays(fields, encodings):
     n_source = np.fromiter((len(f[3]) for f in fields), dtype=np.int64, count=len(fields))
     n_target = np.fromiter((len(enc.offsets) for enc in encodings), dtype=np.int64, count=len(fields))
     length = np.fromiter((len(f[1]) for f in fields), dtype=np.int64, count=len(fields))
-    sources = concatenated([f[4] for f in fields])
+    sources = np.concatenate([f[3] for f in fields])
+    values = np.concatenate([f[4] for f in fields])
     # the target's spans are the shared encode's, integer pairs from the tokenizer: only their
     # order and range are checked (spans_problems), not their types
     targets = np.fromiter(chain.from_iterable(chain.from_iterable(enc.offsets for enc in encodings)), dtype=np.int64,
                           count=2 * int(n_target.sum())).reshape(-1, 2)
-    values = list(chain.from_iterable(f[3] for f in fields))
-    if not only_types(values, NUMBER_TYPES):
-        return None
-    values = np.array(values, dtype=np.float64)
-    if (sources is None or not np.isfinite(values).all()
+    if (not np.isfinite(values).all()
             or spans_problems(sources, length, n_source).any() or spans_problems(targets, length, n_target).any()):
         return None
     return sources, values, targets, (length, n_source, n_target)
@@ -349,10 +407,10 @@ def chunk_arrays(fields, encodings):
 
 def finish_record(where, record, fields, enc, scores, fingerprint, text_normalizer, *, model, use, counts):
     """Add titok.target (all but the mask) to one record, given its aligned scores."""
-    _, completion, source, values, _ = fields
+    _, completion, source, _, _ = fields
     token_ids, offsets = enc.token_ids, enc.offsets
     if source.get("tokenizer") == fingerprint and source.get("token_ids") == token_ids and source["offsets"] == offsets:
-        scores = list(values)  # same tokenizer, same tokens: the source's own numbers, untouched
+        scores = list(source[use])  # same tokenizer, same tokens: the source's own numbers, untouched
         counts["same_tokens"] = counts.get("same_tokens", 0) + 1
     else:
         changed = unreproducible(text_normalizer, completion, offsets)
@@ -386,16 +444,26 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
                   max_length=768, skip_invalid=False, counts=None, progress=None):
     """Align (where, record) pairs onto `tokenizer` (a loaded tokenizer); yield the records, in
     input order, with titok.target = {model, tokenizer, token_ids, offsets, score, coverage,
-    truncated, mask}. k=None takes the k recorded by titok-filter (one k for the whole run).
-    Records titok-filter --mark-only did not keep pass through without titok.target, outside the
-    selection.
+    truncated, mask}. A record is a dict, or a records.JsonLine (read_records(parse=False), as
+    titok-align reads): it then comes out as its JSON line (bytes) with titok.target spliced in.
+    k=None takes the k recorded by titok-filter (one k for the whole run). Records titok-filter
+    --mark-only did not keep pass through without titok.target, outside the selection.
     """
     counts = {} if counts is None else counts
     fingerprint = tokenizer_fingerprint(tokenizer)
     text_normalizer = _text_normalizer(tokenizer)
+    parser = simdjson.Parser()
     run_k = {"k": k}
 
     def check(where, record):
+        """(record, line, fields): the record as a dict (for a line read lazily, only the fields
+        alignment reads), the JsonLine its output is spliced into (None for a dict), and
+        (messages, completion, source, spans, values), None for a record passed through."""
+        line, lazy = None, None
+        if isinstance(record, JsonLine):
+            line = record
+            lazy = read_lazily(parser, line.text, use, fingerprint)
+            record = parse_line(where, line) if lazy is None else lazy[0]
         if k is None:
             this_k = recorded_k(record, where)
             if run_k["k"] is None:
@@ -403,13 +471,26 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
             elif this_k != run_k["k"]:
                 raise RecordError(where, "titok.filter.k", f"{this_k} differs from the k of earlier records "
                                                            f"({run_k['k']}); pass -k")
-        return None if not_kept(record) else source_fields(record, where, use)
+        if not_kept(record):
+            fields = None
+            titok(record).pop("target", None)  # from an earlier run: it no longer holds
+        elif lazy is None:
+            fields = source_values(record, where, use)
+        else:
+            fields = (*prompt_and_completion(record, where), record["titok"]["source"], lazy[1], lazy[2])
+        if line is not None and lazy is None:  # parsed whole: the line to splice into has titok last, no target
+            record["titok"] = record.pop("titok")
+            record["titok"].pop("target", None)
+            line = JsonLine(dumps(record), line.lineno)
+        return record, line, fields
 
-    def source_tokens(item):
-        # a record passed through (not kept) carries its source lists too: it weighs as many
-        _, record, fields = item
+    def weight(item):
+        # source tokens; a record passed through holds its line or lists too: it weighs about as many
+        _, record, line, fields = item
         if fields is not None:
             return len(fields[3])
+        if line is not None:
+            return 1 + len(line.text) // 64  # a scored record's line: about 64 bytes a token
         offsets = (titok_part(record, "source") or {}).get("offsets")
         return max(1, len(offsets)) if isinstance(offsets, list) else 1
 
@@ -417,60 +498,62 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
         # A chunk of records at a time: one tokenizer call, one set of array operations. The
         # next chunk is tokenized in a thread while this one is aligned and written: the
         # tokenizer releases the GIL.
-        chunks = batched(checked(pairs, check, skip_invalid, counts), CHUNK_TOKENS, source_tokens)
+        chunks = batched(((where, *value) for where, _, value in checked(pairs, check, skip_invalid, counts)),
+                         CHUNK_TOKENS, weight)
         with ThreadPoolExecutor(1, thread_name_prefix="titok-align-tokenize") as pool:
             def start(chunk):  # render now, tokenize in the pool's thread
-                return encode_later(tokenizer, [f[:2] for _, _, f in chunk if f is not None], chat_template,
+                return encode_later(tokenizer, [f[:2] for *_, f in chunk if f is not None], chat_template,
                                     max_length, pool.submit)
 
             for chunk, encodings in one_ahead(start, chunks):
-                to_align = [item for item in chunk if item[2] is not None]
+                to_align = [item for item in chunk if item[3] is not None]
                 done = iter(aligned_chunk(to_align, encodings) if to_align else ())
                 head = next(done, None)
-                for _, record, fields in chunk:  # in input order; --skip-invalid may have dropped some
+                for where, record, line, fields in chunk:  # in input order; --skip-invalid may have dropped some
                     if fields is None:
-                        titok(record).pop("target", None)  # from an earlier run: it no longer holds
                         counts["not_kept"] = counts.get("not_kept", 0) + 1
                         if progress is not None:
                             progress.update(1)
-                        yield record
-                    elif record is head:
-                        yield record
+                        yield record, line
+                    elif head is not None and record is head[0]:
+                        yield head
                         head = next(done, None)
 
     def aligned_chunk(chunk, encodings):
-        items = [(where, record, fields, enc) for (where, record, fields), enc in zip(chunk, encodings)]
-        arrays = chunk_arrays([f for _, _, f, _ in items], encodings)
+        items = [(*item, enc) for item, enc in zip(chunk, encodings)]
+        arrays = chunk_arrays([item[3] for item in items], encodings)
         if arrays is None:  # some record is bad: check each, raise or skip (--skip-invalid)
             items = checked_one_by_one(items)
             if not items:
                 return
-            arrays = chunk_arrays([f for _, _, f, _ in items], [e for _, _, _, e in items])
-        for (where, record, fields, enc), scores in zip(items, align_many(*arrays, groups=use == "mask")):
+            arrays = chunk_arrays([item[3] for item in items], [item[4] for item in items])
+        for (where, record, line, fields, enc), scores in zip(items, align_many(*arrays, groups=use == "mask")):
             finish_record(where, record, fields, enc, scores, fingerprint, text_normalizer, model=model, use=use,
                           counts=counts)
             if progress is not None:
                 progress.update(1)
-            yield record
+            yield record, line
 
     def checked_one_by_one(items):
         prepared = iter(items)  # checked() visits the items in order
 
         def check_all(where, record):
-            _, _, fields, enc = next(prepared)
-            source_values(record, where, use)
+            item = next(prepared)
+            _, _, line, fields, enc = item
+            # a line read lazily is parsed whole here, for the checks' precise errors
+            source_values(record if line is None else parse_line(where, line), where, use)
             problem = target_problem(where, record, fields[1], enc)
             if problem:
                 raise problem
-            return fields, enc
+            return item
 
-        return [(w, r, f, e) for w, r, (f, e) in checked(((w, r) for w, r, _, _ in items), check_all, skip_invalid,
-                                                         counts)]
+        return [item for _, _, item in checked(((item[0], item[1]) for item in items), check_all, skip_invalid, counts)]
 
-    def scores_of(record):
+    def scores_of(item):
         # not kept: it passes through, outside the selection (with --scope batch or global it
         # would change the kept records' masks: a batch group is BATCH_GROUP kept records)
-        return None if not_kept(record) else record["titok"]["target"]["score"]
+        target = titok_part(item[0], "target")
+        return None if target is None else target["score"]
 
     stream = aligned()
     first = next(stream, None)
@@ -482,20 +565,39 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
         if scope == "global":
             # One threshold over every record: keep the aligned records on disk, not in memory.
             stream = _spooled(stream, spool)
-
-            def rereader():
-                spool.seek(0)
-                return (orjson.loads(line) for line in spool)
-        for record, mask in select_stream(stream, scores_of, run_k["k"], scope, rereader):
+            rereader = partial(_unspooled, spool)
+        for (record, line), mask in select_stream(stream, scores_of, run_k["k"], scope, rereader):
             if mask is not None:
                 record["titok"]["target"]["mask"] = mask
-            yield record
+            if line is None:
+                yield record
+                continue
+            target = titok_part(record, "target")
+            if target is not None:  # added as titok's last part; the rest of the line stays as it came
+                yield insert_member(line.text, "target", target, 2)
+            else:  # passed through as it came
+                yield line.text.rstrip() + b"\n"
 
 
-def _spooled(records, spool):
-    for record in records:
-        spool.write(dumps(record))
-        yield record
+def _spooled(items, spool):
+    """The (record, line) items, written to `spool` as they pass, for _unspooled to read again:
+    a dict as "d" + its JSON; a line as "l" + the line, then its target part on a line of its own."""
+    for record, line in items:
+        if line is None:
+            spool.write(b"d" + dumps(record))
+        else:
+            spool.write(b"l" + line.text.rstrip() + b"\n" + dumps(titok_part(record, "target")))
+        yield record, line
+
+
+def _unspooled(spool):
+    spool.seek(0)
+    for text in spool:
+        if text.startswith(b"d"):
+            yield orjson.loads(text[1:]), None
+        else:
+            target = orjson.loads(next(spool))
+            yield {"titok": {"target": target}}, JsonLine(text[1:], 0)  # target None: passed through
 
 
 def summary(counts):
@@ -549,7 +651,9 @@ def main(input, target_model, chat_template, no_chat_template, max_length, use, 
     counts = {}
     started = time.time()
     with record_writer(output) as writer, tqdm(desc="titok-align", unit="rec", mininterval=1) as progress:
-        pairs = ((w, r) for i, (w, r) in enumerate(read_records(input, skip_invalid, counts)) if cli.in_shard(i, shard))
+        pairs = read_records(input, parse=False)  # parsed lazily: align_records
+        if shard is not None:
+            pairs = in_shard(pairs, shard)
         for record in align_records(pairs, tokenizer, model=target_model, k=k, scope=scope, use=use,
                                     chat_template=not no_chat_template, max_length=max_length,
                                     skip_invalid=skip_invalid, counts=counts, progress=progress):

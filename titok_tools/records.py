@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections import Counter
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import click
 import orjson
@@ -51,13 +52,22 @@ def read_text(path, option):
         raise click.ClickException(f"{option} {path}: cannot read: {e.strerror}")
 
 
-def read_records(path, skip_invalid=False, counts=None, name=None, default_id=True):
+class JsonLine(NamedTuple):
+    """A record still as its JSON line (read_records with parse=False), for a stage that reads a
+    few fields of big records and writes them back with a part added (titok-align): the rest is
+    neither turned into Python objects nor serialized again. parse_line makes it a dict."""
+    text: bytes
+    lineno: int  # 0-based, the id of a record that has none
+
+
+def read_records(path, skip_invalid=False, counts=None, name=None, default_id=True, parse=True):
     """Yield (where, record) for every non-blank line of a JSONL file or '-' (stdin).
 
     `where` is "file:line" for error messages. A record without "id" gets its 0-based line
     number (unless default_id is False: a merge must not number a shard's lines). With
     skip_invalid, lines that are not JSON objects are skipped and counted in counts["invalid"]
-    instead of raising.
+    instead of raising. With parse=False the records come as JsonLines, unchecked (the
+    stage parses them, and skips the invalid ones itself).
     """
     name = name or shown_name(path)
     f = _open_input(path)
@@ -66,22 +76,50 @@ def read_records(path, skip_invalid=False, counts=None, name=None, default_id=Tr
             if not line.strip():
                 continue
             where = f"{name}:{lineno + 1}"
+            if not parse:
+                yield where, JsonLine(line, lineno)
+                continue
             try:
-                record = orjson.loads(line)
-                if not isinstance(record, dict):
-                    raise RecordError(where, None, "a record must be a JSON object")
-            except (orjson.JSONDecodeError, RecordError) as e:
+                record = parse_line(where, JsonLine(line, lineno), default_id)
+            except RecordError:
                 if not skip_invalid:
-                    raise e if isinstance(e, RecordError) else RecordError(where, None, f"invalid JSON ({e})")
+                    raise
                 if counts is not None:
                     counts["invalid"] = counts.get("invalid", 0) + 1
                 continue
-            if default_id:
-                record.setdefault("id", lineno)
             yield where, record
     finally:
         if f is not sys.stdin.buffer:
             f.close()
+
+
+def parse_line(where, line, default_id=True):
+    """The record a JsonLine holds, as a dict; a RecordError when it is not a JSON object."""
+    try:
+        record = orjson.loads(line.text)
+    except orjson.JSONDecodeError as e:
+        raise RecordError(where, None, f"invalid JSON ({e})")
+    if not isinstance(record, dict):
+        raise RecordError(where, None, "a record must be a JSON object")
+    if default_id:
+        record.setdefault("id", line.lineno)
+    return record
+
+
+def insert_member(line, key, value, depth):
+    """A JSON line with "key": value (any JSON value) added as the last member of the object
+    nested `depth` deep at its end: depth 1 is the record, 2 the object that is the record's
+    last member, and so on. The caller knows (it parsed the line) that at each level the last
+    member is the next object, so only whitespace and closing braces follow the innermost one:
+    its closing brace is the depth-th "}" from the end. The line's other bytes are kept as they
+    are."""
+    end = len(line)
+    for _ in range(depth):
+        end = line.rindex(b"}", 0, end)
+    head = line[:end].rstrip()
+    comma = b"" if head.endswith(b"{") else b","
+    return b"".join((head, comma, orjson.dumps(key), b":", orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY),
+                     line[end:].rstrip(), b"\n"))
 
 
 def checked(pairs, check, skip_invalid=False, counts=None):
@@ -263,7 +301,8 @@ class RecordWriter:
         self.f.truncate()
 
     def write(self, record):
-        self.f.write(dumps(record))
+        """Write a record: a dict, or a JSON line (bytes ending in a newline) a stage made."""
+        self.f.write(record if isinstance(record, bytes) else dumps(record))
 
     def flush(self):
         self.f.flush()
