@@ -738,6 +738,8 @@ def test_read_lazily_hands_what_it_cannot_check_to_the_full_parse(smollm2_dir, s
         "a byte-order mark": b"\xef\xbb\xbf" + orjson.dumps(good),
         "an id below -2**63": orjson.dumps(good).replace(b'"id":"x"', b'"id":-9223372036854775809'),
         "an integer past 2**64": orjson.dumps(good).replace(b'"id":"x"', b'"id":123456789012345678901234567890'),
+        # simdjson looks up the first of a repeated key, orjson keeps the last
+        "a repeated source key": orjson.dumps(good).replace(b'"excess":', b'"excess":[true],"excess":'),
     }
     for name, text in broken.items():
         assert align.read_lazily(parser, text, "excess", "another tokenizer") is None, name
@@ -813,3 +815,22 @@ def test_shards_count_only_the_lines_that_are_records(gemma_scored, smollm2_dir,
     assert ids == [[0, 2, 4], [1, 1.2345678901234568e+29, 5]]
     result = run(["--target-model", smollm2_dir, "--shard", "1/2"], tmp_path / "in.jsonl")
     assert result.exit_code == 1 and "in.jsonl:2: invalid JSON" in result.output
+
+
+def test_a_key_repeated_in_the_source_reads_as_orjson_reads_it(smollm2_dir, tmp_path):
+    """orjson keeps the last of a repeated key, simdjson's lookup finds the first: such lines take
+    the full parse, so titok-align reads them as every other stage does (the last copy)."""
+    head = b'{"id":%d,"prompt":"Hi","completion":"ab","titok":{"filter":{"k":0.5},"source":{'
+    lines = [head % 0 + b'"offsets":[[0,2],[2,2]],"excess":[9.0,9.0],"excess":[1.0,2.0]}}}',
+             head % 1 + b'"offsets":[[0,9],[9,9]],"offsets":[[0,2],[2,2]],"excess":[1.0,2.0]}}}',
+             head % 2 + b'"offsets":[[0,2],[2,2]],"excess":[1.0,2.0],"excess":[true,2.0]}}}']
+    for i, line in enumerate(lines):  # one file each: a bad record in a chunk has every record checked whole
+        (tmp_path / f"{i}.jsonl").write_bytes(line + b"\n")
+        result = run(["--target-model", smollm2_dir], tmp_path / f"{i}.jsonl")
+        if i == 2:
+            assert result.exit_code == 1
+            assert "2.jsonl:1: titok.source.excess[0]: record 2: must be a number, not true" in result.output
+            continue
+        assert result.exit_code == 0, result.output
+        [target] = [r["titok"]["target"] for r in read_jsonl(result.stdout.encode())]
+        assert target["score"] == brute_force([[0, 2], [2, 2]], [1.0, 2.0], target["offsets"])

@@ -140,6 +140,37 @@ def test_template_that_refuses_a_conversation_is_a_format_error(smollm2_tokenize
 
 
 @pytest.mark.parametrize("which", ["smollm2_tokenizer", "gemma_tokenizer"])
+def test_a_batch_is_rendered_in_one_call_and_encodes_as_its_items_alone(request, which, monkeypatch):
+    """encode_many renders its items' conversations in one template call (transformers' cost per
+    call paid once); each comes out as encode gives it alone. When the template refuses one of
+    them, each is rendered alone: that one is the error, the others are unchanged."""
+    import copy
+    from conftest import NO_SYSTEM_TEMPLATE
+    from titok_tools import formatting
+    from titok_tools.formatting import encode_many
+    tok = request.getfixturevalue(which)
+    system = [{"role": "system", "content": "Be brief."}] + PROMPT
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}] + PROMPT
+    items = [(PROMPT, t) for t in TEXTS] + [(system, "Paris."), (turns, "Again.")]
+    original, calls = formatting._apply_template, []
+
+    def counting(tokenizer, messages, *args, **kwargs):
+        calls.append(messages)
+        return original(tokenizer, messages, *args, **kwargs)
+
+    monkeypatch.setattr(formatting, "_apply_template", counting)
+    alone = [encode(tok, m, c) for m, c in items]
+    calls.clear()
+    assert encode_many(tok, items) == alone and len(calls) == 1 and len(calls[0]) == len(items)
+    if which == "smollm2_tokenizer":  # a template for SmolLM2's tokens that refuses a system message
+        refusing = copy.deepcopy(tok)
+        refusing.chat_template = NO_SYSTEM_TEMPLATE
+        out = encode_many(refusing, items)
+        assert isinstance(out[-2], FormatError) and "System role not supported" in str(out[-2])
+        assert out[:-2] + out[-1:] == [encode(refusing, m, c) for m, c in items[:-2] + items[-1:]]
+
+
+@pytest.mark.parametrize("which", ["smollm2_tokenizer", "gemma_tokenizer"])
 def test_one_rendering_finds_the_completion_where_two_do(request, which, monkeypatch):
     """The completion is located from the template's closing text (one rendering); the
     prompt-only rendering (two) is the fallback and must agree, also when the prompt quotes

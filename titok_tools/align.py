@@ -297,12 +297,14 @@ def read_lazily(parser, text, use, fingerprint):
     """The fast path for a record still as its JSON line: (record, spans, values), where `record`
     holds only what alignment reads (id, prompt, completion, messages, titok.filter and the
     source's tokenizer) and the source's offsets and values go from the line to arrays
-    (simdjson) without becoming Python lists; the output is the line itself with titok.target
-    spliced in (records.insert_member). None when the line needs the full parse: a repeated key
-    or one simdjson refuses (say an integer past 64 bits), no id, titok not the record's last
-    member or holding a target of an earlier run, the target's own tokenizer (its token ids are
-    compared), offsets and values that are not integer pairs and numbers, one per token (the
-    full parse's checks then say why). Their order and range are checked a chunk at a time."""
+    (simdjson) without becoming Python lists; (record, None, None) for a record titok-filter did
+    not keep. The output is the line itself with titok.target spliced in (records.insert_member).
+    None when the line needs the full parse: a line simdjson refuses (say an integer past 64
+    bits), a key repeated in the record, titok or titok.source (simdjson would read the first,
+    orjson reads the last), no id, titok not the record's last member or holding a target of an
+    earlier run, the target's own tokenizer (its token ids are compared), offsets and values that
+    are not integer pairs and numbers, one per token (the full parse's checks then say why).
+    Their order and range are checked a chunk at a time."""
     if not text.lstrip().startswith(b"{"):  # simdjson skips a byte-order mark, as other stages' orjson does not
         return None
     try:
@@ -319,6 +321,9 @@ def read_lazily(parser, text, use, fingerprint):
         if not_kept(record):
             return record, None, None
         source = part["source"]
+        members = list(source.keys())
+        if len(set(members)) < len(members):
+            return None
         tokenizer = _plain(source.get("tokenizer"))
         if tokenizer == fingerprint:
             return None
@@ -330,13 +335,15 @@ def read_lazily(parser, text, use, fingerprint):
             return None
         spans = np.frombuffer(offsets.as_buffer(of_type="i"), dtype=np.int64).reshape(n, 2)
         values = np.frombuffer(numbers.as_buffer(of_type="d"), dtype=np.float64)
-    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError):  # RuntimeError: an integer past 64 bits
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError):  # RuntimeError: BIGINT_ERROR, DEPTH_ERROR
+        # (and a parser still in use: nothing here outlives the call, and the tests check that
+        # every line that can take this path does, so a leak would not go unnoticed)
         return None
     record["titok"]["source"] = {"tokenizer": tokenizer}
     return record, spans, values
 
 
-def in_shard(pairs, shard):
+def shard_lines(pairs, shard):
     """The (where, JsonLine) pairs of --shard I/N: the records whose index counting only the lines
     that are JSON objects (as every stage counts its records) is I modulo N, and every line that is
     not one (align_records reports it, or counts it with --skip-invalid, as every shard did)."""
@@ -357,7 +364,7 @@ def _is_object(parser, text):
         try:
             parser.parse(text)
             return True
-        except (ValueError, RuntimeError):  # RuntimeError: BIGINT_ERROR
+        except (ValueError, RuntimeError):  # RuntimeError: BIGINT_ERROR, DEPTH_ERROR
             pass
     try:
         return isinstance(orjson.loads(text), dict)
@@ -538,14 +545,14 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
         prepared = iter(items)  # checked() visits the items in order
 
         def check_all(where, record):
-            item = next(prepared)
-            _, _, line, fields, enc = item
-            # a line read lazily is parsed whole here, for the checks' precise errors
-            source_values(record if line is None else parse_line(where, line), where, use)
+            _, _, line, _, enc = next(prepared)
+            # a line read lazily is parsed whole here: the checks' precise errors, and the record
+            # is then aligned with the numbers they checked
+            fields = source_values(record if line is None else parse_line(where, line), where, use)
             problem = target_problem(where, record, fields[1], enc)
             if problem:
                 raise problem
-            return item
+            return where, record, line, fields, enc
 
         return [item for _, _, item in checked(((item[0], item[1]) for item in items), check_all, skip_invalid, counts)]
 
@@ -653,7 +660,7 @@ def main(input, target_model, chat_template, no_chat_template, max_length, use, 
     with record_writer(output) as writer, tqdm(desc="titok-align", unit="rec", mininterval=1) as progress:
         pairs = read_records(input, parse=False)  # parsed lazily: align_records
         if shard is not None:
-            pairs = in_shard(pairs, shard)
+            pairs = shard_lines(pairs, shard)
         for record in align_records(pairs, tokenizer, model=target_model, k=k, scope=scope, use=use,
                                     chat_template=not no_chat_template, max_length=max_length,
                                     skip_invalid=skip_invalid, counts=counts, progress=progress):
