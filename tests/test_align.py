@@ -258,13 +258,16 @@ def normalizing_tokenizer(request, smollm2_dir, tmp_path_factory):
     return load_tokenizer(str(directory)), text, change
 
 
-def test_normalizer_that_changes_text(smollm2_tokenizer, normalizing_tokenizer, caplog):
+@pytest.mark.parametrize("form", ["dict", "line"])
+def test_normalizer_that_changes_text(form, smollm2_tokenizer, normalizing_tokenizer, caplog):
     tokenizer, text, change = normalizing_tokenizer
     record = scored(smollm2_tokenizer, text, id="rec-7")
     excess, offsets = record["titok"]["source"]["excess"], record["titok"]["source"]["offsets"]
     counts = {}
     with caplog.at_level(logging.WARNING, logger="titok.align"):
-        [out] = align_records([("in.jsonl:3", record)], tokenizer, model="normalizing", k=1.0, counts=counts)
+        given = record if form == "dict" else JsonLine(orjson.dumps(record) + b"\n", 2)  # titok-align reads lines
+        [out] = align_records([("in.jsonl:3", given)], tokenizer, model="normalizing", k=1.0, counts=counts)
+    out = out if form == "dict" else orjson.loads(out)
     target = out["titok"]["target"]
     reference = brute_force(offsets, excess, target["offsets"])
     for (a, b), score, ref in zip(target["offsets"], target["score"], reference):

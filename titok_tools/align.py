@@ -468,8 +468,7 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
         (messages, completion, source, spans, values), None for a record passed through."""
         line, lazy = None, None
         if isinstance(record, JsonLine):
-            line = record
-            lazy = read_lazily(parser, line.text, use, fingerprint)
+            line, lazy = record, read_lazily(parser, record.text, use, fingerprint)
             record = parse_line(where, line) if lazy is None else lazy[0]
         if k is None:
             this_k = recorded_k(record, where)
@@ -484,7 +483,8 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
         elif lazy is None:
             fields = source_values(record, where, use)
         else:
-            fields = (*prompt_and_completion(record, where), record["titok"]["source"], lazy[1], lazy[2])
+            _, spans, values = lazy
+            fields = (*prompt_and_completion(record, where), record["titok"]["source"], spans, values)
         if line is not None and lazy is None:  # parsed whole: the line to splice into has titok last, no target
             record["titok"] = record.pop("titok")
             record["titok"].pop("target", None)
@@ -659,7 +659,7 @@ def main(input, target_model, chat_template, no_chat_template, max_length, use, 
     started = time.time()
     with record_writer(output) as writer, tqdm(desc="titok-align", unit="rec", mininterval=1) as progress:
         pairs = read_records(input, parse=False)  # parsed lazily: align_records
-        if shard is not None:
+        if shard is not None and shard[1] > 1:  # 0/1 (titok-slurm) is every record: no pass to count them
             pairs = shard_lines(pairs, shard)
         for record in align_records(pairs, tokenizer, model=target_model, k=k, scope=scope, use=use,
                                     chat_template=not no_chat_template, max_length=max_length,
