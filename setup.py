@@ -27,9 +27,8 @@ setup(
         "gguf>=0.10",
         "jinja2>=3.1",  # imported directly (formatting: chat templates' TemplateError); transformers only wants it for templates
         "tokenizers>=0.20",  # imported directly (align: the target's normalizer); also a transformers dependency
-        # titok-align reads the few fields it needs straight from each JSON line (the source's per-token
-        # arrays into numpy, never Python lists) and splices its part into the line: it went from
-        # 2.2-2.4x the tokenization floor to 1.4-2.0x (bench/bench_align.py)
+        # titok-align reads only the fields it needs from each JSON line, the per-token arrays straight
+        # into numpy, and splices its part into the line (bench/bench_align.py measures it)
         "pysimdjson>=6.0",
     ],
     extras_require={
