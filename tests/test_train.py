@@ -43,9 +43,9 @@ def masked_records(tokenizer, records, seed=0, field="source"):
     return out
 
 
-def examples_of(records, tokenizer, model="tiny", all_tokens=False, counts=None):
+def examples_of(records, tokenizer, model="tiny", all_tokens=False, counts=None, train_closing=False):
     return prepare_examples(((f"in:{i + 1}", r) for i, r in enumerate(records)), tokenizer, model=model,
-                            all_tokens=all_tokens, counts=counts)
+                            all_tokens=all_tokens, counts=counts, train_closing=train_closing)
 
 
 @pytest.fixture(scope="module")
@@ -493,11 +493,15 @@ def test_train_closing_adds_the_closing_token_whatever_its_mask(tiny, tmp_path):
         assert a.positions == [enc.positions[0]]
         assert b.positions == [enc.positions[0], enc.positions[-1]] and b.weights == [1.0, 1.0]
         assert enc.input_ids[enc.positions[-1]] in stop_token_ids(tokenizer)
-    result = CliRunner().invoke(main, ["--model", model_dir, "--dtype", "float32", "--train-closing", "--epochs", "1",
-                                       "--output", str(tmp_path / "lora"), str(write_jsonl(tmp_path / "in.jsonl", records))])
-    assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "lora" / "titok_train.json").read_text())
-    assert report["selected_tokens_per_epoch"] == 2 * len(records) and report["arguments"]["train_closing"] is True
+    # The default trains the closing token; --no-train-closing trains the mask alone.
+    for flags, per_record in (([], 2), (["--no-train-closing"], 1)):
+        out = tmp_path / f"lora{len(flags)}"
+        result = CliRunner().invoke(main, ["--model", model_dir, "--dtype", "float32", *flags, "--epochs", "1",
+                                           "--output", str(out), str(write_jsonl(tmp_path / "in.jsonl", records))])
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "titok_train.json").read_text())
+        assert report["selected_tokens_per_epoch"] == per_record * len(records)
+        assert report["arguments"]["train_closing"] is (not flags)
 
 
 def test_help_lists_every_flag():
@@ -505,7 +509,8 @@ def test_help_lists_every_flag():
     for flag in ("--model", "--output", "--overwrite", "--all-tokens", "--lora-r", "--lora-alpha", "--lora-dropout",
                  "--target-modules", "--lr", "--weight-decay", "--warmup-ratio", "--max-grad-norm", "--epochs",
                  "--batch-size", "--grad-accum", "--max-length", "--seed", "--neftune-alpha", "--save-every",
-                 "--resume", "--dtype", "--chat-template", "--no-chat-template", "--skip-invalid", "--train-closing"):
+                 "--resume", "--dtype", "--chat-template", "--no-chat-template", "--skip-invalid", "--train-closing",
+                 "--no-train-closing"):
         assert flag in text
 
 

@@ -69,7 +69,7 @@ def _mask_of(record, where, fingerprint, model):
                                       "titok-filter [| titok-align] first, or pass --all-tokens for plain SFT")
 
 
-def make_example(record, where, tokenizer, *, fingerprint, model, all_tokens, train_closing=False, chat_template=True,
+def make_example(record, where, tokenizer, *, fingerprint, model, all_tokens, train_closing=True, chat_template=True,
                  max_length=768):
     """Tokenize a record with the shared `encode` and attach its per-token weights
     (train_closing: the token that closes the completion gets weight 1 whatever its mask).
@@ -107,7 +107,7 @@ def make_example(record, where, tokenizer, *, fingerprint, model, all_tokens, tr
     return Example(where, enc.input_ids, [p for p, _ in kept], [w for _, w in kept]), enc
 
 
-def prepare_examples(pairs, tokenizer, *, model, all_tokens=False, train_closing=False, chat_template=True,
+def prepare_examples(pairs, tokenizer, *, model, all_tokens=False, train_closing=True, chat_template=True,
                      max_length=768, skip_invalid=False, counts=None):
     """Examples of (where, record) pairs; records with no selected token are skipped and counted."""
     counts = {} if counts is None else counts
@@ -450,9 +450,10 @@ def add_lora(model, model_name, *, r, alpha, dropout, target_modules, seed):
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @click.option("--all-tokens", is_flag=True,
               help="Ignore token masks and train on every completion token (plain SFT: the source expert, the all-token baseline).")
-@click.option("--train-closing", is_flag=True,
-              help="Also train each completion's closing token (EOS / end-of-turn) whatever its mask: a target that "
-                   "never has it selected never learns to stop (a base target on a new chat template, short answers).")
+@click.option("--train-closing/--no-train-closing", default=True, show_default=True,
+              help="Train each completion's closing token (EOS / end-of-turn) whatever its mask, on top of the "
+                   "selected tokens: with short answers top-k often drops it, and a target that never has it "
+                   "selected never learns to stop (docs/design.md, Target loss).")
 @click.option("--lora-r", default=8, show_default=True, type=click.IntRange(min=1), help="LoRA rank.")
 @click.option("--lora-alpha", default=8.0, show_default=True, type=cli.Finite(min=0, min_open=True), help="LoRA scale numerator: updates are scaled by alpha / r.")
 @click.option("--lora-dropout", default=0.05, show_default=True, type=cli.Finite(0, 1, max_open=True),
