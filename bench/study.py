@@ -49,7 +49,8 @@ ARMS = {
     "token-only": ("gemma smollm2", "random-k{k}", []),
     **{f"titok-k{k}": ("gemma smollm2", f"top-k{k}", ALL if k == "1.0" else []) for k in K_SWEEP},
     "titok-auto": ("gemma smollm2", "top-auto", []),
-    "titok-closing": ("gemma smollm2", "top-k{k}", ["--train-closing"]),
+    # titok-train trains the closing token by default (outside the k budget); this arm turns it off.
+    "titok-no-closing": ("gemma smollm2", "top-k{k}", ["--no-train-closing"]),
     # Gemma only: the SmolLM2 base, the same-tokenizer pair's target, already writes the main pool's queries.
     "titok-target-queries": ("gemma", "tq-top-k{k}", []),
     "ceiling": ("gemma smollm2", None, ALL),
@@ -106,7 +107,9 @@ class Study:
             # The pool: 2M synthetic records answered by the expert, scored; and the query-source
             # ablation's pool: queries written by the target base (Gemma), answered by the same expert.
             pools = {}
-            for prefix, writer in (("", "smollm2"), ("tq-", "gemma")):
+            planned = [arm for arm in a.arms if ARMS[arm][1] is not None]
+            writers = (("", "smollm2"), ("tq-", "gemma")) if "titok-target-queries" in planned else (("", "smollm2"),)
+            for prefix, writer in writers if planned else ():
                 synthetic = os.path.join(t, f"{prefix}synthetic.jsonl")
                 if writer == "smollm2":
                     g = self.step(f"{task}/{prefix}synthetic", synthetic, [
@@ -129,7 +132,7 @@ class Study:
 
             for seed in a.seeds:
                 for arm, (pairs, selection, extra) in ARMS.items():
-                    if seed != a.seeds[0] and arm not in EVERY_SEED and a.quick:
+                    if arm not in a.arms or (seed != a.seeds[0] and arm not in EVERY_SEED and a.quick):
                         continue
                     for pair in pairs.split():
                         if pair not in a.pairs:
@@ -272,7 +275,7 @@ ROW_NAMES = {
     "titok-k0.3": f"TiTok: top-M samples, top-{K} tokens (✓ / ✓)",
     "titok-k0.1": "TiTok k = 0.1", "titok-k0.5": "TiTok k = 0.5", "titok-k0.7": "TiTok k = 0.7",
     "titok-auto": "TiTok -k auto",
-    "titok-closing": f"TiTok top-{K} + the closing token always trained (titok-train --train-closing)",
+    "titok-no-closing": f"TiTok top-{K}, closing token not trained unless selected (--no-train-closing)",
     "titok-target-queries": "TiTok, queries written by the target base",
     "ceiling": "ceiling: target LoRA on the real train split",
 }
@@ -340,6 +343,42 @@ def directions(out, tasks, seeds):
     return lines
 
 
+# An earlier study's arm for each arm here, where its name meant something else then: before
+# titok-train trained the closing token by default, "titok-k0.3" trained the mask alone and
+# "titok-closing" added the closing token.
+BEFORE_ARM = {"titok-no-closing": "titok-k0.3", "titok-k0.3": "titok-closing"}
+SUMMARY_ARMS = ["vanilla", "kd", "titok-k1.0", "titok-no-closing", "titok-k0.3", "ceiling"]
+
+
+def task_means(out, tasks, seeds, pair, arm):
+    """(mean over tasks of the per-task means over seeds, tasks with a result); None when none has."""
+    means = []
+    for task in tasks:
+        paths = ([os.path.join(out, task, pair, "vanilla.json")] if arm == "vanilla" else
+                 [os.path.join(out, task, pair, f"s{s}", f"{arm}.json") for s in seeds])
+        means.append(cell([read_metric(p) for p in paths])[1])
+    found = [m for m in means if m is not None]
+    return (statistics.fmean(found), len(found)) if found else None
+
+
+def before_and_after(args):
+    """The headline arms beside an earlier study's (--before), each a mean over the tasks that have it."""
+    lines = ["## Before and after\n",
+             f"Mean exact match (%) over the tasks that have the arm (how many in brackets), this study beside "
+             f"`{os.path.relpath(args.before, ROOT)}` (M = 64 of a pool of 128, the queries and defaults of then).\n"]
+    for pair in ("gemma", "smollm2"):
+        rows = []
+        for arm in SUMMARY_ARMS:
+            then = task_means(args.before, args.tasks, args.seeds, pair, BEFORE_ARM.get(arm, arm))
+            now = task_means(args.results, args.tasks, args.seeds, pair, arm)
+            if then or now:
+                shown = [f"{100 * m:.1f} ({n} tasks)" if (m, n) != (None, None) else "" for m, n in (then or (None, None), now or (None, None))]
+                rows.append(f"| {pair} | {ROW_NAMES[arm]} | {shown[0]} | {shown[1]} |")
+        if rows:
+            lines += ["| pair | arm | before | now |", "|---|---|---:|---:|", *rows, ""]
+    return lines
+
+
 def report(args):
     tasks, out, lines = args.tasks, args.results, []
     times = []
@@ -371,6 +410,8 @@ def report(args):
             overall = f"{100 * statistics.fmean(means):.1f}" if all(m is not None for m in means) else ""
             lines.append(f"| {ROW_NAMES[arm]} | " + " | ".join(cells) + f" | {overall} |")
         lines.append("")
+    if args.before:
+        lines.extend(before_and_after(args))
     lines.extend(directions(out, tasks, args.seeds))
     lines.append("## The source side\n")
     lines.append("| model | " + " | ".join(tasks) + " |")
@@ -400,6 +441,9 @@ def report(args):
                  "and the target LoRA's initialization and data order")
     lines.append("- the query-source arm runs for Gemma only: on the same-tokenizer pair the target base, SmolLM2, "
                  "already writes the main pool's queries (titok-gen --queries-from base)")
+    if args.before:
+        lines.append(f"- carried over from `{os.path.relpath(args.before, ROOT)}` (the same data split, training and eval "
+                     f"commands, and no synthetic pool): the source base and expert, target vanilla and ceiling metrics")
     if args.quick:
         lines.append(f"- the Table 2 cells (KD, token filter only, sample filter only, TiTok) ran for every seed; the "
                      f"other arms for seed {args.seeds[0]} only (--quick)")
@@ -434,7 +478,12 @@ def parse(argv=None):
                              "initialization and data order (the data split, expert and pools are seed 0's)")
     parser.add_argument("--train-size", type=int, default=128, help="real training examples per task")
     parser.add_argument("--test-size", type=int, default=100, help="test questions per task")
-    parser.add_argument("-m", type=int, default=64, help="samples kept (the pool is 2M)")
+    parser.add_argument("-m", type=int, default=250, help="samples kept (the pool is 2M; the paper's 250 of 500)")
+    parser.add_argument("--arms", default=",".join(ARMS), type=lambda s: [a for a in s.split(",") if a],
+                        help="the arms to run, comma-separated (default: all; empty: the data, the source expert and "
+                             "the evals without an arm): spend CPU hours on the arms a question needs first")
+    parser.add_argument("--before", default=None,
+                        help="the results dir of an earlier study, shown beside this one in the report's summary")
     parser.add_argument("--mass", default="0.9", help="-k auto's share of positive excess")
     parser.add_argument("--quick", action="store_true",
                         help="the k sweep, -k auto, closing-token, query-source and ceiling arms for the first seed only")
@@ -449,6 +498,9 @@ def parse(argv=None):
     parser.add_argument("-o", "--output", default=os.path.join(ROOT, "results", "study.md"),
                         help="the Markdown report that `report` writes")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.arms) - set(ARMS))
+    if unknown:
+        parser.error(f"--arms: no arm {', '.join(unknown)} (arms: {', '.join(ARMS)})")
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     return args
 

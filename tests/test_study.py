@@ -5,6 +5,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT
 
@@ -172,3 +173,37 @@ def test_run_stops_before_any_step_when_a_titok_command_does_not_run(tmp_path, m
     plan.steps["b"] = (out / "b", ["titok-no-such-command", out / "b"], ["a"])
     assert plan.run() == 2
     assert "titok-no-such-command: No such file or directory" in capsys.readouterr().err
+
+
+def test_arms_limits_the_plan_to_the_named_arms_and_what_they_need(tmp_path):
+    plan = study.Study(args(tmp_path, "--tasks", "t1", "--seeds", "0", "--arms", "kd,titok-k0.3"))
+    plan.plan()
+    assert {n.split("/")[3] for n in plan.steps if n.endswith("/train")} == {"kd", "titok-k0.3"}
+    assert "t1/synthetic" in plan.steps and "t1/tq-queries" not in plan.steps  # no query-source arm, no tq pool
+    nothing = study.Study(args(tmp_path, "--tasks", "t1", "--seeds", "0", "--arms", "ceiling"))
+    nothing.plan()
+    assert "t1/synthetic" not in nothing.steps  # the ceiling trains on the real data: no pool
+    # the closing-token ablation turns off what titok-train does by default
+    full = study.Study(args(tmp_path, "--tasks", "t1", "--seeds", "0", "--arms", "titok-no-closing"))
+    full.plan()
+    assert "--no-train-closing" in full.steps["t1/gemma/s0/titok-no-closing/train"][1]
+    with pytest.raises(SystemExit):
+        args(tmp_path, "--arms", "kd,no-such-arm")
+
+
+def test_report_shows_an_earlier_study_beside_with_the_arms_renamed(tmp_path):
+    a = args(tmp_path, "--tasks", "t1,t2", "--seeds", "0", "--before", str(tmp_path / "before"))
+    for root, arm, task, v in (("before", "titok-closing", "t1", 0.10), ("before", "titok-closing", "t2", 0.30),
+                               ("before", "titok-k0.3", "t1", 0.02), ("results", "titok-k0.3", "t1", 0.40),
+                               ("results", "titok-no-closing", "t1", 0.06)):
+        path = tmp_path / root / task / "gemma" / "s0"
+        path.mkdir(parents=True, exist_ok=True)
+        (path / f"{arm}.json").write_text(json.dumps({"exact_match": v}))
+    a.action = "report"
+    assert study.report(a) == 0
+    rows = {line.split(" | ")[1]: line.split(" | ")[2:] for line in (tmp_path / "study.md").read_text().splitlines()
+            if line.startswith("| gemma | ")}
+    # before, TiTok's default trained the mask alone ("titok-k0.3") and "titok-closing" added the closing token
+    assert rows[study.ROW_NAMES["titok-k0.3"]] == ["20.0 (2 tasks)", "40.0 (1 tasks) |"]
+    assert rows[study.ROW_NAMES["titok-no-closing"]] == ["2.0 (1 tasks)", "6.0 (1 tasks) |"]
+    assert study.ROW_NAMES["kd"] not in rows
