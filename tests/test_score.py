@@ -155,13 +155,13 @@ def test_resume_runs_the_batches_an_uninterrupted_run_runs(tiny_llama, tiny_llam
     out = tmp_path / "out.jsonl"
     args = ["--model", tiny_llama, "--adapter", tiny_llama_lora, "--dtype", "float32", "--batch-tokens", "200",
             "--window", "5", "-o", str(out)]
-    batches, run_batch = [], score._completion_logprobs
+    batches, run_batch = [], score.completion_logprobs
 
     def logged(model, body, head, encs, pad_id, device):
         batches.append(tuple(tuple(e.input_ids) for e in encs))
         return run_batch(model, body, head, encs, pad_id, device)
 
-    monkeypatch.setattr(score, "_completion_logprobs", logged)
+    monkeypatch.setattr(score, "completion_logprobs", logged)
     assert CliRunner().invoke(main, args + [data]).exit_code == 0
     whole_batches, written = batches[::2], out.read_bytes().splitlines(keepends=True)  # [::2]: expert, then base
     ids = {tuple(encode(load_tokenizer(tiny_llama), *prompt_and_completion(r, "x")).input_ids): r["id"] for r in records}

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 
 import click
+import numpy as np
 import orjson
 import torch
 
@@ -357,3 +358,14 @@ def token_logprobs(model, head, hidden, targets, chunk=256):
         logits = project_logits(model, head, hidden[i:i + chunk]).float()
         out[i:i + chunk] = logits.gather(1, targets[i:i + chunk, None]).squeeze(1) - logits.logsumexp(1)
     return out
+
+
+def completion_logprobs(model, body, head, encs, pad_id, device):
+    """log p of every completion token (positions) of each encoded sequence in one right-padded
+    batch, one float32 numpy array per sequence: what titok-score scores and titok-eval
+    --choices sums. body and head are decoder_and_head(model)."""
+    import numpy as np
+
+    ids, rows, cols = (t.to(device) for t in right_padded(encs, pad_id))
+    logp = token_logprobs(model, head, predicting_hidden(body, ids, rows, cols), ids[rows, cols]).cpu().numpy()
+    return np.split(logp, np.cumsum([len(e.positions) for e in encs])[:-1])

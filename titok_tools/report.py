@@ -17,15 +17,25 @@ from .records import text_output
 
 
 def table(rows):
-    lines = ["| model | records | exact match | ROUGE-1 | ROUGE-L |", "|---|---:|---:|---:|---:|"]
+    """One row per run; the choice columns (titok-eval --choices) when any run has them."""
+    choices = any("choice_accuracy" in m for _, m in rows)
+    header = "| model | records | exact match | ROUGE-1 | ROUGE-L |"
+    rule = "|---|---:|---:|---:|---:|"
+    if choices:
+        header += " choice | choice per char |"
+        rule += "---:|---:|"
+    lines = [header, rule]
     for name, m in rows:
         cells = [_number(m["exact_match"], ".1%"), _number(m["rouge1"], ".3f"), _number(m["rougeL"], ".3f")]
+        if choices:
+            cells += [_number(m.get("choice_accuracy"), ".1%"), _number(m.get("choice_accuracy_norm"), ".1%")]
         lines.append(f"| {name} | {m['records']} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
 def _number(value, spec):
-    return "n/a" if value is None else format(value, spec)  # titok-eval writes null for 0 records
+    # titok-eval writes null for 0 records (and a run without --choices has no choice numbers)
+    return "n/a" if value is None else format(value, spec)
 
 
 @click.command()

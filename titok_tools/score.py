@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from . import cli
 from .formatting import FormatError, encode
-from .models import (adapter_sha256, decoder_and_head, load_model, load_tokenizer, predicting_hidden, right_padded,
-                     token_logprobs, tokenizer_fingerprint)
+from .models import (adapter_sha256, completion_logprobs, decoder_and_head, load_model, load_tokenizer,
+                     tokenizer_fingerprint)
 from .records import (RecordError, check_resume, checked, is_done, prompt_and_completion, read_records, record_writer,
                       titok)
 
@@ -37,13 +37,6 @@ def _batches(items, batch_tokens):
         longest = max(longest, n)
     if batch:
         yield batch
-
-
-def _completion_logprobs(model, body, head, encs, pad_id, device):
-    """log p of every completion token of each encoded record, one float32 array per record."""
-    ids, rows, cols = (t.to(device) for t in right_padded(encs, pad_id))
-    logp = token_logprobs(model, head, predicting_hidden(body, ids, rows, cols), ids[rows, cols]).cpu().numpy()
-    return np.split(logp, np.cumsum([len(e.positions) for e in encs])[:-1])
 
 
 @torch.inference_mode()
@@ -85,10 +78,10 @@ def score_records(pairs, model, tokenizer, *, chat_template=True, max_length=768
             if not todo:
                 continue
             batch_encs = [e for _, e in batch]
-            for i, lp in zip(index, _completion_logprobs(model, body, head, batch_encs, pad_id, device)):
+            for i, lp in zip(index, completion_logprobs(model, body, head, batch_encs, pad_id, device)):
                 expert[i] = lp
             with model.disable_adapter():
-                for i, lp in zip(index, _completion_logprobs(model, body, head, batch_encs, pad_id, device)):
+                for i, lp in zip(index, completion_logprobs(model, body, head, batch_encs, pad_id, device)):
                     base[i] = lp
             if progress is not None:
                 counts["seen_tokens"] = counts.get("seen_tokens", 0) + sum(len(e.input_ids) for e in batch_encs)
