@@ -113,7 +113,7 @@ $(OUT)/report.md: $(foreach e,$(EVALS),$(OUT)/eval/$(e).json)
 # --- the demo: the same rules, real small models on CPU -------------------------------------
 DEMO_TRAIN := --lora-r 16 --lora-alpha 16 --target-modules all-linear --lr 3e-4 --epochs 2 --batch-size 8
 DEMO := OUT=work/demo TASK=object_counting DATA=work/demo/data/object_counting BIGBENCH_ARGS="--train-size 400" \
-	M=100 K=0.3 DTYPE=bfloat16 DEVICE=cpu TEST_SIZE=200 \
+	M=250 K=0.3 DTYPE=bfloat16 DEVICE=cpu TEST_SIZE=200 \
 	TARGET_TEMPLATE=data/templates/gemma3-chat.jinja \
 	SFT_ARGS="$(DEMO_TRAIN)" TRAIN_ARGS="$(DEMO_TRAIN)" \
 	GEN_ARGS="--queries-from base --max-new-tokens 64 --label-max-new-tokens 16 --batch-size 16" \

@@ -37,7 +37,7 @@ EXPERT_SEED = 0  # the source expert that writes and answers the pools; other se
 K = "0.3"  # TiTok's k in the ablation rows (token-only, TiTok, target-written queries): the paper's 10-30%
 TRAIN = ["--dtype", "bfloat16", "--device", "cpu", "--lora-r", "16", "--lora-alpha", "16",
          "--target-modules", "all-linear", "--lr", "1e-3", "--epochs", "2", "--batch-size", "8"]
-EVAL = ["--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", "8", "--batch-size", "32"]
+EVAL = ["--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", "8", "--batch-size", "32", "--choices"]
 GEN = ["--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", "64", "--label-max-new-tokens", "16",
        "--batch-size", "16", "--max-rounds", "24"]
 
@@ -281,10 +281,10 @@ ROW_NAMES = {
 }
 
 
-def read_metric(path):
+def read_metric(path, key="exact_match"):
     try:
         with open(path) as f:
-            return json.load(f)["exact_match"]
+            return json.load(f)[key]
     except (OSError, ValueError, KeyError):
         return None
 
@@ -379,6 +379,27 @@ def before_and_after(args):
     return lines
 
 
+def choice_table(args):
+    """Multiple-choice accuracy (titok-eval --choices) of the headline arms, where the evals have it."""
+    rows = []
+    for pair in ("gemma", "smollm2"):
+        for arm in SUMMARY_ARMS:
+            cells = []
+            for task in args.tasks:
+                paths = ([os.path.join(args.results, task, pair, "vanilla.json")] if arm == "vanilla" else
+                         [os.path.join(args.results, task, pair, f"s{s}", f"{arm}.json") for s in args.seeds])
+                cells.append(cell([read_metric(p, "choice_accuracy") for p in paths])[0])
+            if any(cells):
+                rows.append(f"| {pair} | {ROW_NAMES[arm]} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["## Multiple-choice accuracy\n",
+            "The option with the highest log-likelihood under the model (`titok-eval --choices`, the "
+            "lm-evaluation-harness convention), % correct, for the tasks whose records list options. Small "
+            "models often know more than they can format.\n",
+            "| pair | arm | " + " | ".join(args.tasks) + " |", "|---|---|" + "---:|" * len(args.tasks), *rows, ""]
+
+
 def report(args):
     tasks, out, lines = args.tasks, args.results, []
     times = []
@@ -412,6 +433,7 @@ def report(args):
         lines.append("")
     if args.before:
         lines.extend(before_and_after(args))
+    lines.extend(choice_table(args))
     lines.extend(directions(out, tasks, args.seeds))
     lines.append("## The source side\n")
     lines.append("| model | " + " | ".join(tasks) + " |")

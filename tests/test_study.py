@@ -207,3 +207,18 @@ def test_report_shows_an_earlier_study_beside_with_the_arms_renamed(tmp_path):
     assert rows[study.ROW_NAMES["titok-k0.3"]] == ["20.0 (2 tasks)", "40.0 (1 tasks) |"]
     assert rows[study.ROW_NAMES["titok-no-closing"]] == ["2.0 (1 tasks)", "6.0 (1 tasks) |"]
     assert study.ROW_NAMES["kd"] not in rows
+
+
+def test_report_tabulates_multiple_choice_accuracy_where_the_evals_have_it(tmp_path):
+    a = args(tmp_path, "--tasks", "t1,t2", "--seeds", "0,1")
+    for seed, v in ((0, 0.5), (1, 0.7)):
+        path = tmp_path / "results" / "t2" / "gemma" / f"s{seed}"
+        path.mkdir(parents=True)
+        (path / "kd.json").write_text(json.dumps({"exact_match": 0.1, "choice_accuracy": v}))
+    (tmp_path / "results" / "t1" / "gemma" / "s0").mkdir(parents=True)
+    (tmp_path / "results" / "t1" / "gemma" / "s0" / "kd.json").write_text(json.dumps({"exact_match": 0.2}))
+    a.action = "report"
+    assert study.report(a) == 0
+    text = (tmp_path / "study.md").read_text().split("## Multiple-choice accuracy")[1]
+    row = next(line for line in text.splitlines() if line.startswith("| gemma | "))
+    assert row == f"| gemma | {study.ROW_NAMES['kd']} |  | 60.0 ± {100 * np.std([0.5, 0.7], ddof=1):.1f} (n=2) |"
