@@ -150,3 +150,39 @@ def read_jsonl(data):
         with open(data, "rb") as f:
             data = f.read()
     return [orjson.loads(line) for line in data.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread: a tiny model's batches are too small to share, and on a busy machine
+    (other jobs on the cores) two threads that wait for each other take ten times as long."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def interrupt(command, files, lines, signum, timeout=120):
+    """Run a titok command as a real process and send it `signum` once `files` hold `lines`
+    complete lines together; return (returncode, stderr). The child gets this process's torch
+    thread count, so that its float sums match the in-process runs it is compared with."""
+    import tempfile
+    import time
+
+    import torch
+
+    def complete_lines():
+        return sum(open(f, "rb").read().count(b"\n") for f in files if os.path.exists(f))
+
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen([str(a) for a in command], stdout=subprocess.DEVNULL, stderr=stderr,
+                                env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+        deadline = time.time() + timeout
+        while proc.poll() is None and time.time() < deadline and complete_lines() < lines:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(signum)
+        proc.wait(timeout)
+        stderr.seek(0)
+        return proc.returncode, stderr.read().decode()

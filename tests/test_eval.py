@@ -1,13 +1,14 @@
 """titok-eval: normalization, metrics against rouge-score computed here, the shared generation,
 --limit/--shard, stdout piping, and an adapter made for another base."""
 import json
+import signal
 
 import pytest
 import torch
 from click.testing import CliRunner
 from rouge_score import rouge_scorer
 
-from conftest import read_jsonl, run_pipe, write_jsonl
+from conftest import interrupt, read_jsonl, run_pipe, write_jsonl
 from titok_tools.answers import exact_match, normalize
 from titok_tools.evaluate import main
 from titok_tools.generation import generate
@@ -89,6 +90,28 @@ def test_resume_equals_an_uninterrupted_run(tiny_llama, tiny_llama_lora, qa, tmp
     (tmp_path / "out.jsonl.partial").write_bytes(b'{"id": 0, "prompt": "p", "completion": "c"}\n')
     result = CliRunner().invoke(main, args + ["--resume"])
     assert result.exit_code == 1 and "out.jsonl.partial:1: prediction: missing" in result.output
+
+
+def test_an_interrupted_run_keeps_its_finished_batches_and_resumes_to_the_same_bytes(tiny_llama, tiny_llama_lora,
+                                                                                    tmp_path, one_thread):
+    records = [{"id": i, "prompt": f"Say {i}", "completion": str(i)} for i in range(40)]
+    data = write_jsonl(tmp_path / "in.jsonl", records)
+    out, metrics = tmp_path / "out.jsonl", tmp_path / "m.json"
+    args = ["--model", tiny_llama, "--adapter", tiny_llama_lora, "--dtype", "bfloat16", "--device", "cpu",
+            "--max-new-tokens", "6", "--batch-size", "2", "--metrics", str(metrics), "-o", str(out), data]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    whole, whole_metrics = out.read_bytes().splitlines(keepends=True), json.load(open(metrics))
+    out.unlink()
+    partial = f"{out}.partial"
+    rc, err = interrupt(["titok-eval", *args], [partial], 2, signal.SIGINT)  # the first batch is on disk
+    assert rc == 130 and not out.exists()
+    kept = open(partial, "rb").read().splitlines(keepends=True)
+    assert 2 <= len(kept) < len(records) and kept == whole[:len(kept)]  # whole records, the uninterrupted run's
+    assert err.splitlines()[-1] == (f"Interrupted: {partial} keeps {len(kept)} finished records; the same command with "
+                                    f"--resume continues from there")
+    resumed = CliRunner().invoke(main, args + ["--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert out.read_bytes() == b"".join(whole) and json.load(open(metrics)) == whole_metrics
 
 
 def test_limit_and_shards_partition_the_first_records(tiny_llama, qa, tmp_path):

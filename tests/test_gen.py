@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings as hsettings, strategies as st
 from rouge_score import rouge_scorer
 
-from conftest import read_jsonl, write_jsonl
+from conftest import interrupt, read_jsonl, write_jsonl
 from titok_tools import gen
 from titok_tools.gen import GenSettings, RougeDedup, generate_records, load_seeds, load_template, main
 
@@ -157,6 +157,24 @@ def test_resume_after_kill_equals_uninterrupted(tiny_llama, seed_file, loose_tem
     assert 4 <= len(written) < 12
     invoke([*args, "-o", out, "--resume"])
     assert open(out, "rb").read() == open(full, "rb").read()
+
+
+def test_ctrl_c_keeps_what_is_finished_and_resume_continues(tiny_llama, seed_file, loose_template, tmp_path,
+                                                            one_thread):
+    args = tiny_gen(tiny_llama, seed_file, loose_template, "--num", 12, "--batch-size", 2, "--seed", 5)
+    full = tmp_path / "full.jsonl"
+    invoke([*args, "-o", full])
+    out = tmp_path / "out.jsonl"
+    partial = f"{out}.partial"
+    rc, err = interrupt(["titok-gen", *args, "-o", out], [partial], 2, signal.SIGINT)
+    assert rc == 130 and not out.exists()
+    kept = open(partial, "rb").read().splitlines(keepends=True)
+    whole = open(full, "rb").read().splitlines(keepends=True)
+    assert 2 <= len(kept) < 12 and kept == whole[:len(kept)]  # whole records, the uninterrupted run's
+    assert err.splitlines()[-1] == (f"Interrupted: {partial} keeps {len(kept)} finished records; the same command with "
+                                    f"--resume continues from there")
+    invoke([*args, "-o", out, "--resume"])
+    assert open(out, "rb").read() == b"".join(whole)
 
 
 def test_resume_rejects_another_seed(tiny_llama, seed_file, loose_template, tmp_path):

@@ -1,7 +1,9 @@
 """records: reading records and JSON lines, the atomic text writer (titok-show pages, metrics, reports), the
 resumable record writer, splicing a member into a JSON line."""
 import os
+import signal
 import stat
+import time
 
 import click
 import numpy as np
@@ -114,6 +116,79 @@ def test_resume_names_a_line_that_is_not_a_record(tmp_path):
     (tmp_path / "out.jsonl.partial").write_bytes(_lines({"id": 0}) + b"[1, 2]\n")
     with pytest.raises(RecordError, match=r"out.jsonl.partial:2: not a JSON record"):
         record_writer(str(tmp_path / "out.jsonl"), resume=True).__enter__()
+
+
+def test_records_finished_out_of_order_are_kept_on_ctrl_c_and_take_their_place_on_resume(tmp_path):
+    out = tmp_path / "out.jsonl"
+    partial, ahead = tmp_path / "out.jsonl.partial", tmp_path / "out.jsonl.partial.ahead"
+    with pytest.raises(records.Interrupted) as interrupted:
+        with record_writer(str(out), keep_partial=True) as writer:
+            for position in (1, 0, 4, 2, 6):  # 3 and 5 still running
+                writer.write_at(position, {"id": position})
+            assert ahead.read_bytes() == b'4\t{"id":4}\n6\t{"id":6}\n'  # on disk already: a SIGKILL keeps them too
+            raise KeyboardInterrupt
+    assert str(interrupted.value) == (f"{partial} keeps 5 finished records; the same command with --resume "
+                                      f"continues from there")
+    assert interrupted.value.signum == signal.SIGINT and not out.exists()
+    assert partial.read_bytes() == _lines({"id": 0}, {"id": 1}, {"id": 2})
+    assert ahead.read_bytes() == b'4\t{"id":4}\n6\t{"id":6}\n'
+    with record_writer(str(out), resume=True) as writer:
+        todo = [i for i in range(8) if not writer.done_at(i, {"id": i})]
+        for position in reversed(todo):
+            writer.write_at(position, {"id": position})
+    assert todo == [3, 5, 7]
+    assert out.read_bytes() == _lines(*({"id": i} for i in range(8)))
+    assert not partial.exists() and not ahead.exists()
+
+
+def test_resume_cuts_a_half_written_ahead_line_and_drops_what_the_partial_file_holds(tmp_path):
+    out = tmp_path / "out.jsonl"
+    partial, ahead = tmp_path / "out.jsonl.partial", tmp_path / "out.jsonl.partial.ahead"
+    partial.write_bytes(_lines({"id": 0}, {"id": 1}))
+    # killed after it wrote 1 into FILE.partial, before the sidecar let it go, and in the middle of 5
+    ahead.write_bytes(b'1\t{"id":1}\n3\t{"id":3}\n5\t{"id"')
+    with pytest.raises(records.Interrupted, match=r"keeps 4 finished records"):
+        with record_writer(str(out), resume=True) as writer:
+            assert [i for i in range(6) if not writer.done_at(i, {"id": i})] == [2, 4, 5]
+            writer.write_at(4, {"id": 4})
+            raise KeyboardInterrupt
+    assert ahead.read_bytes() == b'1\t{"id":1}\n3\t{"id":3}\n4\t{"id":4}\n'
+    with record_writer(str(out), resume=True) as writer:
+        todo = [i for i in range(6) if not writer.done_at(i, {"id": i})]
+        for position in todo:
+            writer.write_at(position, {"id": position})
+    assert todo == [2, 5] and out.read_bytes() == _lines(*({"id": i} for i in range(6)))
+
+
+def test_a_fresh_run_drops_an_earlier_runs_ahead_file(tmp_path):
+    (tmp_path / "out.jsonl.partial.ahead").write_bytes(b'1\t{"id":"old"}\n')
+    with record_writer(str(tmp_path / "out.jsonl")) as writer:
+        assert not writer.done_at(1, {"id": 1})
+        writer.write_at(1, {"id": 1})
+        writer.write_at(0, {"id": 0})
+    assert (tmp_path / "out.jsonl").read_bytes() == _lines({"id": 0}, {"id": 1})
+    assert os.listdir(tmp_path) == ["out.jsonl"]
+
+
+def test_sigterm_keeps_the_partial_file_as_ctrl_c_does(tmp_path):
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        pytest.skip("something else handles SIGTERM in this process")
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(records.Interrupted, match=r"out.jsonl.partial keeps 1 finished records") as interrupted:
+        with record_writer(str(out), keep_partial=True) as writer:
+            writer.write({"id": 0})
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(500):  # the handler runs between two bytecodes of this thread
+                time.sleep(0.01)
+    assert interrupted.value.signum == signal.SIGTERM
+    assert (tmp_path / "out.jsonl.partial").read_bytes() == _lines({"id": 0})
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # as it was
+    # an output that cannot resume (titok-filter, -align, -merge) lets Ctrl-C through and leaves nothing
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        with record_writer(str(out)) as writer:
+            writer.write({"id": 0})
+            raise KeyboardInterrupt
+    assert type(interrupted.value) is KeyboardInterrupt and os.listdir(tmp_path) == []
 
 
 def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path):

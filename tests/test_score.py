@@ -1,5 +1,6 @@
 """titok-score: numbers against an independent two-model reference, batching, bad input, pipes."""
 import os
+import signal
 
 import numpy as np
 import orjson
@@ -7,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import read_jsonl, run_pipe, write_jsonl
+from conftest import interrupt, read_jsonl, run_pipe, write_jsonl
 from titok_tools.formatting import encode
 from titok_tools.models import load_model, load_tokenizer
 from titok_tools.records import prompt_and_completion
@@ -88,13 +89,13 @@ def test_scores_do_not_depend_on_the_batch(tiny_llama, tiny_llama_lora):
     def excess(batch_tokens, window, subset):
         out = score_records([pairs[i] for i in subset], model, tokenizer, batch_tokens=batch_tokens, window=window,
                             source={})
-        return {r["id"]: r["titok"]["source"]["excess"] for r in out}
+        return {r["id"]: r["titok"]["source"]["excess"] for _, r in sorted(out, key=lambda pair: pair[0])}
 
     alone = {}
     for i in range(len(RECORDS)):
         alone.update(excess(1, 1, [i]))
     mixed = excess(100000, 8, range(len(RECORDS)))  # one padded batch of mixed lengths
-    assert list(mixed) == ["a", "b", "c", "d"]  # output order = input order after length sorting
+    assert list(mixed) == ["a", "b", "c", "d"]  # the positions are the input order
     for key in alone:
         np.testing.assert_allclose(mixed[key], alone[key], atol=1e-5)
 
@@ -175,6 +176,41 @@ def test_resume_runs_the_batches_an_uninterrupted_run_runs(tiny_llama, tiny_llam
     assert batches[::2] == expected and len(expected) < len(whole_batches)
     assert any(any(ids[row] in done for row in b) for b in expected)  # a batch mixing done and left records
     assert out.read_bytes() == b"".join(written)
+
+
+def test_an_interrupted_run_keeps_its_finished_batches_and_resumes_to_the_same_bytes(tiny_llama, tiny_llama_lora,
+                                                                                    tmp_path, one_thread):
+    """Ctrl-C keeps every record of the batches that ran:
+    those before the first unfinished one in FILE.partial, those a window's shorter-first order
+    finished ahead of their turn in FILE.partial.ahead. --resume scores only the others, with
+    their uninterrupted batches (bfloat16), to the uninterrupted run's bytes."""
+    records = [dict(r, id=f"{r['id']}{i}", completion=r["completion"] + " x" * i)
+               for i in range(12) for r in RECORDS if "completion" in r]
+    data = write_jsonl(tmp_path / "in.jsonl", records)
+    args = ["--model", tiny_llama, "--adapter", tiny_llama_lora, "--dtype", "bfloat16", "--device", "cpu",
+            "--batch-tokens", "96", "--window", "16"]
+    assert CliRunner().invoke(main, args + ["-o", str(tmp_path / "whole.jsonl"), data]).exit_code == 0
+    whole = (tmp_path / "whole.jsonl").read_bytes().splitlines(keepends=True)
+    out = tmp_path / "out.jsonl"
+    partial, ahead = f"{out}.partial", f"{out}.partial.ahead"
+    rc, err = interrupt(["titok-score", *args, "-o", out, data], [partial, ahead], 3, signal.SIGINT)
+    assert rc == 130 and not out.exists()
+    kept = open(partial, "rb").read().splitlines(keepends=True)
+    assert kept == whole[:len(kept)]  # whole records, each the uninterrupted run's
+    waiting = set()
+    for line in open(ahead, "rb").read().splitlines(keepends=True):
+        position, _, text = line.partition(b"\t")
+        assert text == whole[int(position)]
+        waiting.add(int(position))
+    n = len(kept) + len(waiting - set(range(len(kept))))
+    assert 3 <= n < len(records)
+    assert err.splitlines()[-1] == (f"Interrupted: {partial} keeps {n} finished records; the same command with "
+                                    f"--resume continues from there")
+    resumed = CliRunner().invoke(main, args + ["-o", str(out), "--resume", data])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"scored {len(records) - n} records" in resumed.stderr
+    assert out.read_bytes() == b"".join(whole)
+    assert not os.path.exists(partial) and not os.path.exists(ahead)
 
 
 def test_failure_leaves_no_output_file(tiny_llama, tiny_llama_lora, tmp_path):

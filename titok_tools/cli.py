@@ -9,6 +9,7 @@ import gc
 import logging
 import math
 import os
+import signal
 import sys
 import warnings
 
@@ -173,7 +174,8 @@ def selection_options(default_k, auto=False):
 
 def command(f):
     """Run a command body: logging on stderr, a one-line error for a chat template that refuses a
-    conversation, quiet exit when a downstream pipe closes."""
+    conversation, quiet exit when a downstream pipe closes, one line and exit 128 + signal on Ctrl-C
+    (or SIGTERM where a resumable output takes it: records.Interrupted says what it kept)."""
     @functools.wraps(f)
     def run(*args, **kwargs):
         setup_logging()
@@ -181,6 +183,9 @@ def command(f):
             return f(*args, **kwargs)
         except FormatError as e:  # the records' own are reported per record; this is one the template raised
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt as e:
+            click.echo(f"Interrupted: {e}" if str(e) else "Interrupted.", err=True)
+            sys.exit(128 + getattr(e, "signum", signal.SIGINT))
         except BrokenPipeError:
             # The reader went away (| head): stop quietly, and keep Python from complaining
             # about the stdout flush at exit.

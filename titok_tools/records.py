@@ -7,11 +7,13 @@ import io
 import math
 import os
 import shutil
+import signal
 import stat
 import sys
 import tempfile
+import threading
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 import click
@@ -265,12 +267,14 @@ class RecordWriter:
     is never half-written; after a failure FILE.partial is removed, unless keep_partial (a
     command with --resume: it continues from there). With resume=True, the records already in
     FILE.partial (or FILE) are kept and counted by id in `done_ids`, so the command can skip
-    them (is_done).
+    them (is_done). Records that finish out of input order go through write_at and done_at.
     """
 
     def __init__(self, path, resume=False, keep_partial=False):
         self.path, self.keep_partial = path, keep_partial or resume  # a resumed file holds earlier work
         self.done_ids = Counter()
+        self.written = 0  # records in the output
+        self.waiting, self.next, self.ahead = {}, 0, None  # write_at's: position -> line, the next position
         check_resume(path, resume)
         if path == "-":
             self.f = sys.stdout.buffer
@@ -280,8 +284,11 @@ class RecordWriter:
         self.partial = path + ".partial"
         if resume and not os.path.exists(self.partial) and os.path.exists(path):
             shutil.copyfile(path, self.partial)  # FILE itself stays as it is until the rename
+        self.ahead_path = self.partial + ".ahead"
         if not (resume and os.path.exists(self.partial)):
             self.f = open(self.partial, "wb")
+            if os.path.exists(self.ahead_path):
+                os.unlink(self.ahead_path)  # an earlier run's, for a file now started afresh
             return
         # Resume in place: count the complete lines' ids, cut a half-written last line (a killed
         # run), append after them. Nothing already written is rewritten, and only ids are kept.
@@ -292,6 +299,7 @@ class RecordWriter:
                 break
             complete += len(line)
             if line.strip():
+                self.written += 1
                 try:
                     self.done_ids[_id_key(orjson.loads(line).get("id"))] += 1
                 except (orjson.JSONDecodeError, AttributeError):
@@ -299,19 +307,88 @@ class RecordWriter:
                     raise RecordError(f"{self.partial}:{lineno}", None, "not a JSON record: cannot resume from it")
         self.f.seek(complete)
         self.f.truncate()
+        if os.path.exists(self.ahead_path):
+            self._read_ahead()
 
     def write(self, record):
         """Write a record: a dict, or a JSON line (bytes ending in a newline) a stage made."""
         self.f.write(record if isinstance(record, bytes) else dumps(record))
+        self.written += 1
+
+    def write_at(self, position, record):
+        """Write the record that is the run's position-th (from 0, records a resumed run skips
+        included) once every one before it is written or done (done_at): for a stage whose
+        records finish out of input order (titok-score's length-sorted batches). Until its turn it
+        waits in memory and in FILE.partial.ahead, so an interrupted run keeps it too."""
+        line = record if isinstance(record, bytes) else dumps(record)
+        if position != self.next and self.path != "-":
+            if self.ahead is None:
+                self.ahead = open(self.ahead_path, "ab")
+            self.ahead.write(b"%d\t%b" % (position, line))
+            self.ahead.flush()
+        self.waiting[position] = line
+        self._write_ready()
+
+    def done_at(self, position, record):
+        """is_done for write_at's records: also true for one the interrupted run finished ahead of
+        its turn (FILE.partial.ahead), which takes its place when the ones before it are written."""
+        if position in self.waiting:
+            return True
+        if not is_done(self, record):
+            return False
+        if position >= self.next:
+            self.waiting[position] = None  # in FILE.partial already: nothing to write in its place
+            self._write_ready()
+        return True
+
+    def _write_ready(self):
+        while self.next in self.waiting:
+            line = self.waiting.pop(self.next)
+            if line is not None:
+                self.write(line)
+            self.next += 1
+        if not self.waiting and self.ahead is not None and self.ahead.tell():
+            self.f.flush()  # FILE.partial holds what the sidecar held before the sidecar lets it go
+            self.ahead.truncate(0)
+            self.ahead.seek(0)
+
+    def _read_ahead(self):
+        """Load FILE.partial.ahead: "position<TAB>JSON line" per record; a half-written last line
+        (a killed run) is cut, and a record FILE.partial already holds is dropped."""
+        self.ahead = open(self.ahead_path, "r+b")
+        complete = 0
+        for line in self.ahead:
+            position, tab, text = line.partition(b"\t")
+            if not (tab and line.endswith(b"\n") and position.isdigit()):
+                break
+            complete += len(line)
+            if int(position) >= self.written:  # FILE.partial holds positions 0 .. written - 1
+                self.waiting[int(position)] = text
+        self.ahead.seek(complete)
+        self.ahead.truncate()
+
+    def kept(self):
+        """Records this writer's files keep: FILE.partial's and those waiting in FILE.partial.ahead."""
+        return self.written + sum(line is not None for line in self.waiting.values())
 
     def flush(self):
         self.f.flush()
 
     def close(self, ok=True):
+        if ok:
+            for position in sorted(self.waiting):  # only when done_at and write_at disagreed (an input changed)
+                if self.waiting[position] is not None:
+                    self.write(self.waiting[position])
+            self.waiting.clear()
         if self.path == "-":
             self.f.flush()
             return
         self.f.close()
+        if self.ahead is not None:
+            self.ahead.close()
+        kept_ahead = not ok and self.keep_partial and self.kept() > self.written
+        if os.path.exists(self.ahead_path) and not kept_ahead:
+            os.unlink(self.ahead_path)
         if ok:
             os.replace(self.partial, self.path)
         elif not self.keep_partial:
@@ -332,16 +409,53 @@ def is_done(writer, record):
     return True
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, or SIGTERM while a resumable output is open: the command exits 128 + signum
+    with this message, what the output kept, on stderr."""
+
+    def __init__(self, message="", signum=signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _terminated(signum, frame):
+    raise Interrupted(signum=signum)
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (kill, a Slurm time limit) raises as Ctrl-C does, so that the output keeps what is
+    finished; only where Python can take it (the main thread) and nothing else handles it."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextmanager
 def record_writer(path, resume=False, keep_partial=False):
-    """Context manager around RecordWriter: renames into place only on success."""
+    """Context manager around RecordWriter: renames into place only on success. An output that
+    keeps its partial file (keep_partial, resume) keeps it on Ctrl-C and SIGTERM too, and the
+    Interrupted raised then says how many records it holds."""
     writer = RecordWriter(path, resume=resume, keep_partial=keep_partial)
-    ok = False
-    try:
-        yield writer
-        ok = True
-    finally:
-        writer.close(ok=ok)
+    resumable = path != "-" and writer.keep_partial
+    with _sigterm_as_interrupt() if resumable else nullcontext():
+        try:
+            yield writer
+        except KeyboardInterrupt as e:
+            writer.close(ok=False)
+            if not resumable:
+                raise
+            raise Interrupted(f"{writer.partial} keeps {writer.kept()} finished records; the same command with "
+                              f"--resume continues from there", getattr(e, "signum", signal.SIGINT)) from None
+        except BaseException:
+            writer.close(ok=False)
+            raise
+    writer.close(ok=True)
 
 
 @contextmanager

@@ -18,8 +18,7 @@ from . import cli
 from .formatting import FormatError, encode
 from .models import (adapter_sha256, completion_logprobs, decoder_and_head, load_model, load_tokenizer,
                      tokenizer_fingerprint)
-from .records import (RecordError, check_resume, checked, is_done, prompt_and_completion, read_records, record_writer,
-                      titok)
+from .records import (RecordError, check_resume, checked, prompt_and_completion, read_records, record_writer, titok)
 
 log = logging.getLogger("titok.score")
 
@@ -42,14 +41,16 @@ def _batches(items, batch_tokens):
 @torch.inference_mode()
 def score_records(pairs, model, tokenizer, *, chat_template=True, max_length=768, batch_tokens=8192, window=512,
                   source=None, skip_invalid=False, counts=None, progress=None, done=None):
-    """Score (where, record) pairs; yield the records, in input order, with titok.source added.
+    """Score (where, record) pairs; yield (position, record) pairs, the record with titok.source
+    added, as their batches finish: position counts the valid records from 0, and
+    RecordWriter.write_at puts them back in that order.
 
     Memory is bounded by `window` records: they are sorted by length inside the window so
-    batches carry little padding, then written back in their input order.
+    batches carry little padding.
 
-    `done(record)` is true for a record a resumed run already wrote: it still takes its place
-    in its window and batch (in bfloat16 a batch's shape and padding move the numbers, so the
-    rest must be batched as in an uninterrupted run), but a batch of done records only is not
+    `done(position, record)` is true for a record a resumed run already wrote: it still takes its
+    place in its window and batch (in bfloat16 a batch's shape and padding move the numbers, so
+    the rest must be batched as in an uninterrupted run), but a batch of done records only is not
     run, and done records are not yielded again.
     """
     body, head = decoder_and_head(model)
@@ -70,42 +71,43 @@ def score_records(pairs, model, tokenizer, *, chat_template=True, max_length=768
         return enc
 
     def flush(window_items):
-        encs = [enc for _, _, enc, _ in window_items]
-        expert, base = [None] * len(encs), [None] * len(encs)
+        encs = [enc for _, _, _, enc, _ in window_items]
         for batch in _batches(list(enumerate(encs)), batch_tokens):
             index = [i for i, _ in batch]
-            todo = sum(not window_items[i][3] for i in index)
+            todo = sum(not window_items[i][4] for i in index)
             if not todo:
                 continue
             batch_encs = [e for _, e in batch]
-            for i, lp in zip(index, completion_logprobs(model, body, head, batch_encs, pad_id, device)):
-                expert[i] = lp
+            expert = completion_logprobs(model, body, head, batch_encs, pad_id, device)
             with model.disable_adapter():
-                for i, lp in zip(index, completion_logprobs(model, body, head, batch_encs, pad_id, device)):
-                    base[i] = lp
+                base = completion_logprobs(model, body, head, batch_encs, pad_id, device)
             if progress is not None:
                 counts["seen_tokens"] = counts.get("seen_tokens", 0) + sum(len(e.input_ids) for e in batch_encs)
                 progress.update(todo)
                 progress.set_postfix_str(f"{counts['seen_tokens'] / progress.format_dict['elapsed']:.0f} tok/s",
                                          refresh=False)
-        for (where, record, enc, was_done), lp_e, lp_b in zip(window_items, expert, base):
-            if was_done:
-                continue
-            excess = lp_e - lp_b
-            titok(record)["source"] = dict(source, token_ids=enc.token_ids, offsets=enc.offsets, logp_expert=lp_e,
-                                           logp_base=lp_b, excess=excess, mean_excess=float(excess.mean(dtype=np.float64)),
-                                           truncated=enc.truncated)
-            counts["records"] = counts.get("records", 0) + 1
-            counts["tokens"] = counts.get("tokens", 0) + len(excess)
-            counts["sum_excess"] = counts.get("sum_excess", 0.0) + float(excess.sum(dtype=np.float64))
-            counts["sum_abs_excess"] = counts.get("sum_abs_excess", 0.0) + float(np.abs(excess).sum(dtype=np.float64))
-            counts["negative"] = counts.get("negative", 0) + int((excess < 0).sum())
-            counts["truncated"] = counts.get("truncated", 0) + int(enc.truncated)
-            yield record
+            for i, lp_e, lp_b in zip(index, expert, base):
+                position, where, record, enc, was_done = window_items[i]
+                window_items[i] = None  # the writer holds it from here
+                if was_done:
+                    continue
+                excess = lp_e - lp_b
+                titok(record)["source"] = dict(source, token_ids=enc.token_ids, offsets=enc.offsets, logp_expert=lp_e,
+                                               logp_base=lp_b, excess=excess,
+                                               mean_excess=float(excess.mean(dtype=np.float64)),
+                                               truncated=enc.truncated)
+                counts["records"] = counts.get("records", 0) + 1
+                counts["tokens"] = counts.get("tokens", 0) + len(excess)
+                counts["sum_excess"] = counts.get("sum_excess", 0.0) + float(excess.sum(dtype=np.float64))
+                counts["sum_abs_excess"] = (counts.get("sum_abs_excess", 0.0)
+                                            + float(np.abs(excess).sum(dtype=np.float64)))
+                counts["negative"] = counts.get("negative", 0) + int((excess < 0).sum())
+                counts["truncated"] = counts.get("truncated", 0) + int(enc.truncated)
+                yield position, record
 
     window_items = []
-    for where, record, enc in checked(pairs, check, skip_invalid, counts):
-        window_items.append((where, record, enc, done is not None and done(record)))
+    for position, (where, record, enc) in enumerate(checked(pairs, check, skip_invalid, counts)):
+        window_items.append((position, where, record, enc, done is not None and done(position, record)))
         if len(window_items) >= window:
             yield from flush(window_items)
             window_items = []
@@ -164,8 +166,9 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
         for record in score_records(pairs, lm, tokenizer, chat_template=not no_chat_template, max_length=max_length,
                                     batch_tokens=batch_tokens, window=window, source=source,
                                     skip_invalid=skip_invalid, counts=counts, progress=progress,
-                                    done=lambda r: is_done(writer, r)):
-            writer.write(record)
+                                    done=writer.done_at):
+            writer.write_at(*record)
+            writer.flush()  # a batch's records are on disk before the next batch runs
     elapsed = time.time() - started
     log.info("%s, %.0f tokens/s", summary(counts), counts.get("tokens", 0) / max(elapsed, 1e-9))
     if counts.get("tokens") and counts["sum_abs_excess"] / counts["tokens"] < 1e-3:
