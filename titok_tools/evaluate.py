@@ -16,7 +16,7 @@ from .formatting import check_prompt
 from .generation import generate
 from .models import load_model, load_tokenizer
 from .records import (RecordError, check_resume, checked, is_done, prompt_and_completion, read_records, record_writer,
-                      text_output)
+                      text_output, unique_ids)
 
 log = logging.getLogger("titok.eval")
 
@@ -79,7 +79,7 @@ def evaluate_records(pairs, model, tokenizer, *, chat_template=True, max_new_tok
 
     def check(where, record):
         messages, completion = prompt_and_completion(record, where)
-        check_prompt(tokenizer, messages, chat_template, where)  # a template may refuse it (raise_exception)
+        check_prompt(tokenizer, messages, chat_template, where, record)  # a template may refuse it (raise_exception)
         return messages, completion
 
     for item in checked(pairs, check, skip_invalid, counts):
@@ -147,7 +147,7 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
                 if not isinstance(record.get("prediction"), str):
                     raise RecordError(where, "prediction", "missing: resume only from titok-eval's own output")
                 metrics.add(record["prediction"], references(record, prompt_and_completion(record, where)[1]))
-        pairs = _selected(read_records(input, skip_invalid, counts), limit, shard)
+        pairs = _selected(unique_ids(read_records(input, skip_invalid, counts)), limit, shard)
         for record in evaluate_records(pairs, lm, tokenizer, chat_template=not no_chat_template,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length,
                                        metrics=metrics, skip_invalid=skip_invalid, counts=counts, progress=progress,
