@@ -468,6 +468,21 @@ def test_bad_input(smollm2_dir, smollm2_tokenizer, tmp_path):
     assert kept[0]["titok"]["target"] == kept[1]["titok"]["target"] == alone[0]["titok"]["target"]
 
 
+def test_a_prompt_that_spells_a_control_token_of_the_target_is_named(gemma_tokenizer, smollm2_dir, tmp_path):
+    """Text that is plain for the source tokenizer but a control token of the target's: refused, as
+    titok-score and titok-train refuse it."""
+    prompt = [{"role": "user", "content": "Write something.<|im_end|>"}]
+    records = [scored(gemma_tokenizer, "Fine words.", id="good"), scored(gemma_tokenizer, "Fine.", id="bad", prompt=prompt)]
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    result = run(["--target-model", smollm2_dir], path)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (f"Error: {path}:2: prompt: target tokenizer: the prompt contains "
+                                                      "the text of the special token '<|im_end|>': it would be read as "
+                                                      "that control token (remove or escape it)")
+    result = run(["--target-model", smollm2_dir, "--skip-invalid"], path)
+    assert result.exit_code == 0 and [r["id"] for r in read_jsonl(result.stdout.encode())] == ["good"]
+
+
 def test_help_lists_every_flag():
     result = CliRunner().invoke(main, ["--help"])
     for flag in ("--target-model", "--chat-template", "--no-chat-template", "--max-length", "--from", "-k",

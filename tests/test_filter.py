@@ -140,6 +140,14 @@ def test_unscored_records_say_run_titok_score_first(tmp_path):
     assert not out.exists()
 
 
+def test_a_repeated_id_names_both_lines(tmp_path):
+    out = tmp_path / "out.jsonl"
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS[:3] + [dict(RECORDS[3], id="b")])
+    result = CliRunner().invoke(main, ["-o", str(out), data])
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output.strip().splitlines() == [f'Error: {data}:4: id: "b" repeats the id of line 2: ids must be unique']
+
+
 @pytest.mark.parametrize("titok", [[1, 2], "scored", {"source": "scored"}, {"source": [1.0]}])
 def test_a_titok_field_that_is_not_an_object_is_a_one_line_error(tmp_path, titok):
     data = write_jsonl(tmp_path / "in.jsonl", RECORDS[:1] + [{"id": "x", "prompt": "p", "completion": "c", "titok": titok}])

@@ -101,6 +101,16 @@ def test_by_id_rejects_shards_that_do_not_match_the_input(tmp_path):
     assert CliRunner().invoke(merge.main, []).exit_code == 2  # no shard files
 
 
+def test_by_id_refuses_an_input_that_repeats_an_id(tmp_path):
+    """Input 0 and 2 share an id in shard 0: had the stage dropped record 0, record 2 would take its
+    place, silently out of order."""
+    input = write_jsonl(tmp_path / "in.jsonl", [{"id": "x"}, {"id": "y"}, {"id": "x"}, {"id": "z"}])
+    shards = [write_jsonl(tmp_path / "s0.jsonl", [{"id": "x"}]), write_jsonl(tmp_path / "s1.jsonl", [{"id": "y"}, {"id": "z"}])]
+    result = CliRunner().invoke(merge.main, ["--by-id", input, "-o", str(tmp_path / "out.jsonl"), *shards])
+    assert result.exit_code == 1 and not (tmp_path / "out.jsonl").exists()
+    assert result.output.strip().splitlines() == [f'Error: {input}:3: id: "x" repeats the id of line 1: ids must be unique']
+
+
 def test_stdin_stands_for_one_shard_or_the_input(tmp_path):
     shards = shard_files(tmp_path, [2, 2, 1])
     with open(shards[1], "rb") as f:

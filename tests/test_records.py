@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from titok_tools import records
-from titok_tools.records import (RecordError, insert_member, is_done, parse_line, read_records, record_writer,
-                                 text_output)
+from titok_tools.records import (RecordError, insert_member, is_done, parse_line, prompt_field, read_records,
+                                 record_writer, text_output, unique_ids)
 
 
 def test_text_output_appears_only_on_success(tmp_path):
@@ -110,6 +110,48 @@ def test_resume_counts_records_that_share_an_id(tmp_path):
     with record_writer(str(tmp_path / "out.jsonl"), resume=True) as writer:
         todo = [r for r in ({"id": "x", "n": 0}, {"id": "y", "n": 1}, {"id": "x", "n": 2}) if not is_done(writer, r)]
     assert [r["n"] for r in todo] == [1, 2]
+
+
+def test_a_repeated_id_names_both_lines(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(_lines({"id": "q1"}, {"id": "q3"}) + b"\n" + _lines({"id": 1}, {}, {"id": "1"}, {"id": "q3"}))
+    seen = []
+    with pytest.raises(RecordError) as error:
+        for where, record in unique_ids(read_records(str(path))):
+            seen.append(record["id"])
+    # 1 and "1" are two ids; a record without one gets its 0-based line number (4 here, not 1)
+    assert seen == ["q1", "q3", 1, 4, "1"]
+    assert str(error.value.message) == f'{path}:7: id: "q3" repeats the id of line 2: ids must be unique'
+
+
+def test_the_ids_kept_take_little_memory(tmp_path):
+    """unique_ids and a resumed writer keep every id: about 100 bytes each, not the 4 KiB buffer
+    each of orjson's own bytes objects holds on to (4 GB for a million records)."""
+    import tracemalloc
+    n = 20_000
+    (tmp_path / "out.jsonl.partial").write_bytes(_lines(*({"id": f"q{i}"} for i in range(n))))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        ids = unique_ids((f"in.jsonl:{i + 1}", {"id": f"q{i}"}) for i in range(n))
+        assert sum(1 for _ in ids) == n
+        held = tracemalloc.get_traced_memory()[0] - before  # the generator is done: what it kept is freed
+        peak = tracemalloc.get_traced_memory()[1] - before
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        writer = records.RecordWriter(str(tmp_path / "out.jsonl"), resume=True)
+        resumed = tracemalloc.get_traced_memory()[0] - before
+        writer.close()
+    finally:
+        tracemalloc.stop()
+    assert held < 1000 and peak < 300 * n and resumed < 300 * n
+
+
+def test_the_field_that_holds_a_prompt_message():
+    assert prompt_field({"prompt": "p", "completion": "c"}, 0) == "prompt"
+    assert prompt_field({"prompt": [{"role": "user", "content": "p"}], "completion": "c"}, 0) == "prompt[0].content"
+    assert prompt_field({"messages": []}, 2) == "messages[2].content"
+    assert prompt_field({"prompt": "p"}, 0) == "prompt"  # a prompt still to answer (titok-gen --label)
 
 
 def test_resume_names_a_line_that_is_not_a_record(tmp_path):

@@ -29,7 +29,7 @@ import simdjson
 from tqdm import tqdm
 
 from . import cli
-from .formatting import FormatError, encode_later
+from .formatting import FormatError, encode_later, record_error
 from .models import load_tokenizer, tokenizer_fingerprint
 from .records import (NUMBER_TYPES, JsonLine, RecordError, check_numbers, checked, dumps, filter_settings, insert_member,
                       not_kept, parse_line, prompt_and_completion, read_records, record_writer, titok, titok_part)
@@ -385,7 +385,7 @@ def target_problem(where, record, completion, enc):
     """The RecordError for a record the target tokenizer cannot encode (or encodes with offsets
     that do not fit), or None."""
     if isinstance(enc, FormatError):
-        return RecordError(where, "completion", f"target tokenizer: {enc}")
+        return record_error(where, record, enc, prefix="target tokenizer: ")
     problem = offsets_problem(enc.offsets, len(completion))
     if problem:  # cannot happen with a sane tokenizer; never align on broken offsets
         return RecordError(where, "completion", f"record {record.get('id')!r}: the target tokenizer's offsets {problem}")

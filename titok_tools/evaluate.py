@@ -28,7 +28,7 @@ from .formatting import FormatError, check_prompt, encode_many
 from .generation import generate
 from .models import completion_logprobs, decoder_and_head, load_model, load_tokenizer
 from .records import (RecordError, check_numbers, check_resume, checked, is_done, prompt_and_completion, read_records,
-                      record_writer, text_output)
+                      record_writer, text_output, unique_ids)
 
 log = logging.getLogger("titok.eval")
 
@@ -170,7 +170,7 @@ def evaluate_records(pairs, model, tokenizer, *, chat_template=True, max_new_tok
 
     def check(where, record):
         messages, completion = prompt_and_completion(record, where)
-        check_prompt(tokenizer, messages, chat_template, where)  # a template may refuse it (raise_exception)
+        check_prompt(tokenizer, messages, chat_template, where, record)  # a template may refuse it (raise_exception)
         options = options_of(record, where) if choices else None
         encs = encode_options(tokenizer, messages, options, chat_template, max_length, where) if options else None
         return messages, completion, encs
@@ -277,7 +277,7 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
                                           "with the --choices setting of the interrupted run")
                     check_numbers(lls, where, "choice_loglikelihoods")
                     add_choice(metrics, record, lls, completion)
-        pairs = _selected(read_records(input, skip_invalid, counts), limit, shard)
+        pairs = _selected(unique_ids(read_records(input, skip_invalid, counts)), limit, shard)
         for record in evaluate_records(pairs, lm, tokenizer, chat_template=not no_chat_template,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length,
                                        metrics=metrics, skip_invalid=skip_invalid, counts=counts, progress=progress,

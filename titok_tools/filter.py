@@ -10,7 +10,8 @@ import random
 import click
 
 from . import cli
-from .records import RecordError, check_number, check_numbers, read_records, record_writer, spooled, titok, titok_part
+from .records import (RecordError, check_number, check_numbers, read_records, record_writer, spooled, titok, titok_part,
+                      unique_ids)
 from .select import auto_k, n_select, select_stream
 
 log = logging.getLogger("titok.filter")
@@ -84,7 +85,7 @@ def filter_records(read, k, keep, scope, mark_only=False, counts=None, rank_by="
     k="auto" chooses k from the kept records first (choose_k, with `mass`).
     """
     counts = {} if counts is None else counts
-    ranks = rank_records(read(), rank_by, seed)
+    ranks = rank_records(unique_ids(read()), rank_by, seed)
     m = parse_keep(keep, len(ranks)) if ranks else 0
 
     def kept():

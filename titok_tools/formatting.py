@@ -9,15 +9,29 @@ tokens that are scored are the tokens that are trained.
 """
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from itertools import compress
 from operator import eq, itemgetter
 
 from jinja2 import TemplateError
 
-from .records import RecordError
+from .records import RecordError, prompt_field
 
 
 class FormatError(ValueError):
-    pass
+    """A record that cannot be formatted; prompt_index: the prompt message at fault, None when
+    it is the completion or the conversation as a whole."""
+
+    def __init__(self, message, prompt_index=None):
+        super().__init__(message)
+        self.prompt_index = prompt_index
+
+
+def record_error(where, record, error, field="completion", prefix=""):
+    """The one-line RecordError for a FormatError that formatting `record` raised: it names the
+    prompt message at fault, else `field`."""
+    if error.prompt_index is not None:
+        field = prompt_field(record, error.prompt_index)
+    return RecordError(where, field, f"{prefix}{error}")
 
 
 @dataclass
@@ -59,13 +73,18 @@ def render_prompt(tokenizer, messages, chat_template=True):
     return _plain_prompt(messages)
 
 
-def check_prompt(tokenizer, messages, chat_template, where):
-    """Raise a RecordError naming the record's prompt when the chat template refuses it, so a
-    command reports the record (or skips it with --skip-invalid) before a batch is generated."""
+def check_prompt(tokenizer, messages, chat_template, where, record):
+    """Raise a RecordError naming the record's prompt when the chat template refuses it, or a
+    prompt message spells a special token (_prompt_problem), so a command reports the record (or
+    skips it with --skip-invalid) before a batch is generated."""
     try:
-        render_prompt(tokenizer, messages, chat_template)
+        text = render_prompt(tokenizer, messages, chat_template)
     except FormatError as e:
         raise RecordError(where, "prompt", str(e)) from None
+    ((ids, spans),) = _tokenized(tokenizer, [text], not uses_template(tokenizer, chat_template))
+    problem = _prompt_problem(tokenizer, messages, text, ids, spans, len(text))
+    if problem is not None:
+        raise record_error(where, record, problem)
 
 
 def _plain_prompt(messages):
@@ -106,6 +125,58 @@ def _special_ids(tokenizer):
             i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
         tokenizer._titok_special_ids = ids
     return ids
+
+
+def _spelled_special(tokenizer, ids, spans, text, tokens, lo, hi):
+    """The first special token among `tokens` (indices into ids) whose own text lies inside
+    text[lo:hi]: a record's text that the tokenizer read as that control token (to the model, a
+    spelled "<|im_end|>" is a real end of turn); None if there is none. An unknown word read as
+    <unk> is special too, but its text is the word, not "<unk>"."""
+    special = _special_ids(tokenizer)
+    for i in tokens:
+        if ids[i] in special:
+            token = tokenizer.convert_ids_to_tokens(ids[i])
+            if text.find(token, max(spans[i][0], lo), min(spans[i][1], hi)) >= 0:
+                return token
+    return None
+
+
+def _prompt_problem(tokenizer, messages, text, ids, spans, end):
+    """A FormatError naming the first prompt message whose content spells a special token (the
+    rule for completions: _spelled_special), or None. `text`, tokenized as ids and spans, renders
+    the messages before character `end` (a completion may follow). Each content is looked up in
+    the rendering, in order; one the template changed is tokenized alone."""
+    special = _special_ids(tokenizer)
+    candidates = list(compress(range(len(ids)), map(special.__contains__, ids)))
+    if not candidates:
+        return None
+    starts = [spans[i][0] for i in candidates]
+    at = 0
+    for index, message in enumerate(messages):
+        content = message["content"]
+        if not content.strip():
+            continue
+        found, piece = text.find(content, at, end), content
+        if found < 0:
+            piece = content.strip()  # templates that trim message content
+            found = text.find(piece, at, end)
+        if found >= 0:
+            at = found + len(piece)
+            # a token's span may start before its own text (a special token that strips the space before it)
+            near = candidates[max(0, bisect_left(starts, found) - 1):bisect_left(starts, at)]
+            token = _spelled_special(tokenizer, ids, spans, text, near, found, at)
+        else:
+            alone = tokenizer(content, add_special_tokens=False, return_offsets_mapping=True)
+            token = _spelled_special(tokenizer, alone["input_ids"], alone["offset_mapping"], content,
+                                     range(len(alone["input_ids"])), 0, len(content))
+        if token is not None:
+            return _spelled_error("prompt", token, index)
+    return None
+
+
+def _spelled_error(part, token, prompt_index=None):
+    return FormatError(f"the {part} contains the text of the special token {token!r}: it would be read as that "
+                       "control token (remove or escape it)", prompt_index)
 
 
 _PROBES = ("\ue000", "\ue001 \ue002")  # private-use characters: no template or text uses them
@@ -224,12 +295,16 @@ def encode_later(tokenizer, items, chat_template=True, max_length=None, submit=N
     def finish():
         pieces = iter(tokenized())
         results = []
-        for (_, completion), r in zip(items, rendered):
+        for (messages, completion), r in zip(items, rendered):
             if isinstance(r, FormatError):
                 results.append(r)
                 continue
+            ids, spans = next(pieces)
             try:
-                results.append(_completion_tokens(tokenizer, r, completion, *next(pieces), max_length))
+                problem = _prompt_problem(tokenizer, messages, r[0], ids, spans, r[1])
+                if problem is not None:
+                    raise problem
+                results.append(_completion_tokens(tokenizer, r, completion, ids, spans, max_length))
             except FormatError as e:
                 results.append(e)
         return results
@@ -265,14 +340,10 @@ def _completion_tokens(tokenizer, rendered, completion, ids, spans, max_length):
     first, last = inside[0], inside[-1]
     special = _special_ids(tokenizer)
     if not special.isdisjoint(ids[first:last + 1]):
-        # The completion's own text spells a control token (say "<|im_end|>"): the tokenizer reads
-        # it as that token, and scoring or training would teach the model to end its turn there.
-        # (An unknown word read as <unk> is special too, but its text is the word, not "<unk>".)
-        for i in inside:
-            token = tokenizer.convert_ids_to_tokens(ids[i])
-            if ids[i] in special and token in text[spans[i][0]:spans[i][1]]:
-                raise FormatError(f"the completion contains the text of the special token {token!r}: "
-                                  "it would be read as that control token (remove or escape it)")
+        # scored or trained, a spelled "<|im_end|>" would teach the model to end its turn there
+        token = _spelled_special(tokenizer, ids, spans, text, inside, lo, hi)
+        if token is not None:
+            raise _spelled_error("completion", token)
     if last - first + 1 == len(inside):  # the usual case: no empty token amid the completion
         offsets = [[a - start, b - start] for a, b in spans[first:last + 1]]
     else:

@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from . import cli
 from .formatting import check_prompt
-from .records import RecordError, check_resume, checked, is_done, prompt_messages, read_records, read_text, record_writer
+from .records import (RecordError, check_resume, checked, is_done, prompt_messages, read_records, read_text, record_writer,
+                      unique_ids)
 
 log = logging.getLogger("titok.gen")
 
@@ -333,10 +334,12 @@ class Seeds:
     system: list       # a system message all seed prompts share, given to the labelling prompts too
 
 
-def load_seeds(path, shots, task_description=None):
+def load_seeds(path, shots, task_description=None, tokenizer=None):
     ids, texts, descriptions, systems = [], [], set(), set()
     for where, record in read_records(path):
         messages = prompt_messages(record, where)
+        if tokenizer is not None:  # their text goes into the query prompts: it must not spell a special token
+            check_prompt(tokenizer, messages, False, where, record)
         users = [m for m in messages if m.get("role") == "user"]
         if not users or not users[-1]["content"].strip():
             raise RecordError(where, "prompt", "has no user turn to use as an example query")
@@ -603,7 +606,7 @@ def label_records(pairs, backend, settings, meta, counts=None, progress=None, do
 
     def check(where, record):
         messages = prompt_messages(record, where)
-        check_prompt(backend.tokenizer, messages, backend.chat_template, where)
+        check_prompt(backend.tokenizer, messages, backend.chat_template, where, record)
         return messages
 
     block = []
@@ -696,12 +699,12 @@ def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_cha
                            top_p=top_p, max_new_tokens=max_new_tokens, label_temperature=label_temperature,
                            label_max_new_tokens=label_max_new_tokens, rouge_threshold=rouge_threshold, dedup=not no_dedup,
                            seed=seed, queries_from=queries_from)
+    tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
     if seed_examples is not None:
         query_template = load_template(template)
-        seeds = load_seeds(seed_examples, shots, task_description)
+        seeds = load_seeds(seed_examples, shots, task_description, tokenizer)
     if adapter is None:
         log.warning("no --adapter: the base model writes the data, not an expert")
-    tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
     use_template = not no_chat_template
     if backend == "vllm":
         vllm_dtype = "auto" if dtype == "auto" else dtype
@@ -717,7 +720,7 @@ def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_cha
     with record_writer(output, resume, keep_partial=True) as writer:
         if label_file is not None:
             with tqdm(desc="titok-gen label", unit="rec", mininterval=1) as progress:
-                pairs = ((w, r) for i, (w, r) in enumerate(read_records(label_file, skip_invalid, counts))
+                pairs = ((w, r) for i, (w, r) in enumerate(unique_ids(read_records(label_file, skip_invalid, counts)))
                          if cli.in_shard(i, shard))
                 for record in label_records(pairs, engine, settings, meta, counts, progress,
                                             done=lambda r: is_done(writer, r), skip_invalid=skip_invalid):

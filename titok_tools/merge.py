@@ -14,7 +14,7 @@ import click
 import orjson
 
 from . import cli
-from .records import read_records, record_writer, shown_name
+from .records import read_records, record_writer, shown_name, unique_ids
 
 log = logging.getLogger("titok.merge")
 
@@ -65,7 +65,7 @@ def merge_by_id(paths, input_path, counts=None):
     heads = [next(reader, None) for reader in readers]
     n = len(paths)
     # The stages index the records they read, with invalid JSON lines skipped under --skip-invalid.
-    for i, (_, record) in enumerate(read_records(input_path, skip_invalid=True)):
+    for i, (_, record) in enumerate(unique_ids(read_records(input_path, skip_invalid=True))):
         shard = i % n
         head = heads[shard]
         if head is not None and _key(head[1]) == _key(record):

@@ -214,11 +214,19 @@ def load_adapter(base, adapter, config, model_name, trainable=False):
     from peft import PeftModel
 
     made_for = config.get("base_model_name_or_path")
-    if made_for and not names_same_base(made_for, model_name, base.name_or_path):
+    other_base = made_for and not names_same_base(made_for, model_name, base.name_or_path)
+    if other_base:
         log.warning("--adapter %s was made for base %r, not --model %s: make sure it is the same model",
                     adapter, made_for, model_name)
     try:
         return PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
+    except ValueError as e:
+        # recent peft raises NoMatchingPeftModuleError (a ValueError), older peft a ValueError with this text
+        if type(e).__name__ != "NoMatchingPeftModuleError" and "not found in the base model" not in str(e):
+            raise
+        raise click.ClickException(
+            f"--adapter {adapter}: its target_modules {config.get('target_modules')!r} match no module of --model "
+            f"{model_name}" + (f" (the adapter was made for base {made_for!r})" if other_base else "")) from None
     except RuntimeError as e:
         if "size mismatch" not in str(e):
             raise

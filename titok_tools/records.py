@@ -186,6 +186,27 @@ def prompt_messages(record, where):
     raise RecordError(where, "prompt", "missing")
 
 
+def prompt_field(record, index):
+    """The field that holds message `index` of a record's prompt (as prompt_and_completion reads
+    it), for error messages: "prompt" when it is a string, else prompt[i].content or
+    messages[i].content."""
+    key = "prompt" if "prompt" in record and ("completion" in record or "messages" not in record) else "messages"
+    return key if isinstance(record.get(key), str) else f"{key}[{index}].content"
+
+
+def unique_ids(pairs):
+    """The (where, record) pairs, stopped at a record whose id an earlier one has, with a one-line
+    error naming both lines: an id names one record (--resume skips the ids already written,
+    titok-merge --by-id finds each record by its id). Only each id and its line are kept."""
+    first = {}
+    for where, record in pairs:
+        key, line = _id_key(record.get("id")), int(where.rpartition(":")[2])
+        seen = first.setdefault(key, line)
+        if seen != line:
+            raise RecordError(where, "id", f"{key.decode()} repeats the id of line {seen}: ids must be unique")
+        yield where, record
+
+
 def titok(record):
     """The record's "titok" namespace, created on first use."""
     return record.setdefault("titok", {})
@@ -396,7 +417,9 @@ class RecordWriter:
 
 
 def _id_key(value):
-    return orjson.dumps(value)
+    # a copy: the bytes orjson returns hold on to a ~4 KiB buffer each (orjson 3.13 here),
+    # 4 GB for the ids of a million records
+    return bytes(memoryview(orjson.dumps(value)))
 
 
 def is_done(writer, record):

@@ -15,10 +15,11 @@ import torch
 from tqdm import tqdm
 
 from . import cli
-from .formatting import FormatError, encode
+from .formatting import FormatError, encode, record_error
 from .models import (adapter_sha256, completion_logprobs, decoder_and_head, load_model, load_tokenizer,
                      tokenizer_fingerprint)
-from .records import (RecordError, check_resume, checked, prompt_and_completion, read_records, record_writer, titok)
+from .records import (RecordError, check_resume, checked, prompt_and_completion, read_records, record_writer, titok,
+                      unique_ids)
 
 log = logging.getLogger("titok.score")
 
@@ -65,7 +66,7 @@ def score_records(pairs, model, tokenizer, *, chat_template=True, max_length=768
         try:
             enc = encode(tokenizer, messages, completion, chat_template, max_length)
         except FormatError as e:
-            raise RecordError(where, "completion", str(e))
+            raise record_error(where, record, e)
         if enc.positions[0] == 0:
             raise RecordError(where, "prompt", "nothing precedes the completion, so its first token cannot be scored")
         return enc
@@ -162,7 +163,8 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
     started = time.time()
     with (record_writer(output, resume, keep_partial=True) as writer,
           tqdm(desc="titok-score", unit="rec", mininterval=1) as progress):
-        pairs = ((w, r) for i, (w, r) in enumerate(read_records(input, skip_invalid, counts)) if cli.in_shard(i, shard))
+        pairs = ((w, r) for i, (w, r) in enumerate(unique_ids(read_records(input, skip_invalid, counts)))
+                 if cli.in_shard(i, shard))
         for record in score_records(pairs, lm, tokenizer, chat_template=not no_chat_template, max_length=max_length,
                                     batch_tokens=batch_tokens, window=window, source=source,
                                     skip_invalid=skip_invalid, counts=counts, progress=progress,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import cli
-from .formatting import FormatError, encode
+from .formatting import FormatError, encode, record_error
 from .models import (DTYPES, base_model_name, decoder_and_head, load_model, load_tokenizer, predicting_hidden, project_logits,
                      resolve_device, resolve_dtype, right_padded, tokenizer_fingerprint)
 from .records import RecordError, check_writable, checked, not_kept, prompt_and_completion, read_records, spooled, titok_part
@@ -80,7 +80,7 @@ def make_example(record, where, tokenizer, *, fingerprint, model, all_tokens, tr
     try:
         enc = encode(tokenizer, messages, completion, chat_template, max_length)
     except FormatError as e:
-        raise RecordError(where, "completion", str(e))
+        raise record_error(where, record, e)
     if all_tokens:
         weights = [1.0] * len(enc.positions)
     else:
