@@ -201,7 +201,7 @@ def canned_gen(monkeypatch, tiny_llama, seed_file, tmp_path, *extra):
 
 
 def test_sampling_defaults_are_the_spec(tiny_llama, seed_file, tmp_path, monkeypatch):
-    # SPEC A8 with no sampling option given: queries sampled at temperature 1.0, top-p 0.9, 200
+    # docs/design.md, Generation, with no sampling option given: queries sampled at temperature 1.0, top-p 0.9, 200
     # new tokens; labels greedy; ROUGE-L threshold 0.7; 3 exemplars per query prompt.
     calls, thresholds = canned_gen(monkeypatch, tiny_llama, seed_file, tmp_path)
     queries, labels = calls
@@ -471,7 +471,7 @@ def test_empty_labels_are_dropped(seed_file):
 
 def test_a_query_dropped_for_its_empty_label_rules_out_no_other(seed_file):
     """Dedup is against the kept queries: a near-duplicate in the same round of a query whose
-    label came back empty is kept (SPEC A8), and one of a kept query is not."""
+    label came back empty is kept (docs/design.md, Generation), and one of a kept query is not."""
     seeds = load_seeds(seed_file, 3)
     replies = ["Input: Which team does Naomi Osaka play for in the league?",
                "Input: Which team does Naomi Osaka play for in this league?",
@@ -533,7 +533,7 @@ def test_dedup_matches_rouge_score(pool_texts, text, threshold):
 
 
 def test_dedup_threshold_is_inclusive():
-    # SPEC A8 keeps a query only when F < 0.7: F exactly 0.7 (7 of 10 words in order, both
+    # docs/design.md, Generation: a query is kept only when F < 0.7: F exactly 0.7 (7 of 10 words in order, both
     # lengths 10) is a duplicate. Just below: 11 words sharing 8 with the pool text but, with
     # "two one" swapped, only 7 in order, so F = 2*7/(10+11) = 0.667 is scored, and kept.
     kept = "one two three four five six seven eight nine ten"

@@ -23,7 +23,7 @@ log = logging.getLogger("titok.eval")
 
 
 class Metrics:
-    """Running means of exact match, ROUGE-1 F and ROUGE-L F (stemmed, as in SPEC item 8)."""
+    """Running means of exact match, ROUGE-1 F and ROUGE-L F (stemmed, as in docs/design.md, Evaluation)."""
 
     def __init__(self):
         from rouge_score import rouge_scorer
