@@ -86,7 +86,7 @@ def write_scored(path, source, texts, k=0.7):
             f.write(dumps(record))
 
 
-# --- the paper's dual-pointer alignment (SPEC Part B section 5), the baseline ----------------
+# --- the paper's dual-pointer alignment (docs/design.md, Alignment), the baseline ---------
 
 def norm(s):
     return s.strip().replace(" ", "").replace("\n", "").replace("\t", "")

@@ -40,7 +40,7 @@ def test_float_options_refuse_nan_and_inf(name, option, value):
 
 
 def test_max_length_is_768_wherever_a_record_is_tokenized():
-    # SPEC A7: prompt and completion caps of the official code; the stages must agree, or a mask
+    # docs/design.md, Defaults: prompt and completion caps of the official code; the stages must agree, or a mask
     # made by one does not fit the tokens of the next
     defaults = {name: p.default for name, module in COMMANDS.items()
                 for p in importlib.import_module(f"titok_tools.{module}").main.params if p.name == "max_length"}

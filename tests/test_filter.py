@@ -248,7 +248,7 @@ def test_align_rejects_k_auto_and_help_shows_it(tmp_path):
 # --- the selection rule itself, against a plain-Python reference ----------------------------------
 
 def reference_mask(scores, k):
-    """SPEC Part A item 4 by hand: max(1, floor(k*n)) of the n scored tokens, highest first, ties
+    """docs/design.md, Selection, by hand: max(1, floor(k*n)) of the n scored tokens, highest first, ties
     to the earlier token; unscored (None) tokens never."""
     ranked = sorted((-s, i) for i, s in enumerate(scores) if s is not None)
     n = max(1, math.floor(k * len(ranked) + 1e-9)) if ranked else 0
@@ -314,7 +314,7 @@ def test_mean_excess_must_be_a_number(tmp_path, mean, shown):
 
 
 def test_defaults_are_the_papers_k_and_a_2x_pool(tmp_path):
-    # SPEC A4: k = 0.7, M = 0.5 of the input (the 2x pool), per sample
+    # docs/design.md, Selection: k = 0.7, M = 0.5 of the input (the 2x pool), per sample
     records = [scored(f"r{i}", [float(j % 5) - i for j in range(10)]) for i in range(5)]  # 0.5 of 5: 2
     out, _ = run(records, tmp_path=tmp_path)
     assert [r["id"] for r in out] == ["r0", "r1"]

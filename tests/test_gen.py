@@ -19,6 +19,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 from rouge_score import rouge_scorer
 
 from conftest import interrupt, read_jsonl, write_jsonl
+from record_contract import file_problems
 from titok_tools import gen
 from titok_tools.gen import GenSettings, RougeDedup, generate_records, load_seeds, load_template, main
 
@@ -103,13 +104,8 @@ def test_real_queries_count_dedup_and_labels(real_runs):
     assert "kept 6 queries; rejected" in real_runs["log"]
 
 
-def test_real_records_pass_the_record_checker(real_runs, tmp_path):
-    checker = "/work/shared/check-records"
-    if not os.path.exists(checker):
-        pytest.skip("the shared record checker is not on this machine")
-    path = write_jsonl(tmp_path / "out.jsonl", real_runs["full"])
-    check = subprocess.run([sys.executable, checker, path], capture_output=True, text=True)
-    assert check.returncode == 0, check.stdout + check.stderr
+def test_real_records_keep_the_record_contract(real_runs, tmp_path):
+    assert file_problems(write_jsonl(tmp_path / "out.jsonl", real_runs["full"])) == []
 
 
 def test_real_resume_equals_uninterrupted(real_runs):
@@ -223,7 +219,7 @@ def canned_gen(monkeypatch, tiny_llama, seed_file, tmp_path, *extra):
 
 
 def test_sampling_defaults_are_the_spec(tiny_llama, seed_file, tmp_path, monkeypatch):
-    # SPEC A8 with no sampling option given: queries sampled at temperature 1.0, top-p 0.9, 200
+    # docs/design.md, Generation, with no sampling option given: queries sampled at temperature 1.0, top-p 0.9, 200
     # new tokens; labels greedy; ROUGE-L threshold 0.7; 3 exemplars per query prompt.
     calls, thresholds = canned_gen(monkeypatch, tiny_llama, seed_file, tmp_path)
     queries, labels = calls
@@ -521,7 +517,7 @@ def test_empty_labels_are_dropped(seed_file):
 
 def test_a_query_dropped_for_its_empty_label_rules_out_no_other(seed_file):
     """Dedup is against the kept queries: a near-duplicate in the same round of a query whose
-    label came back empty is kept (SPEC A8), and one of a kept query is not."""
+    label came back empty is kept (docs/design.md, Generation), and one of a kept query is not."""
     seeds = load_seeds(seed_file, 3)
     replies = ["Input: Which team does Naomi Osaka play for in the league?",
                "Input: Which team does Naomi Osaka play for in this league?",
@@ -583,7 +579,7 @@ def test_dedup_matches_rouge_score(pool_texts, text, threshold):
 
 
 def test_dedup_threshold_is_inclusive():
-    # SPEC A8 keeps a query only when F < 0.7: F exactly 0.7 (7 of 10 words in order, both
+    # docs/design.md, Generation: a query is kept only when F < 0.7: F exactly 0.7 (7 of 10 words in order, both
     # lengths 10) is a duplicate. Just below: 11 words sharing 8 with the pool text but, with
     # "two one" swapped, only 7 in order, so F = 2*7/(10+11) = 0.667 is scored, and kept.
     kept = "one two three four five six seven eight nine ten"

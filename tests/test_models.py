@@ -142,7 +142,7 @@ def test_trained_adapter_from_a_relative_dir_loads_anywhere(tiny_llama, tmp_path
 
 
 def test_log_probs_of_a_bfloat16_model_are_a_float32_log_softmax(tiny_llama):
-    # SPEC A3: the model may run in bf16, its log-softmax runs in float32 (in bf16 a log-prob
+    # docs/design.md, Excess: the model may run in bf16, its log-softmax runs in float32 (in bf16 a log-prob
     # keeps 8 bits of mantissa: excess, a difference of two, would be mostly rounding)
     model = load_model(tiny_llama, dtype="bfloat16", device="cpu")
     body, head = models.decoder_and_head(model)

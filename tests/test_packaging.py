@@ -1,6 +1,8 @@
-"""The installed package (a wheel, not the source tree) carries what the commands read."""
+"""The installed package (a wheel, not the source tree) carries what the commands read; the source
+tree's citations of the design notes (docs/design.md) name sections that exist."""
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,3 +43,46 @@ def test_wheel_ships_the_templates_and_finds_them(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(tmp_path / "site" / "titok_tools" / "templates" / f"query-{n}.txt")
                                    for n in ("default", "multiple-choice")]
+
+
+DESIGN_SECTIONS = ["Formatting", "Completion tokens", "Excess", "Selection", "Alignment", "Target loss", "Defaults",
+                   "Generation", "Evaluation", "Records"]
+CITATION = re.compile(r"docs/design\.md, ([^).,;:\n]*)")  # one section, or several joined by " and "
+OLD_REFERENCES = re.compile(r"\bS" r"PEC\b|(/work|\.\.)/sh" r"ared/")  # spelled apart: this file must not match itself
+UNTRACKED = {"models", "work", "build", "__pycache__"}  # downloads and outputs (.gitignore), not the source
+
+
+def source_text_files():
+    for top, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in UNTRACKED and not d.endswith(".egg-info")
+                   and os.path.join(top, d) != os.path.join(ROOT, "data", "bigbench")]
+        for name in files:
+            if name.endswith((".py", ".md", ".txt", ".jinja", ".ini", ".cfg", ".toml")) or name == "Makefile" \
+                    or os.path.basename(top) == "bin":
+                yield os.path.join(top, name)
+
+
+def test_the_design_notes_have_their_sections():
+    text = open(os.path.join(ROOT, "docs", "design.md"), encoding="utf-8").read()
+    assert re.findall(r"^## (.+?)\s*$", text, re.M) == DESIGN_SECTIONS
+
+
+def test_citations_name_sections_of_the_design_notes_and_nothing_else():
+    """Every citation of a section of docs/design.md names one that exists, and no file cites the
+    design reference the notes replaced or points outside the repository."""
+    cited, wrong, old = set(), [], []
+    for path in source_text_files():
+        where = os.path.relpath(path, ROOT)
+        for number, line in enumerate(open(path, encoding="utf-8", errors="replace"), 1):
+            for match in CITATION.finditer(line):
+                for name in match.group(1).strip().split(" and "):
+                    if name in DESIGN_SECTIONS:
+                        cited.add(name)
+                    else:
+                        wrong.append(f"{where}:{number}: {name!r}")
+            if OLD_REFERENCES.search(line):
+                old.append(f"{where}:{number}: {line.strip()}")
+    assert wrong == []
+    assert old == []
+    # the scan reaches the package, the tests and the notes' own citations
+    assert {"Formatting", "Completion tokens", "Selection", "Alignment", "Target loss", "Records"} <= cited

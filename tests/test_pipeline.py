@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from conftest import GEMMA_TEMPLATE, ROOT, read_jsonl, run_pipe, write_jsonl
+from record_contract import file_problems
 
 FAST = ["--dtype", "float32", "--device", "cpu"]
 LOOSE_TEMPLATE = "example: Input: {text}\nkeep: all\nmin_words: 1\nallow_cut: yes\n---\n{task_description}\n\n{examples}\n\nInput:"
@@ -42,6 +43,7 @@ def test_all_five_commands_end_to_end(tiny_llama, tiny_gemma, task, tmp_path):
               "--max-new-tokens", "8", "--label-max-new-tokens", "6", "--label-temperature", "1.0", "-o", synthetic])
     generated = read_jsonl(synthetic)
     assert len(generated) == 6 and all(r["completion"].strip() for r in generated)
+    assert file_problems(synthetic) == []
     # 3-5. score | filter | align onto another tokenizer (Gemma's), as one pipe
     out, _, err = run_pipe(["titok-score", "--model", tiny_llama, "--adapter", source_lora, *FAST, synthetic],
                            ["titok-filter", "-k", "0.5", "--keep", "4"],
@@ -54,6 +56,7 @@ def test_all_five_commands_end_to_end(tiny_llama, tiny_gemma, task, tmp_path):
         assert len(target["mask"]) == len(target["token_ids"]) and sum(target["mask"]) >= 1
         assert r["titok_gen"]["adapter"] == str(source_lora)  # fields of earlier stages pass through
     aligned_file = write_jsonl(tmp_path / "aligned.jsonl", aligned)
+    assert file_problems(aligned_file) == []  # every part: source, filter, target
     # 6. the target LoRA on the selected tokens
     run_pipe(["titok-train", "--model", tiny_gemma, *FAST, "--epochs", "1", "--batch-size", "2",
               "--output", target_lora, aligned_file])

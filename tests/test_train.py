@@ -577,7 +577,7 @@ def test_an_output_that_cannot_be_written_fails_before_training(tmp_path):
 
 
 def test_defaults_are_the_official_codes(tiny, tmp_path, monkeypatch):
-    """SPEC A7: with no hyper-parameter flag, the adapter and the run use LoRA r=8, alpha=8,
+    """docs/design.md, Defaults: with no hyper-parameter flag, the adapter and the run use LoRA r=8, alpha=8,
     dropout 0.05 on q_proj,v_proj; AdamW lr 5e-5, weight decay 0.01, warmup 0.1, clip 0.3,
     2 epochs of batch 4; and those values reach the training loop, not only the report."""
     model_dir, tokenizer = tiny

@@ -1,4 +1,4 @@
-"""titok-align: carry token scores from the source tokenizer onto the target's (SPEC Part A item 5).
+"""titok-align: carry token scores from the source tokenizer onto the target's (docs/design.md, Alignment).
 
 Both tokenizations cover the same completion string, and both store each token's character span
 in it. A target token's score is the mean of the source excess values of the source tokens whose
@@ -113,7 +113,7 @@ def overlap_ranges(source_offsets, target_offsets, length):
 def align_values(source_offsets, values, target_offsets, length, groups=False):
     """The source values carried onto the target spans; None where no source token overlaps.
 
-    Default (SPEC Part A item 5): each target token gets the mean of the source values whose
+    Default (docs/design.md, Alignment): each target token gets the mean of the source values whose
     spans overlap it. groups=True (the paper's alignment, used for --from mask): overlapping
     tokens chain into groups that end where both tokenizations share a boundary (the paper
     grows both spans until their texts match), and every target token of a group gets the mean

@@ -35,8 +35,8 @@ log = logging.getLogger("titok.eval")
 
 
 class Metrics:
-    """Running means of exact match, ROUGE-1 F and ROUGE-L F (stemmed, as in SPEC item 8), and
-    with choices=True of the multiple-choice accuracies over the records that have options."""
+    """Running means of exact match, ROUGE-1 F and ROUGE-L F (stemmed, as in docs/design.md, Evaluation),
+    and with choices=True of the multiple-choice accuracies over the records that have options."""
 
     def __init__(self, choices=False):
         from rouge_score import rouge_scorer

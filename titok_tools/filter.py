@@ -1,6 +1,6 @@
 """titok-filter: keep the top-M samples by mean excess, then the top-k tokens inside them.
 
-SPEC Part A item 4. Ranking needs every sample's mean excess before the first record can be
+docs/design.md, Selection. Ranking needs every sample's mean excess before the first record can be
 written, so the input is read twice (stdin is spooled to a temp file): pass one keeps only one
 float per record, pass two streams the records out in input order with their token masks.
 """

@@ -1,4 +1,4 @@
-"""One formatting function for every stage (SPEC Part A items 1-2).
+"""One formatting function for every stage (docs/design.md, Formatting and Completion tokens).
 
 A record's prompt (user turn or message list) and completion (assistant turn) are rendered with
 the tokenizer's own chat template, or as plain `prompt + completion + eos` when it has none (or

@@ -1,4 +1,4 @@
-"""titok-gen: synthetic task data from the source expert (SPEC Part A item 8, Part B section 2).
+"""titok-gen: synthetic task data from the source expert (docs/design.md, Generation).
 
 Two modes:
 

@@ -1,4 +1,4 @@
-"""Top-k selection, the one rule used by titok-filter and titok-align (SPEC Part A item 4).
+"""Top-k selection, the one rule used by titok-filter and titok-align (docs/design.md, Selection).
 
 Keep max(1, floor(k * n)) of the n scored tokens with the highest score; ties go to the earlier
 token. Tokens whose score is None (no source token overlaps them) are never selected and do not

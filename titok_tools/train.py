@@ -1,6 +1,6 @@
 """titok-train: a fresh LoRA on the target base, trained only on the selected tokens.
 
-    loss = sum_i m_i * CE_i / sum_i m_i      (SPEC Part A item 6)
+    loss = sum_i m_i * CE_i / sum_i m_i      (docs/design.md, Target loss)
 
 over every selected token of an optimizer step: token-weighted across the micro-batches of
 gradient accumulation and across processes, so a step's loss does not depend on how its records

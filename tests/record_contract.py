@@ -1,0 +1,425 @@
+"""The record contract (README, "Record format"; docs/design.md, Records) as a checker for tests.
+
+problems(record) lists every way one record breaks the contract, file_problems(path) does so for a
+JSON lines file ("path:line: problem"). It checks the structure and the relations between fields
+(keys, lengths, spans inside the completion and in order, 0/1 masks that pick the top tokens,
+excess = logp_expert - logp_base, mean_excess, coverage, null scores where no source token
+overlaps), not whether the numbers are right: the stages' own tests compare those with
+independent references. It is written apart from the package on purpose, a second reading of
+the contract, so it imports nothing from titok_tools.
+
+    python tests/record_contract.py FILE.jsonl [...]   prints the problems, exits 1 if any
+"""
+import json
+import math
+import re
+import sys
+
+SOURCE_KEYS = ("model", "adapter", "adapter_sha256", "tokenizer", "token_ids", "offsets", "logp_expert", "logp_base",
+               "excess", "mean_excess", "truncated")
+FILTER_KEYS = ("k", "keep", "scope", "rank", "kept")
+FILTER_EXTRAS = ("k_auto", "rank_by", "seed")  # titok-filter -k auto, --rank-by random --seed (its --help)
+TARGET_KEYS = ("model", "tokenizer", "token_ids", "offsets", "score", "coverage", "truncated", "mask")
+SCOPES = ("sample", "batch", "global")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+# Stored numbers may be rounded (the README's example keeps four decimals): relations between them
+# must hold to 1e-4 of the largest magnitude involved, far less than a wrong formula is off by.
+TOLERANCE = 1e-4
+
+
+def problems(record):
+    """Every way `record` (a parsed JSON value) breaks the contract, as one-line strings naming
+    the field; [] for a good record."""
+    if not isinstance(record, dict):
+        return ["a record must be a JSON object"]
+    found = []
+    completion = completion_of(record, found)
+    titok = record.get("titok")
+    if titok is None:
+        return found
+    if not isinstance(titok, dict):
+        return found + ["titok: must be an object"]
+    unknown = sorted(set(titok) - {"source", "filter", "target"})
+    if unknown:
+        found.append(f"titok: has parts outside the contract (source, filter, target): {quoted(unknown)}")
+    parts = {}
+    for name in ("source", "filter", "target"):
+        if name in titok:
+            if isinstance(titok[name], dict):
+                parts[name] = titok[name]
+            else:
+                found.append(f"titok.{name}: must be an object")
+    if completion is None:
+        return found  # spans cannot be checked without the completion they point into
+    source, settings, target = parts.get("source"), parts.get("filter"), parts.get("target")
+    if source is not None:
+        source_problems(source, completion, found)
+    if settings is not None:
+        filter_problems(settings, source, found)
+    elif source is not None and "mask" in source:
+        found.append("titok.source.mask: present without titok.filter (titok-filter adds both)")
+    if target is not None:
+        target_problems(target, completion, source, settings, found)
+    return found
+
+
+def completion_of(record, found):
+    """The completion string ("completion", or the last message of "messages"), or None after
+    noting why there is none."""
+    if "completion" in record:
+        if not isinstance(record["completion"], str):
+            found.append("completion: must be a string")
+            return None
+        if "prompt" not in record:
+            found.append("prompt: missing")
+        elif not (isinstance(record["prompt"], str) or is_messages(record["prompt"])):
+            found.append("prompt: must be a string or a list of {role, content} messages")
+        return record["completion"]
+    if "messages" in record:
+        messages = record["messages"]
+        if not is_messages(messages):
+            found.append("messages: must be a list of {role, content} messages")
+        elif len(messages) < 2 or messages[-1]["role"] != "assistant":
+            found.append("messages: the last message must be the assistant's completion, after a prompt")
+        else:
+            return messages[-1]["content"]
+        return None
+    found.append("completion: missing (need prompt + completion, or messages)")
+    return None
+
+
+def is_messages(value):
+    return isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                           and isinstance(m.get("content"), str) for m in value)
+
+
+# --- the parts -------------------------------------------------------------------------------
+
+def source_problems(source, completion, found):
+    keys_problems("titok.source", source, SOURCE_KEYS, ("mask",), found)
+    text_field(source, "titok.source", "model", found)
+    text_field(source, "titok.source", "adapter", found)
+    if "adapter_sha256" in source and not (isinstance(source["adapter_sha256"], str)
+                                           and SHA256.fullmatch(source["adapter_sha256"])):
+        found.append("titok.source.adapter_sha256: must be 64 lowercase hex digits")
+    fingerprint_field(source, "titok.source", found)
+    truncated = flag_field(source, "titok.source", "truncated", found)
+    n = token_ids_problems(source, "titok.source", found)
+    spans = spans_problems(source.get("offsets"), completion, truncated, "titok.source.offsets", found)
+    lists = {}
+    for key in ("logp_expert", "logp_base", "excess"):
+        lists[key] = numbers_field(source, "titok.source", key, n, found)
+    for key in ("logp_expert", "logp_base"):
+        if lists[key] is not None and any(v > 0 for v in lists[key]):
+            found.append(f"titok.source.{key}: holds a value above 0, not a log-probability")
+    if spans is not None and n is not None and len(spans) != n:
+        found.append(f"titok.source.offsets: {len(spans)} spans for {n} tokens")
+    expert, base, excess = lists["logp_expert"], lists["logp_base"], lists["excess"]
+    if excess is not None and expert is not None and base is not None and len(excess) == len(expert) == len(base):
+        bad = [i for i, (x, e, b) in enumerate(zip(excess, expert, base)) if not close(x, e - b, e, b)]
+        if bad:
+            found.append(f"titok.source.excess: is not logp_expert - logp_base at token {bad[0]} "
+                         f"({excess[bad[0]]} vs {expert[bad[0]] - base[bad[0]]})")
+    if "mean_excess" in source:
+        mean = source["mean_excess"]
+        if not is_number(mean):
+            found.append("titok.source.mean_excess: must be a finite number")
+        elif excess:
+            actual = math.fsum(excess) / len(excess)
+            if not close(mean, actual, *excess):
+                found.append(f"titok.source.mean_excess: {mean} is not the mean of excess ({actual:.6g})")
+    if "mask" in source:
+        mask_field(source, "titok.source", n, found)
+
+
+def filter_problems(settings, source, found):
+    keys_problems("titok.filter", settings, FILTER_KEYS, FILTER_EXTRAS, found)
+    if source is None:
+        found.append("titok.filter: present without titok.source (titok-filter reads the source's excess)")
+    k, keep, rank, kept = (settings.get(key) for key in ("k", "keep", "rank", "kept"))
+    k_ok = is_number(k) and 0 < k <= 1
+    if "k" in settings and not k_ok:
+        found.append(f"titok.filter.k: must be a number in (0, 1], not {json.dumps(k)}")
+    if "keep" in settings and not (is_integer(keep) and keep >= 1):
+        found.append(f"titok.filter.keep: must be an integer count of kept samples (M), not {json.dumps(keep)}")
+    if "scope" in settings and settings["scope"] not in SCOPES:
+        found.append(f"titok.filter.scope: must be one of {', '.join(SCOPES)}, not {json.dumps(settings['scope'])}")
+    if "rank" in settings and not (is_integer(rank) and rank >= 1):
+        found.append(f"titok.filter.rank: must be an integer from 1 (the highest mean excess), not {json.dumps(rank)}")
+    if "kept" in settings and not isinstance(kept, bool):
+        found.append(f"titok.filter.kept: must be true or false, not {json.dumps(kept)}")
+    elif isinstance(kept, bool) and is_integer(keep) and is_integer(rank) and kept is not (rank <= keep):
+        found.append(f"titok.filter.kept: is {json.dumps(kept)} for rank {rank} with keep {keep} "
+                     "(the top `keep` ranks are kept)")
+    if "rank_by" in settings and settings["rank_by"] not in ("excess", "random"):
+        found.append(f"titok.filter.rank_by: must be excess or random, not {json.dumps(settings['rank_by'])}")
+    if source is None or not isinstance(kept, bool):
+        return
+    if kept and "mask" not in source:
+        found.append("titok.source.mask: missing, yet titok.filter.kept is true")
+    elif not kept and "mask" in source:
+        found.append("titok.source.mask: present, yet titok.filter.kept is false (a dropped sample has no mask)")
+    mask, excess = source.get("mask"), source.get("excess")
+    if kept and is_mask(mask) and is_numbers(excess) and len(mask) == len(excess):
+        order_problem(mask, excess, "titok.source.mask", "excess", found)
+        if settings.get("scope") == "sample" and k_ok:
+            want = max(1, math.floor(k * len(excess) + 1e-9))
+            if sum(mask) != want:
+                found.append(f"titok.source.mask: selects {sum(mask)} of {len(excess)} tokens; k = {k} in scope "
+                             f"sample selects max(1, floor(k * n)) = {want}")
+
+
+def target_problems(target, completion, source, settings, found):
+    keys_problems("titok.target", target, TARGET_KEYS, (), found)
+    if source is None:
+        found.append("titok.target: present without titok.source (titok-align carries the source's scores)")
+    if settings is not None and settings.get("kept") is False:
+        found.append("titok.target: present on a record titok-filter did not keep")
+    text_field(target, "titok.target", "model", found)
+    fingerprint_field(target, "titok.target", found)
+    truncated = flag_field(target, "titok.target", "truncated", found)
+    n = token_ids_problems(target, "titok.target", found)
+    spans = spans_problems(target.get("offsets"), completion, truncated, "titok.target.offsets", found)
+    if spans is not None and n is not None and len(spans) != n:
+        found.append(f"titok.target.offsets: {len(spans)} spans for {n} tokens")
+    score = target.get("score")
+    if "score" in target:
+        if not (isinstance(score, list) and all(s is None or is_number(s) for s in score)):
+            found.append("titok.target.score: must be a list of numbers or nulls, one per token")
+            score = None
+        elif n is not None and len(score) != n:
+            found.append(f"titok.target.score: {len(score)} values for {n} tokens")
+            score = None
+    if "coverage" in target:
+        coverage = target["coverage"]
+        if not (is_number(coverage) and 0 <= coverage <= 1):
+            found.append(f"titok.target.coverage: must be a number in [0, 1], not {json.dumps(coverage)}")
+        elif score:
+            share = sum(s is not None for s in score) / len(score)
+            if abs(coverage - share) > 1e-9:
+                found.append(f"titok.target.coverage: {coverage} is not the share of scored tokens ({share:.6g})")
+    source_spans = valid_spans((source or {}).get("offsets"), completion)
+    if score is not None and spans is not None and source_spans is not None and len(score) == len(spans):
+        for i, (a, b) in enumerate(spans):
+            if score[i] is not None and not any(overlaps(a, b, c, d) for c, d in source_spans):
+                found.append(f"titok.target.score: token {i} [{a}, {b}] has a score, yet no source token overlaps it")
+                break
+    if "mask" in target:
+        mask = mask_field(target, "titok.target", n, found)
+        if mask is not None and score is not None and len(mask) == len(score):
+            if any(m and s is None for m, s in zip(mask, score)):
+                found.append("titok.target.mask: selects a token that has no score")
+            else:
+                scored = [i for i, s in enumerate(score) if s is not None]
+                order_problem([mask[i] for i in scored], [score[i] for i in scored], "titok.target.mask", "score",
+                              found, positions=scored)
+
+
+# --- fields ------------------------------------------------------------------------------------
+
+def keys_problems(name, part, required, extras, found):
+    missing = [k for k in required if k not in part]
+    if missing:
+        found.append(f"{name}: lacks {', '.join(missing)}")
+    unknown = sorted(set(part) - set(required) - set(extras))
+    if unknown:
+        found.append(f"{name}: has keys outside the contract: {quoted(unknown)}")
+
+
+def quoted(keys):
+    return ", ".join(map(json.dumps, keys))  # as JSON strings: a key may hold anything, a newline too
+
+
+def text_field(part, name, key, found):
+    if key in part and not (isinstance(part[key], str) and part[key]):
+        found.append(f"{name}.{key}: must be a non-empty string")
+
+
+def fingerprint_field(part, name, found):
+    value = part.get("tokenizer")
+    if "tokenizer" in part and not (isinstance(value, str) and value.startswith("sha256:")
+                                    and SHA256.fullmatch(value[len("sha256:"):])):
+        found.append(f"{name}.tokenizer: must be a fingerprint, sha256: and 64 lowercase hex digits")
+
+
+def flag_field(part, name, key, found):
+    """The boolean, or None (noted) when it is not one."""
+    if key not in part:
+        return None
+    if not isinstance(part[key], bool):
+        found.append(f"{name}.{key}: must be true or false")
+        return None
+    return part[key]
+
+
+def token_ids_problems(part, name, found):
+    """The number of tokens, or None when token_ids are missing or broken (noted)."""
+    ids = part.get("token_ids")
+    if "token_ids" not in part:
+        return None
+    if not (isinstance(ids, list) and ids and all(is_integer(i) and i >= 0 for i in ids)):
+        found.append(f"{name}.token_ids: must be a non-empty list of token ids (integers from 0)")
+        return None
+    return len(ids)
+
+
+def numbers_field(part, name, key, n, found):
+    """The list of finite numbers, or None (noted when present but broken)."""
+    if key not in part:
+        return None
+    values = part[key]
+    if not is_numbers(values):
+        found.append(f"{name}.{key}: must be a list of finite numbers, one per token")
+        return None
+    if n is not None and len(values) != n:
+        found.append(f"{name}.{key}: {len(values)} values for {n} tokens")
+        return None
+    return values
+
+
+def mask_field(part, name, n, found):
+    mask = part["mask"]
+    if not is_mask(mask):
+        found.append(f"{name}.mask: must be a list of 0 and 1, one per token")
+        return None
+    if n is not None and len(mask) != n:
+        found.append(f"{name}.mask: {len(mask)} values for {n} tokens")
+        return None
+    return mask
+
+
+def spans_problems(offsets, completion, truncated, name, found):
+    """The spans as (start, end) pairs, or None (noted) when they break the rules: [start, end)
+    inside the completion, starts and ends in order, every span but one non-empty (a token
+    overlaps the completion), the one empty span being the closing token's [len, len] at the
+    end, there unless the completion was truncated (which cuts the closing token off)."""
+    if offsets is None:
+        return None
+    if not (isinstance(offsets, list) and offsets and all(
+            isinstance(p, list) and len(p) == 2 and all(is_integer(x) for x in p) for p in offsets)):
+        found.append(f"{name}: must be a non-empty list of [start, end] integer pairs")
+        return None
+    spans, length = [tuple(p) for p in offsets], len(completion)
+    for i, (a, b) in enumerate(spans):
+        if a > b:
+            found.append(f"{name}: span {i} [{a}, {b}] ends before it starts")
+            return None
+        if a < 0 or b > length:
+            found.append(f"{name}: span {i} [{a}, {b}] is not inside the completion (length {length})")
+            return None
+    for i in range(1, len(spans)):
+        if spans[i][0] < spans[i - 1][0] or spans[i][1] < spans[i - 1][1]:
+            found.append(f"{name}: span {i} {list(spans[i])} comes before span {i - 1} {list(spans[i - 1])}: "
+                         "not in order")
+            return None
+    empty = [i for i, (a, b) in enumerate(spans) if a == b]
+    if empty and (empty != [len(spans) - 1] or spans[-1] != (length, length)):
+        found.append(f"{name}: span {empty[0]} is empty; only the closing token, last, has the empty span "
+                     f"[{length}, {length}]")
+        return None
+    if truncated is False and not empty:
+        found.append(f"{name}: no closing token (the empty span [{length}, {length}] last), "
+                     "yet truncated is false")
+    elif truncated and empty:
+        found.append(f"{name}: truncated is true, yet the closing token (cut off by truncation) is there")
+    return spans
+
+
+def valid_spans(offsets, completion):
+    """The spans if they pass spans_problems' checks (those are reported once, where they belong)."""
+    return spans_problems(offsets, completion, None, "", []) if offsets is not None else None
+
+
+def overlaps(a, b, c, d):
+    """Whether target span [a, b) and source span [c, d) overlap: they share a character, or both
+    are the closing token's empty span at the same place."""
+    if a == b or c == d:
+        return a == b == c == d
+    return c < b and a < d
+
+
+def order_problem(mask, values, name, what, found, positions=None):
+    """Note if a mask does not pick the highest values: every selected token ranks above every
+    unselected one, by value and then by position (ties go to the earlier token)."""
+    positions = range(len(mask)) if positions is None else positions
+    keys = [(v, -p) for v, p in zip(values, positions)]
+    chosen = [key for key, m in zip(keys, mask) if m]
+    passed = [key for key, m in zip(keys, mask) if not m]
+    if chosen and passed and min(chosen) < max(passed):
+        low, high = min(chosen), max(passed)
+        found.append(f"{name}: selects token {-low[1]} ({what} {low[0]}) over token {-high[1]} ({what} {high[0]}): "
+                     f"not the top tokens by {what}")
+
+
+# --- values ------------------------------------------------------------------------------------
+
+def is_number(x):
+    return type(x) in (int, float) and math.isfinite(x)  # not bool (true/false), not NaN or infinity
+
+
+def is_integer(x):
+    return type(x) is int
+
+
+def is_numbers(values):
+    return isinstance(values, list) and all(is_number(v) for v in values)
+
+
+def is_mask(values):
+    return isinstance(values, list) and all(type(v) is int and v in (0, 1) for v in values)
+
+
+def close(value, expected, *magnitudes):
+    return abs(value - expected) <= TOLERANCE * max([1.0, abs(expected), *map(abs, magnitudes)])
+
+
+# --- files -----------------------------------------------------------------------------------
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def file_problems(path):
+    """Every problem of every record of a JSON lines file, as "path:line: problem"; blank lines
+    are skipped, a line that is not JSON is a problem, and so is a file without records. Across
+    records: titok-filter's ranks are distinct and follow mean excess (1 = the highest)."""
+    found, records, ranked = [], 0, []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            records += 1
+            try:
+                record = json.loads(line, parse_constant=_no_constant)
+            except ValueError as e:
+                found.append(f"{path}:{number}: invalid JSON ({e})")
+                continue
+            record_problems = problems(record)
+            found.extend(f"{path}:{number}: {p}" for p in record_problems)
+            if not record_problems and isinstance(record.get("titok"), dict) and "filter" in record["titok"]:
+                settings = record["titok"]["filter"]
+                if settings.get("rank_by", "excess") == "excess":
+                    ranked.append((settings["rank"], record["titok"]["source"]["mean_excess"], number))
+    ranked.sort(key=lambda item: (item[0], item[2]))  # by rank, then line
+    for (rank, mean, number), (next_rank, next_mean, next_number) in zip(ranked, ranked[1:]):
+        if rank == next_rank:
+            found.append(f"{path}:{next_number}: titok.filter.rank: {rank} again (line {number} has it)")
+        elif mean < next_mean:
+            found.append(f"{path}:{next_number}: titok.filter.rank: {next_rank} for mean excess {next_mean}, above "
+                         f"rank {rank}'s {mean} (line {number}): ranks follow mean excess, highest first")
+    if not records:
+        found.append(f"{path}: no records")
+    return found
+
+
+def main(paths):
+    found = [p for path in paths for p in file_problems(path)]
+    for p in found:
+        print(p)
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python tests/record_contract.py FILE.jsonl [...]")
+    sys.exit(main(sys.argv[1:]))
