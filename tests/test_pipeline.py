@@ -61,7 +61,9 @@ def test_all_five_commands_end_to_end(tiny_llama, tiny_gemma, task, tmp_path):
     run_pipe(["titok-train", "--model", tiny_gemma, *FAST, "--epochs", "1", "--batch-size", "2",
               "--output", target_lora, aligned_file])
     info = json.loads((target_lora / "titok_train.json").read_text())
-    assert info["tokens_trained"] == sum(sum(r["titok"]["target"]["mask"]) for r in aligned)  # one epoch
+    # one epoch: the selected tokens, and each completion's closing token (trained by default)
+    masks = [r["titok"]["target"]["mask"] for r in aligned]
+    assert info["tokens_trained"] == sum(sum(m[:-1]) + 1 for m in masks)
     # 7. evaluation
     metrics = tmp_path / "metrics.json"
     out, _, _ = run_pipe(["titok-eval", "--model", tiny_gemma, "--adapter", target_lora, *FAST, "--max-new-tokens", "4",

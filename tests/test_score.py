@@ -117,7 +117,7 @@ def test_pipe_score_into_filter(tiny_llama, tiny_llama_lora, tmp_path):
 
 
 def test_closed_pipe_ends_quietly(tiny_llama, tiny_llama_lora, tmp_path):
-    data = write_jsonl(tmp_path / "in.jsonl", RECORDS * 30)
+    data = write_jsonl(tmp_path / "in.jsonl", [dict(r, id=f"{r['id']}-{i}") for i in range(30) for r in RECORDS])
     out, rc, err = run_pipe(["titok-score", "--model", tiny_llama, "--adapter", tiny_llama_lora, "--window", "4", data],
                             ["head", "-n", "1"])
     assert rc == 0 and len(read_jsonl(out)) == 1 and "Traceback" not in err
