@@ -350,13 +350,18 @@ BEFORE_ARM = {"titok-no-closing": "titok-k0.3", "titok-k0.3": "titok-closing"}
 SUMMARY_ARMS = ["vanilla", "kd", "titok-k1.0", "titok-no-closing", "titok-k0.3", "ceiling"]
 
 
+def arm_paths(out, task, pair, arm, seeds):
+    """The metrics files of an arm on a task: one per seed (vanilla: one, greedy and seedless)."""
+    if arm == "vanilla":
+        return [os.path.join(out, task, pair, "vanilla.json")]
+    return [os.path.join(out, task, pair, f"s{s}", f"{arm}.json") for s in seeds]
+
+
 def task_means(out, tasks, seeds, pair, arm):
     """(mean over tasks of the per-task means over seeds, tasks with a result); None when none has."""
     means = []
     for task in tasks:
-        paths = ([os.path.join(out, task, pair, "vanilla.json")] if arm == "vanilla" else
-                 [os.path.join(out, task, pair, f"s{s}", f"{arm}.json") for s in seeds])
-        means.append(cell([read_metric(p) for p in paths])[1])
+        means.append(cell([read_metric(p) for p in arm_paths(out, task, pair, arm, seeds)])[1])
     found = [m for m in means if m is not None]
     return (statistics.fmean(found), len(found)) if found else None
 
@@ -365,14 +370,14 @@ def before_and_after(args):
     """The headline arms beside an earlier study's (--before), each a mean over the tasks that have it."""
     lines = ["## Before and after\n",
              f"Mean exact match (%) over the tasks that have the arm (how many in brackets), this study beside "
-             f"`{os.path.relpath(args.before, ROOT)}` (M = 64 of a pool of 128, the queries and defaults of then).\n"]
+             f"`{os.path.relpath(args.before, ROOT)}` (an earlier study, run with the settings its own report states).\n"]
     for pair in ("gemma", "smollm2"):
         rows = []
         for arm in SUMMARY_ARMS:
             then = task_means(args.before, args.tasks, args.seeds, pair, BEFORE_ARM.get(arm, arm))
             now = task_means(args.results, args.tasks, args.seeds, pair, arm)
             if then or now:
-                shown = [f"{100 * m:.1f} ({n} tasks)" if (m, n) != (None, None) else "" for m, n in (then or (None, None), now or (None, None))]
+                shown = [f"{100 * result[0]:.1f} ({result[1]} tasks)" if result else "" for result in (then, now)]
                 rows.append(f"| {pair} | {ROW_NAMES[arm]} | {shown[0]} | {shown[1]} |")
         if rows:
             lines += ["| pair | arm | before | now |", "|---|---|---:|---:|", *rows, ""]
@@ -386,8 +391,7 @@ def choice_table(args):
         for arm in SUMMARY_ARMS:
             cells = []
             for task in args.tasks:
-                paths = ([os.path.join(args.results, task, pair, "vanilla.json")] if arm == "vanilla" else
-                         [os.path.join(args.results, task, pair, f"s{s}", f"{arm}.json") for s in args.seeds])
+                paths = arm_paths(args.results, task, pair, arm, args.seeds)
                 cells.append(cell([read_metric(p, "choice_accuracy") for p in paths])[0])
             if any(cells):
                 rows.append(f"| {pair} | {ROW_NAMES[arm]} | " + " | ".join(cells) + " |")
@@ -421,10 +425,7 @@ def report(args):
         for arm in arms:
             cells, means = [], []
             for task in tasks:
-                if arm == "vanilla":
-                    paths = [os.path.join(out, task, pair, "vanilla.json")]
-                else:
-                    paths = [os.path.join(out, task, pair, f"s{s}", f"{arm}.json") for s in args.seeds]
+                paths = arm_paths(out, task, pair, arm, args.seeds)
                 text, mean = cell([read_metric(p) for p in paths])
                 cells.append(text)
                 means.append(mean)

@@ -263,13 +263,13 @@ def token_ids_problems(part, name, found):
     return len(ids)
 
 
-def numbers_field(part, name, key, n, found):
-    """The list of finite numbers, or None (noted when present but broken)."""
+def numbers_field(part, name, key, n, found, valid=None, what="finite numbers"):
+    """The list of `what` (is_numbers, or `valid`), one per token, or None (noted when present but broken)."""
     if key not in part:
         return None
     values = part[key]
-    if not is_numbers(values):
-        found.append(f"{name}.{key}: must be a list of finite numbers, one per token")
+    if not (valid or is_numbers)(values):
+        found.append(f"{name}.{key}: must be a list of {what}, one per token")
         return None
     if n is not None and len(values) != n:
         found.append(f"{name}.{key}: {len(values)} values for {n} tokens")
@@ -278,14 +278,7 @@ def numbers_field(part, name, key, n, found):
 
 
 def mask_field(part, name, n, found):
-    mask = part["mask"]
-    if not is_mask(mask):
-        found.append(f"{name}.mask: must be a list of 0 and 1, one per token")
-        return None
-    if n is not None and len(mask) != n:
-        found.append(f"{name}.mask: {len(mask)} values for {n} tokens")
-        return None
-    return mask
+    return numbers_field(part, name, "mask", n, found, is_mask, "0 and 1")
 
 
 def spans_problems(offsets, completion, truncated, name, found):
