@@ -6,6 +6,7 @@ scripted backend (a list of replies) drives the retry and dedup logic case by ca
 """
 import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def test_real_queries_count_dedup_and_labels(real_runs):
         assert meta["adapter"] == real_runs["adapter"] and meta["seed"] == 7
         assert len(meta["shots"]) == 3 and len(set(meta["shots"])) == 3
         assert set(meta["shots"]) <= {f"s{i}" for i in range(6)}
-    assert "kept 6 queries; rejected" in real_runs["log"]
+    assert re.search(r"kept 6 queries; on-format \d+% of the \d+ read \('following sentence plausible\?'", real_runs["log"])
 
 
 def test_real_records_keep_the_record_contract(real_runs, tmp_path):
@@ -118,7 +119,8 @@ def test_real_resume_equals_uninterrupted(real_runs):
 
 def tiny_gen(tiny_llama, seed_file, template, *extra):
     return ["--model", tiny_llama, "--dtype", "float32", "--device", "cpu", "--seed-examples", seed_file,
-            "--template", template, "--max-new-tokens", 8, "--label-max-new-tokens", 6, "--label-temperature", 1.0, *extra]
+            "--template", template, "--max-new-tokens", 8, "--label-max-new-tokens", 6, "--label-temperature", 1.0,
+            "--no-shape-check", *extra]  # random tokens never have the seeds' shape
 
 
 def test_same_seed_same_file_other_seed_other_file(tiny_llama, seed_file, loose_template, tmp_path):
@@ -184,9 +186,9 @@ def test_options_reach_the_generator(tiny_llama, seed_file, loose_template, tmp_
     calls = []
     real = gen.HfBackend.complete
 
-    def spy(self, prompts, max_new_tokens, temperature, top_p, seed):
+    def spy(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False):
         calls.append((len(prompts), max_new_tokens, temperature, top_p))
-        return real(self, prompts, max_new_tokens, temperature, top_p, seed)
+        return real(self, prompts, max_new_tokens, temperature, top_p, seed, plain)
 
     monkeypatch.setattr(gen.HfBackend, "complete", spy)
     invoke([*tiny_gen(tiny_llama, seed_file, loose_template, "--num", 3, "--batch-size", 4, "--temperature", 0.8,
@@ -202,9 +204,10 @@ def canned_gen(monkeypatch, tiny_llama, seed_file, tmp_path, *extra):
     the backend calls (their prompts and sampling settings) and the dedup thresholds used."""
     calls, thresholds = [], []
 
-    def complete(self, prompts, max_new_tokens, temperature, top_p, seed):
-        calls.append({"prompts": [p[-1]["content"] for p in prompts], "settings": (max_new_tokens, temperature, top_p)})
-        return ["Input: Who won the 1998 World Cup final in France?"] * len(prompts)
+    def complete(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False):
+        calls.append({"prompts": [p[-1]["content"] for p in prompts], "settings": (max_new_tokens, temperature, top_p),
+                      "plain": plain})
+        return ['Is the following sentence plausible? "Zinedine Zidane won the 1998 World Cup final."'] * len(prompts)
 
     class Recording(RougeDedup):
         def __init__(self, threshold):
@@ -228,6 +231,8 @@ def test_sampling_defaults_are_the_spec(tiny_llama, seed_file, tmp_path, monkeyp
     assert thresholds and set(thresholds) == {0.7}
     assert all(sum(s in p for s in SPORTS) == 3 for p in queries["prompts"])
     assert len(read_jsonl(tmp_path / "o.jsonl")[0]["titok_gen"]["shots"]) == 3
+    # the continuation template: query prompts are plain documents, labels chat turns
+    assert queries["plain"] and not labels["plain"]
 
 
 def test_seed_chooses_the_exemplars(tiny_llama, seed_file, tmp_path, monkeypatch):
@@ -460,7 +465,7 @@ class Scripted:
     def __init__(self, replies, label="an answer"):
         self.replies, self.label, self.prompts = list(replies), label, []
 
-    def complete(self, prompts, max_new_tokens, temperature, top_p, seed):
+    def complete(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False):
         if temperature > 0:  # query calls sample; label calls are greedy
             self.prompts.extend(p[-1]["content"] for p in prompts)
             return [self.replies.pop(0) if self.replies else "" for _ in prompts]
@@ -474,8 +479,10 @@ class WordTokenizer:
 
 def run_scripted(replies, seeds, num, label="an answer", **kw):
     backend, counts = Scripted(replies, label), {}
-    settings = GenSettings(num=num, batch_size=kw.pop("batch_size", 2), max_new_tokens=50, **kw)
-    records = list(generate_records(backend, WordTokenizer(), load_template("default"), seeds, settings,
+    template = load_template(kw.pop("template", "default"))
+    settings = GenSettings(num=num, batch_size=kw.pop("batch_size", 2), max_new_tokens=50,
+                           shape_check=kw.pop("shape_check", False), **kw)
+    records = list(generate_records(backend, WordTokenizer(), template, seeds, settings,
                                     {"model": "m", "adapter": "a"}, counts=counts))
     return records, counts, backend
 
@@ -641,3 +648,86 @@ def test_vllm_backend_checks_the_adapter_dir_like_the_hf_one(tmp_path, monkeypat
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(click.ClickException, match="adapter_config.json is not valid JSON"):
         VllmBackend("m", str(tmp_path), "auto", False, None, True, 768, 1, 0)
+
+
+# --- the seeds' shape, and the continuation template (docs/design.md, Query shape) ----------------
+
+COUNTING = ["I have a fridge, a chair, and a microwave. How many objects do I have?",
+            "I have a fish, a bear, and a frog. How many animals do I have?",
+            "I have a piano, a flute, and four trombones. How many musical instruments do I have?",
+            "I have a car, and a toaster. How many objects do I have?"]
+COLORS = ["On the desk, I see a red pen and a blue cup. What color is the pen?\nOptions:\n(A) red\n(B) blue",
+          "On the floor, there is a green ball. What color is the ball?\nOptions:\n(A) green\n(B) yellow\n(C) pink"]
+
+
+def test_the_shape_is_the_wording_most_seeds_share():
+    from titok_tools.query_shape import QueryShape
+    shape = QueryShape.from_seeds(COUNTING)
+    # "how many" and "do i have?" in every seed; "i have a" in all four too (trigrams first)
+    assert {" ".join(g) for g in shape.phrases} == {"i have a", "do i have?"}
+    assert shape.fits("I have a lamp and two cats. How many animals do I have?")
+    assert not shape.fits("I have an instrument that I cannot name.")                  # the study's noise
+    assert not shape.fits("A fun way to explore the possibilities of counting objects.")
+    assert not shape.fits("I have a " + "big " * 60 + "lamp. How many objects do I have?")  # over twice the longest
+    sports = QueryShape.from_seeds(SPORTS)
+    assert sports.fits('Is the following sentence plausible? "Kylian Mbappe hit a three pointer."')
+    assert not sports.fits("What sport does Naomi Osaka play?")
+    # fewer than 90% share a trigram: bigrams; none either: only the length
+    loose = QueryShape.from_seeds(["the red cat sat", "the red dog ran", "a blue cat sat down"])
+    assert loose.phrases == frozenset() and loose.fits("some other words here") and not loose.fits("x")
+
+
+def test_multiple_choice_seeds_need_an_options_block():
+    from titok_tools.query_shape import QueryShape
+    shape = QueryShape.from_seeds(COLORS)
+    assert shape.options and shape.describe() == "an Options: block"
+    assert shape.fits("On the bed, there is a grey sock. What color is the sock?\nOptions:\n(A) grey\n(B) teal")
+    assert not shape.fits("On the bed, there is a grey sock. What color is the sock?")
+
+
+def test_off_shape_queries_are_counted_and_rejected_unless_no_shape_check(seed_file):
+    seeds = load_seeds(seed_file, 3)
+    replies = ["Input: What sport does Naomi Osaka play?",
+               'Input: Is the following sentence plausible? "Kylian Mbappe hit a three pointer."',
+               'Input: Is the following sentence plausible? "Sidney Crosby threw a touchdown pass."']
+    records, counts, _ = run_scripted(replies, seeds, 2, shape_check=True)
+    assert [r["prompt"] for r in records] == [q[7:] for q in replies[1:]]
+    # format: the off-shape query, and the round's second slot once the script ran out ("")
+    assert counts["format"] == 2 and counts["parsed"] == 3 and counts["on_format"] == 2
+    records, counts, _ = run_scripted(replies, seeds, 2, shape_check=False)
+    assert [r["prompt"] for r in records] == [q[7:] for q in replies[:2]]
+    assert counts["format"] == 0 and counts["parsed"] == 2 and counts["on_format"] == 1
+
+
+def test_the_continuation_template_is_a_plain_document_read_up_to_the_next_input(seed_file):
+    t = load_template("continuation")
+    assert t.turn == "none"
+    prompt = t.prompt("Count.", ["I have a cat. How many animals do I have?", "I have a pen. How many objects do I have?"])
+    assert prompt == ("Count.\n\nInput: I have a cat. How many animals do I have?\n\n"
+                      "Input: I have a pen. How many objects do I have?\n\nInput:")
+    reply = "I have a dog and a cow. How many animals do I have?\n\nInput: I have a lamp. How"
+    assert t.parse(reply, used_whole_budget=True) == ("I have a dog and a cow. How many animals do I have?", None)
+    assert t.parse("I have a dog and a cow, and a", used_whole_budget=True)[0] is None  # cut off
+    assert t.parse("I have a dog and a cow.\nOutput: 2") == ("I have a dog and a cow.", None)
+    # the backend is asked for plain documents (no chat template) for the queries only, not the labels
+    seeds = load_seeds(seed_file, 3)
+    asked = []
+
+    class Recording(Scripted):
+        def complete(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False):
+            asked.append(plain)
+            return super().complete(prompts, max_new_tokens, temperature, top_p, seed)
+
+    backend = Recording(['Is the following sentence plausible? "Kylian Mbappe hit a three pointer."\n\nInput: Is'] * 2)
+    records = list(generate_records(backend, WordTokenizer(), t, seeds, GenSettings(num=1, batch_size=2),
+                                    {"model": "m", "adapter": "a"}))
+    assert records[0]["prompt"] == 'Is the following sentence plausible? "Kylian Mbappe hit a three pointer."'
+    assert asked == [True, False]
+    assert backend.prompts[0].endswith("\n\nInput:") and backend.prompts[0].count("Input: Is the following") == 3
+
+
+def test_a_template_turn_must_be_chat_or_none(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("turn: maybe\n---\n{examples}")
+    with pytest.raises(click.ClickException, match="turn must be chat or none"):
+        load_template(str(path))

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from . import cli
 from .formatting import check_prompt
+from .query_shape import OPTIONS_HEADER, QueryShape, question_with_options
 from .records import (RecordError, check_resume, checked, is_done, prompt_messages, read_records, read_text, record_writer,
                       unique_ids)
 
@@ -174,11 +175,9 @@ DEFAULT_LABEL = r"(?:new |another )?(?:input|question|query)(?: \d+)?"
 DEFAULT_END = r"(?:output|answer)(?: \d+)?"
 DEFAULT_PREAMBLE = r"(?:sure|here|of course|okay|ok|certainly|great)\b.*:"
 SETTINGS = {"example": "Input: {text}", "label": DEFAULT_LABEL, "end": DEFAULT_END, "preamble": DEFAULT_PREAMBLE,
-            "keep": "paragraph", "compare": "query", "min_words": "3", "allow_cut": "no"}
+            "keep": "paragraph", "compare": "query", "min_words": "3", "allow_cut": "no", "turn": "chat"}
 PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 FIELDS = ("task_description", "examples", "shots")
-OPTION_LINE = re.compile(r"^\s*(?:\([A-Za-z]\)|[A-Za-z][.)]|-|\*)\s*\S")
-OPTIONS_HEADER = re.compile(r"(?im)^[ \t*]*options[ \t*]*:[ \t*]*$")
 FENCE_LINE = re.compile(r"(?m)^[ \t]*```[^\n]*\n?")
 
 
@@ -195,6 +194,7 @@ class QueryTemplate:
     compare: str
     min_words: int
     allow_cut: bool
+    turn: str = "chat"   # chat: the prompt is a user turn; none: a plain document the model continues
     paragraphs: int = 1  # keep: paragraph keeps this many (for_seeds sets it)
 
     def for_seeds(self, texts):
@@ -212,7 +212,14 @@ class QueryTemplate:
     def parse(self, reply, used_whole_budget=False):
         """The query in a model reply, or (None, why) when there is none."""
         text = FENCE_LINE.sub("", reply).strip()
-        labelled = self.label.search(text)
+        closed = False  # the query ends before a next label: it was not cut off by the budget
+        if self.turn == "none":  # the document ended with the label: the reply is the query, up to the next one
+            labelled = self.label.search(text)
+            closed = labelled is not None
+            text = text[:labelled.start()].strip() if closed else text
+            labelled = None
+        else:
+            labelled = self.label.search(text)
         while labelled:  # "New input:\n\nInput: ..." carries two labels
             text = text[labelled.end():].strip()
             labelled = self.label.match(text)
@@ -227,12 +234,12 @@ class QueryTemplate:
             runs_to_end = len(breaks) < self.paragraphs
             query = text.strip() if runs_to_end else text[:breaks[-1].start()].strip()
         elif self.keep == "options":
-            query, runs_to_end = _question_with_options(text)
+            query, runs_to_end = question_with_options(text)
             if query is None:
                 return None, "no Options: block with two or more options"
         else:
             query, runs_to_end = text, True
-        if used_whole_budget and runs_to_end and not ended and not self.allow_cut:
+        if used_whole_budget and runs_to_end and not ended and not closed and not self.allow_cut:
             return None, "cut off by --max-new-tokens"
         if len(query.split()) < self.min_words:
             return None, f"fewer than {self.min_words} words"
@@ -244,22 +251,6 @@ class QueryTemplate:
             m = OPTIONS_HEADER.search(query)
             return query[:m.start()] if m else query
         return query
-
-
-def _question_with_options(text):
-    """(question + "Options:" + its option lines, whether the options run to the end of text)."""
-    m = OPTIONS_HEADER.search(text)
-    if not m or not text[:m.start()].strip():
-        return None, True
-    lines = text[m.end():].lstrip("\n").split("\n")
-    options = []
-    for line in lines:
-        if not OPTION_LINE.match(line):
-            break
-        options.append(line.strip())
-    if len(options) < 2:
-        return None, True
-    return text[:m.start()].strip() + "\nOptions:\n" + "\n".join(options), len(options) == len(lines)
 
 
 def template_path(name):
@@ -308,6 +299,8 @@ def load_template(name):
         raise click.ClickException(f"{where}: keep must be paragraph, options or all")
     if settings["compare"] not in ("query", "stem"):
         raise click.ClickException(f"{where}: compare must be query or stem")
+    if settings["turn"] not in ("chat", "none"):
+        raise click.ClickException(f"{where}: turn must be chat or none")
     if settings["allow_cut"] not in ("yes", "no"):
         raise click.ClickException(f"{where}: allow_cut must be yes or no")
     try:
@@ -320,7 +313,7 @@ def load_template(name):
     except (re.error, ValueError) as e:
         raise click.ClickException(f"{where}: bad label, end or preamble regex, or min_words ({e})")
     return QueryTemplate(path, body, settings["example"], label, end, preamble, settings["keep"], settings["compare"],
-                         min_words, settings["allow_cut"] == "yes")
+                         min_words, settings["allow_cut"] == "yes", settings["turn"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,10 +375,12 @@ class HfBackend:
         """The base model alone (the same weights, adapter switched off) inside the block."""
         return self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
 
-    def complete(self, prompts, max_new_tokens, temperature, top_p, seed):
+    def complete(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False):
+        """plain: the prompts are documents to continue, rendered without the chat template."""
         from .generation import generate
 
-        return generate(self.lm, self.tokenizer, prompts, chat_template=self.chat_template, max_new_tokens=max_new_tokens,
+        return generate(self.lm, self.tokenizer, prompts, chat_template=self.chat_template and not plain,
+                        max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, batch_size=self.batch_size, seed=seed,
                         max_length=self.max_length)
 
@@ -422,15 +417,17 @@ class VllmBackend:
         finally:
             self.base_only = False
 
-    def complete(self, prompts, max_new_tokens, temperature, top_p, seed):
+    def complete(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False):
         from vllm import SamplingParams
 
-        from .formatting import prompt_ids
+        from .formatting import prompt_ids, stop_token_ids
 
+        chat_template = self.chat_template and not plain
+        stops = self.stops if chat_template else stop_token_ids(self.tokenizer, False)
         params = [SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
-                                 seed=derive_seed(seed, i), stop_token_ids=self.stops, skip_special_tokens=True)
+                                 seed=derive_seed(seed, i), stop_token_ids=stops, skip_special_tokens=True)
                   for i in range(len(prompts))]
-        inputs = [{"prompt_token_ids": prompt_ids(self.tokenizer, m, self.chat_template, self.max_length)} for m in prompts]
+        inputs = [{"prompt_token_ids": prompt_ids(self.tokenizer, m, chat_template, self.max_length)} for m in prompts]
         outputs = self.llm.generate(inputs, params, lora_request=None if self.base_only else self.lora, use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outputs]
 
@@ -453,6 +450,7 @@ class GenSettings:
     dedup: bool = True
     seed: int = 0
     queries_from: str = "expert"
+    shape_check: bool = True
 
     def rounds(self):
         # Default cap: 20 times the rounds --num needs if every reply were kept.
@@ -475,9 +473,10 @@ def generate_records(backend, tokenizer, template, seeds, settings, meta, existi
     the records already written.
     """
     counts = {} if counts is None else counts
-    for key in ("format", "duplicate", "empty_label", "kept"):
+    for key in ("format", "duplicate", "empty_label", "kept", "parsed", "on_format"):
         counts.setdefault(key, 0)
     template = template.for_seeds(seeds.texts)
+    shape = QueryShape.from_seeds(seeds.texts)
     pool = RougeDedup(settings.rouge_threshold) if settings.dedup else None
     if pool is not None:
         for text in seeds.texts:
@@ -510,7 +509,7 @@ def generate_records(backend, tokenizer, template, seeds, settings, meta, existi
         # answer the query prompt instead of writing a query: --queries-from base avoids that.
         with backend.without_adapter() if settings.queries_from == "base" else contextlib.nullcontext():
             replies = backend.complete(prompts, settings.max_new_tokens, settings.temperature, settings.top_p,
-                                       derive_seed(settings.seed, "queries", round_))
+                                       derive_seed(settings.seed, "queries", round_), plain=template.turn == "none")
         new = []
         for pick, reply in zip(picks, replies):
             whole = len(tokenizer(reply, add_special_tokens=False)["input_ids"]) >= settings.max_new_tokens - 3
@@ -518,6 +517,13 @@ def generate_records(backend, tokenizer, template, seeds, settings, meta, existi
             if query is None:
                 counts["format"] += 1
                 log.debug("reply rejected (%s): %r", why, reply[:200])
+                continue
+            counts["parsed"] += 1
+            if shape.fits(query):
+                counts["on_format"] += 1
+            elif settings.shape_check:
+                counts["format"] += 1
+                log.debug("query rejected (not the seeds' shape: %s): %r", shape.describe(), query[:200])
                 continue
             key = template.dedup_key(query) if pool is not None else None
             if pool is not None and pool.best(key)[1] is not None:  # the seed examples and earlier rounds' queries
@@ -634,8 +640,10 @@ def label_records(pairs, backend, settings, meta, counts=None, progress=None, do
 @click.option("--task-description", help="Task text for the query prompt [default: the seed records' task_description, "
                                          "else their shared system message, else a generic line].")
 @click.option("--shots", default=3, show_default=True, type=click.IntRange(min=1), help="Exemplars per query prompt, re-drawn per call.")
-@click.option("--template", default="default", show_default=True,
-              help="Query template: a file, or the name of a bundled one (default, multiple-choice) in data/templates/query-NAME.txt.")
+@click.option("--template", default="continuation", show_default=True,
+              help="Query template: a file, or the name of a bundled one in data/templates/query-NAME.txt: continuation "
+                   "(the seed examples as a document the model continues with one more), default (a chat turn that asks "
+                   "for a new input), multiple-choice (the same, for a question with an Options: block).")
 @click.option("--temperature", default=1.0, show_default=True, type=cli.Finite(min=0), help="Sampling temperature of queries.")
 @click.option("--top-p", default=0.9, show_default=True, type=cli.Finite(0, 1, min_open=True), help="Nucleus sampling of queries (and of labels when sampled).")
 @click.option("--max-new-tokens", default=200, show_default=True, type=click.IntRange(min=1), help="Token budget of a query reply.")
@@ -652,6 +660,10 @@ def label_records(pairs, backend, settings, meta, counts=None, progress=None, do
 @click.option("--queries-from", type=click.Choice(["expert", "base"]), default="expert", show_default=True,
               help="Who writes the queries: the expert (the paper), or its base model with the adapter switched off "
                    "(for an expert so specialized that it answers the query prompt). Labels always come from the expert.")
+@click.option("--shape-check/--no-shape-check", default=True, show_default=True,
+              help="Reject a query without the shape of the seed examples (counted as format): an Options: block when "
+                   "they are multiple choice, else the wording 90%% of them share, and a length within half the shortest "
+                   "to twice the longest. The summary reports the share of read queries that had it either way.")
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
               help="transformers generate (CPU or GPU), or vLLM (pip install 'titok-tools[vllm]'; give it a large --batch-size).")
 @click.option("--tensor-parallel-size", default=1, show_default=True, type=click.IntRange(min=1), help="GPUs per model (vllm).")
@@ -663,7 +675,7 @@ def label_records(pairs, backend, settings, meta, counts=None, progress=None, do
 @cli.command
 def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_chat_template, max_length, seed_examples,
          label_file, num, task_description, shots, template, temperature, top_p, max_new_tokens, label_temperature,
-         label_max_new_tokens, batch_size, rouge_threshold, no_dedup, max_rounds, queries_from, backend, tensor_parallel_size, output,
+         label_max_new_tokens, batch_size, rouge_threshold, no_dedup, max_rounds, queries_from, shape_check, backend, tensor_parallel_size, output,
          resume, seed, shard, skip_invalid):
     """Make task data with the source expert (--model + --adapter): new queries from a few
     real examples and the expert's answers, or answers to given prompts (--label).
@@ -698,7 +710,7 @@ def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_cha
     settings = GenSettings(num=num or 0, shots=shots, batch_size=batch_size, max_rounds=max_rounds, temperature=temperature,
                            top_p=top_p, max_new_tokens=max_new_tokens, label_temperature=label_temperature,
                            label_max_new_tokens=label_max_new_tokens, rouge_threshold=rouge_threshold, dedup=not no_dedup,
-                           seed=seed, queries_from=queries_from)
+                           seed=seed, queries_from=queries_from, shape_check=shape_check)
     tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
     if seed_examples is not None:
         query_template = load_template(template)
@@ -739,5 +751,6 @@ def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_cha
                                            counts, progress):
                 writer.write(record)
                 writer.flush()
-    log.info("kept %d queries; rejected %d (format), %d (duplicate), %d (empty label)",
-             counts["kept"], counts["format"], counts["duplicate"], counts["empty_label"])
+    log.info("kept %d queries; on-format %s of the %d read (%s); rejected %d (format), %d (duplicate), %d (empty label)",
+             counts["kept"], f"{counts['on_format'] / counts['parsed']:.0%}" if counts["parsed"] else "-", counts["parsed"],
+             QueryShape.from_seeds(seeds.texts).describe(), counts["format"], counts["duplicate"], counts["empty_label"])

@@ -1,0 +1,41 @@
+"""BIG-Bench Hard task files (suzgunmirac/BIG-Bench-Hard, bbh/TASK.jsonl: {"input", "target"}) as
+train/test records, for machines where the bigbench sdist that titok-bigbench reads is not at hand.
+
+BBH keeps 250 examples of each of its BIG-bench tasks, in BIG-bench's wording (multiple-choice
+inputs carry their "Options:" block, and the target is the option's letter). The split is a seeded
+random choice of --test-size test records, as titok-bigbench makes it:
+
+    python bench/bbh_records.py bbh/object_counting.jsonl --out work/bbh --test-size 100 --seed 0
+"""
+import argparse
+import json
+import os
+import random
+import sys
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="+", help="bbh/TASK.jsonl files")
+    parser.add_argument("--out", required=True, help="writes OUT/TASK/train.jsonl and OUT/TASK/test.jsonl")
+    parser.add_argument("--test-size", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for path in args.files:
+        task = os.path.splitext(os.path.basename(path))[0]
+        with open(path, encoding="utf-8") as f:
+            examples = [json.loads(line) for line in f if line.strip()]
+        records = [{"id": f"{task}:{i}", "task": task, "prompt": e["input"].strip(), "completion": e["target"].strip(),
+                    "references": [e["target"].strip()]} for i, e in enumerate(examples)]
+        if args.test_size >= len(records):
+            sys.exit(f"{path}: --test-size {args.test_size} leaves no training examples of {len(records)}")
+        test_index = set(random.Random(args.seed).sample(range(len(records)), args.test_size))
+        os.makedirs(os.path.join(args.out, task), exist_ok=True)
+        for name, keep in (("train", lambda i: i not in test_index), ("test", lambda i: i in test_index)):
+            with open(os.path.join(args.out, task, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for i, r in enumerate(records) if keep(i))
+        print(f"{task}: {len(records) - args.test_size} train, {args.test_size} test", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
