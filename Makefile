@@ -112,7 +112,11 @@ $(OUT)/report.md: $(foreach e,$(EVALS),$(OUT)/eval/$(e).json)
 
 # --- the demo: the same rules, real small models on CPU -------------------------------------
 DEMO_TRAIN := --lora-r 16 --lora-alpha 16 --target-modules all-linear --lr 3e-4 --epochs 2 --batch-size 8
-DEMO := OUT=work/demo TASK=object_counting DATA=work/demo/data/object_counting BIGBENCH_ARGS="--train-size 400" \
+# DEMO_DATA: another train.jsonl/test.jsonl dir (bench/bbh_records.py makes one from BBH's copy of
+# the task where the bigbench sdist is not at hand); DEMO_OUT: where its files and results go.
+DEMO_OUT ?= work/demo
+DEMO_DATA ?= $(DEMO_OUT)/data/object_counting
+DEMO := OUT=$(DEMO_OUT) TASK=object_counting DATA=$(DEMO_DATA) BIGBENCH_ARGS="--train-size 400" \
 	M=250 K=0.3 DTYPE=bfloat16 DEVICE=cpu TEST_SIZE=200 \
 	TARGET_TEMPLATE=data/templates/gemma3-chat.jinja \
 	SFT_ARGS="$(DEMO_TRAIN)" TRAIN_ARGS="$(DEMO_TRAIN)" \
@@ -124,8 +128,8 @@ demo: install
 	@mkdir -p .make && date +%s > .make/demo-started
 	$(MAKE) --no-print-directory pipeline $(DEMO) \
 	  SOURCE_MODEL=$$($(PYTHON) -m titok_tools.bundled smollm2) TARGET_MODEL=$$($(PYTHON) -m titok_tools.bundled gemma)
-	mkdir -p results && cp work/demo/report.md results/demo.md
-	@echo "make demo took $$(( $$(date +%s) - $$(cat .make/demo-started) )) s; the table is in results/demo.md" >&2
+	mkdir -p results && cp $(DEMO_OUT)/report.md results/$(notdir $(DEMO_OUT)).md
+	@echo "make demo took $$(( $$(date +%s) - $$(cat .make/demo-started) )) s; the table is in results/$(notdir $(DEMO_OUT)).md" >&2
 
 clean-demo:
 	rm -rf work/demo results/demo.md
