@@ -46,7 +46,7 @@ def test_wheel_ships_the_templates_and_finds_them(tmp_path):
 
 
 DESIGN_SECTIONS = ["Formatting", "Completion tokens", "Excess", "Selection", "Alignment", "Target loss", "Defaults",
-                   "Generation", "Evaluation", "Records"]
+                   "Generation", "Query shape", "Evaluation", "Records"]
 CITATION = re.compile(r"docs/design\.md, ([^).,;:\n]*)")  # one section, or several joined by " and "
 OLD_REFERENCES = re.compile(r"\bS" r"PEC\b|(/work|\.\.)/sh" r"ared/")  # spelled apart: this file must not match itself
 UNTRACKED = {"models", "work", "build", "__pycache__"}  # downloads and outputs (.gitignore), not the source
