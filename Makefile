@@ -79,6 +79,9 @@ $(OUT)/aligned.jsonl: $(OUT)/filtered.jsonl
 # synthetic samples (KD / all-token), and the ceiling: the task's real training data.
 $(OUT)/target-titok/adapter_config.json: $(OUT)/aligned.jsonl
 	$(TRAIN) $(TGT) $(TRAIN_ARGS) $<
+# The ablation of learning to stop: TiTok without its closing token trained outside the k budget.
+$(OUT)/target-titok-no-closing/adapter_config.json: $(OUT)/aligned.jsonl
+	$(TRAIN) $(TGT) --no-train-closing $(TRAIN_ARGS) $<
 $(OUT)/random.jsonl: $(OUT)/scored.jsonl
 	titok-filter --rank-by random --seed $(SEED) -k 1 --keep $(M) -o $@ $<
 $(OUT)/target-kd/adapter_config.json: $(OUT)/random.jsonl
@@ -100,7 +103,8 @@ $(OUT)/eval/target-%.json: $(OUT)/target-%/adapter_config.json $(DATA)/test.json
 	@mkdir -p $(@D)
 	$(EVAL) $(TGT) --adapter $(OUT)/target-$*
 
-EVALS := source-base source-expert target-vanilla target-kd target-titok target-ceiling
+EXTRA_EVALS ?=#                      more rows: target-titok-no-closing (the demo has it)
+EVALS := source-base source-expert target-vanilla target-kd target-titok $(EXTRA_EVALS) target-ceiling
 $(OUT)/report.md: $(foreach e,$(EVALS),$(OUT)/eval/$(e).json)
 	$(PYTHON) -m titok_tools.report -o $@ --title "TiTok transfer on $(TASK)" \
 	  --setting source="$(SOURCE_MODEL)" --setting target="$(TARGET_MODEL)" --setting M=$(M) --setting K=$(K) \
@@ -117,7 +121,7 @@ DEMO_TRAIN := --lora-r 16 --lora-alpha 16 --target-modules all-linear --lr 3e-4 
 DEMO_OUT ?= work/demo
 DEMO_DATA ?= $(DEMO_OUT)/data/object_counting
 DEMO := OUT=$(DEMO_OUT) TASK=object_counting DATA=$(DEMO_DATA) BIGBENCH_ARGS="--train-size 400" \
-	M=250 K=0.3 DTYPE=bfloat16 DEVICE=cpu TEST_SIZE=200 \
+	M=250 K=0.3 DTYPE=bfloat16 DEVICE=cpu TEST_SIZE=200 EXTRA_EVALS=target-titok-no-closing \
 	TARGET_TEMPLATE=data/templates/gemma3-chat.jinja \
 	SFT_ARGS="$(DEMO_TRAIN)" TRAIN_ARGS="$(DEMO_TRAIN)" \
 	GEN_ARGS="--queries-from base --max-new-tokens 64 --label-max-new-tokens 16 --batch-size 16" \

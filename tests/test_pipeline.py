@@ -88,6 +88,13 @@ def test_make_wires_every_stage():
     assert positions == sorted(positions)
     assert "--model mistralai/Mistral-7B-Instruct-v0.3" in out and "--num $((2 * 250))" in out
     assert "align_args" not in out  # the report lists extra arguments only when there are some
+    assert "target-titok-no-closing" not in out
+    # EXTRA_EVALS adds the ablation row: TiTok without the closing token trained outside the budget
+    ablation = subprocess.run(["make", "-n", "-C", ROOT, "pipeline", "OUT=/tmp/titok-make-n", "DATA=/tmp/titok-make-n/data",
+                               "EXTRA_EVALS=target-titok-no-closing"], capture_output=True, text=True, check=True).stdout
+    train = next(line for line in ablation.split("\n") if "--output /tmp/titok-make-n/target-titok-no-closing" in line)
+    assert "--no-train-closing" in train and train.endswith("/tmp/titok-make-n/aligned.jsonl")
+    assert "target-titok-no-closing=/tmp/titok-make-n/eval/target-titok-no-closing.json" in ablation
     # Each stage's extra arguments reach that stage's command (and the report's settings).
     extra = subprocess.run(["make", "-n", "-C", ROOT, "pipeline", "OUT=/tmp/titok-make-n", "DATA=/tmp/titok-make-n/data",
                             "SCORE_ARGS=--window 64", "ALIGN_ARGS=--skip-invalid"],
