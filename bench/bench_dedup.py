@@ -16,7 +16,7 @@ import time
 
 from rouge_score import rouge_scorer
 
-from titok_tools.gen import RougeDedup
+from titok_tools.dedup import RougeDedup
 
 NAMES = ["Lionel Messi", "Tom Brady", "Serena Williams", "LeBron James", "Kylian Mbappe", "Aaron Judge", "Connor McDavid",
          "Naomi Osaka", "Patrick Mahomes", "Stephen Curry", "Shohei Ohtani", "Sidney Crosby"]

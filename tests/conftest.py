@@ -15,11 +15,11 @@ GEMMA_TEMPLATE = os.path.join(ROOT, "data", "templates", "gemma3-chat.jinja")
 
 
 def bundled(name):
-    import click
     from titok_tools import bundled as b
+    from titok_tools.errors import TitokError
     try:
         return getattr(b, name)()
-    except click.ClickException as e:
+    except TitokError as e:
         pytest.skip(e.message)
 
 

@@ -12,8 +12,9 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from conftest import GEMMA_TEMPLATE, read_jsonl, run_pipe, write_jsonl
-from titok_tools import align
-from titok_tools.align import align_records, align_values, main, overlap_ranges
+from titok_tools import align, alignment
+from titok_tools.align import align_records, main
+from titok_tools.alignment import align_values, overlap_ranges
 from titok_tools.formatting import FormatError, encode
 from titok_tools.models import load_tokenizer, tokenizer_fingerprint
 from titok_tools.records import JsonLine, parse_line
@@ -95,7 +96,7 @@ def check_against_reference(source_tok, target_tok, completion, seed=0):
     src = encode(source_tok, PROMPT, completion)
     tgt = encode(target_tok, PROMPT, completion)
     for offsets in (src.offsets, tgt.offsets):  # the sweep relies on ordered spans
-        assert align.offsets_problem(offsets, len(completion)) is None, offsets
+        assert alignment.offsets_problem(offsets, len(completion)) is None, offsets
     values = random_values(len(src.offsets), seed)
     lo, hi = overlap_ranges(src.offsets, tgt.offsets, len(completion))
     assert [list(range(a, b)) for a, b in zip(lo.tolist(), hi.tolist())] == brute_force_ranges(src.offsets, tgt.offsets)
@@ -145,14 +146,14 @@ def test_paper_example_fractional_mask():
 
 
 def test_offsets_problems():
-    assert align.offsets_problem([[0, 3], [3, 5], [5, 5]], 5) is None
-    assert "outside" in align.offsets_problem([[0, 3], [3, 9]], 5)
-    assert "order" in align.offsets_problem([[2, 3], [0, 5]], 5)
-    assert "empty" in align.offsets_problem([[0, 0], [0, 5]], 5)
-    assert "pairs" in align.offsets_problem([[0, 3, 1]], 5)
-    assert "integer" in align.offsets_problem("nope", 5)
+    assert alignment.offsets_problem([[0, 3], [3, 5], [5, 5]], 5) is None
+    assert "outside" in alignment.offsets_problem([[0, 3], [3, 9]], 5)
+    assert "order" in alignment.offsets_problem([[2, 3], [0, 5]], 5)
+    assert "empty" in alignment.offsets_problem([[0, 0], [0, 5]], 5)
+    assert "pairs" in alignment.offsets_problem([[0, 3, 1]], 5)
+    assert "integer" in alignment.offsets_problem("nope", 5)
     # a completion made longer after scoring: every span fits, the closing one is not at the end
-    assert align.offsets_problem([[0, 2], [2, 3], [3, 3]], 5) == ("close at 3, not at the completion's end (5): "
+    assert alignment.offsets_problem([[0, 2], [2, 3], [3, 3]], 5) == ("close at 3, not at the completion's end (5): "
                                                                    "was it edited after scoring?")
 
 
@@ -164,10 +165,10 @@ offset_lists = st.lists(st.lists(st.integers(-1, 12), min_size=2, max_size=2), m
 def test_chunk_checks_agree_with_the_record_checks(records):
     """spans_problems (a chunk of records at once) rejects exactly the records offsets_problem
     rejects, whatever sits next to them in the chunk."""
-    expected = [align.offsets_problem(offsets, length) is not None for offsets, length in records]
+    expected = [alignment.offsets_problem(offsets, length) is not None for offsets, length in records]
     counts = np.array([len(o) for o, _ in records])
     spans = stacked([o for o, _ in records])
-    assert align.spans_problems(spans, np.array([length for _, length in records]), counts).tolist() == expected
+    assert alignment.spans_problems(spans, np.array([length for _, length in records]), counts).tolist() == expected
 
 
 def stacked(offset_lists):
@@ -187,7 +188,7 @@ def test_a_chunk_aligns_as_its_records_do_alone(groups, smollm2_tokenizer, gemma
         values = [[float(v > 0) for v in vs] for vs in values]
     lengths = tuple(np.array(x) for x in ([len(t) for t in texts], [len(s) for s in sources],
                                           [len(t) for t in targets]))
-    got = align.align_many(stacked(sources), np.concatenate(values), stacked(targets), lengths, groups=groups)
+    got = alignment.align_many(stacked(sources), np.concatenate(values), stacked(targets), lengths, groups=groups)
     reference = brute_force_groups if groups else brute_force
     assert got == [reference(s, v, t) for s, v, t in zip(sources, values, targets)]
 

@@ -11,7 +11,7 @@ from rouge_score import rouge_scorer
 from conftest import interrupt, read_jsonl, run_pipe, write_jsonl
 from titok_tools.answers import exact_match, normalize
 from titok_tools.evaluate import main
-from titok_tools.generation import generate
+from titok_tools.backends import generate
 from titok_tools.models import load_model, load_tokenizer
 
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 
-import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -21,8 +20,12 @@ from rouge_score import rouge_scorer
 
 from conftest import interrupt, read_jsonl, write_jsonl
 from record_contract import file_problems
+from titok_tools.errors import TitokError
 from titok_tools import gen
-from titok_tools.gen import GenSettings, RougeDedup, generate_records, load_seeds, load_template, main
+from titok_tools import queries
+from titok_tools.dedup import RougeDedup
+from titok_tools.gen import GenSettings, generate_records, main
+from titok_tools.queries import load_seeds, load_template
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 SPORTS = [
@@ -402,7 +405,7 @@ def test_bad_templates(text, message, tmp_path):
 def test_a_template_that_is_not_utf8_is_one_line(tmp_path):
     path = tmp_path / "t.txt"
     path.write_bytes(b"keep: line\n---\n{examples} \xe9t\xe9")
-    with pytest.raises(click.ClickException) as e:
+    with pytest.raises(TitokError) as e:
         load_template(str(path))
     assert e.value.message == f"--template {path}: not UTF-8 text (invalid continuation byte at byte 26)"
 
@@ -561,7 +564,7 @@ def test_shots_redrawn_per_call_and_task_description(seed_file, tmp_path):
     records, _, _ = run_scripted(replies, with_system, 1)
     assert records[0]["prompt"] == system + [{"role": "user", "content": "Who won the 1998 World Cup?"}]
     plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": p, "completion": "no"} for p in SPORTS])
-    assert load_seeds(plain, 2).task_description == gen.GENERIC_TASK
+    assert load_seeds(plain, 2).task_description == queries.GENERIC_TASK
 
 
 # --- dedup = rouge-score ------------------------------------------------------------------------------
@@ -639,14 +642,14 @@ def test_queries_from_base_writes_queries_without_the_adapter(tiny_llama, tiny_l
 def test_vllm_backend_checks_the_adapter_dir_like_the_hf_one(tmp_path, monkeypatch):
     # it read adapter_config.json itself: bad JSON there was a traceback (stub vllm: not installed here)
     import types
-    from titok_tools.gen import VllmBackend
+    from titok_tools.backends import VllmBackend
     vllm, request = types.ModuleType("vllm"), types.ModuleType("vllm.lora.request")
     vllm.LLM, request.LoRARequest = object, object
     for name, module in (("vllm", vllm), ("vllm.lora", types.ModuleType("vllm.lora")), ("vllm.lora.request", request)):
         monkeypatch.setitem(sys.modules, name, module)
     (tmp_path / "adapter_config.json").write_text("{bad")
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
-    with pytest.raises(click.ClickException, match="adapter_config.json is not valid JSON"):
+    with pytest.raises(TitokError, match="adapter_config.json is not valid JSON"):
         VllmBackend("m", str(tmp_path), "auto", False, None, True, 768, 1, 0)
 
 
@@ -729,5 +732,5 @@ def test_the_continuation_template_is_a_plain_document_read_up_to_the_next_input
 def test_a_template_turn_must_be_chat_or_none(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("turn: maybe\n---\n{examples}")
-    with pytest.raises(click.ClickException, match="turn must be chat or none"):
+    with pytest.raises(TitokError, match="turn must be chat or none"):
         load_template(str(path))

@@ -4,12 +4,12 @@ import json
 import logging
 import os
 
-import click
 import pytest
 import torch
 from click.testing import CliRunner
 
 from conftest import write_jsonl
+from titok_tools.errors import TitokError
 from titok_tools import models
 from titok_tools.models import base_model_name, load_model, names_same_base, resolve
 
@@ -78,7 +78,7 @@ def test_a_family_with_its_own_logit_scaling_is_refused_at_load(family_dirs, mon
         return out
 
     monkeypatch.setattr(LlamaForCausalLM, "forward", halved_logits)
-    with pytest.raises(click.ClickException, match="model type 'llama' computes its logits in a way"):
+    with pytest.raises(TitokError, match="model type 'llama' computes its logits in a way"):
         load_model(family_dirs["llama"], dtype="float32", device="cpu")
     # Generation does not project logits itself, so it may skip the check.
     load_model(family_dirs["llama"], dtype="float32", device="cpu", check_logits=False)
@@ -87,7 +87,7 @@ def test_a_family_with_its_own_logit_scaling_is_refused_at_load(family_dirs, mon
 def test_granites_division_is_refused_for_hyperclovax(family_dirs, monkeypatch):
     """The bug this guards: HyperCLOVAX multiplies by logits_scaling, Granite divides."""
     monkeypatch.setattr(models, "MULTIPLY_LOGITS_SCALING", set())
-    with pytest.raises(click.ClickException, match="'hyperclovax'"):
+    with pytest.raises(TitokError, match="'hyperclovax'"):
         load_model(family_dirs["hyperclovax"], dtype="float32", device="cpu")
 
 

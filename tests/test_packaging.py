@@ -36,7 +36,7 @@ def test_wheel_ships_the_templates_and_finds_them(tmp_path):
     assert shipped <= names and "titok_tools/templates/query-default.txt" in shipped
     # installed alone, away from the source tree, titok-gen finds its bundled query templates there
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
-    code = ("from titok_tools.gen import load_template; "
+    code = ("from titok_tools.queries import load_template; "
             "print(load_template('default').path); print(load_template('multiple-choice').path)")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")))

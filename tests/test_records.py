@@ -5,11 +5,11 @@ import signal
 import stat
 import time
 
-import click
 import numpy as np
 import orjson
 import pytest
 
+from titok_tools.errors import TitokError
 from titok_tools import records
 from titok_tools.records import (RecordError, insert_member, is_done, parse_line, prompt_field, read_records,
                                  record_writer, text_output, unique_ids)
@@ -247,9 +247,9 @@ def test_outputs_that_cannot_be_written_fail_before_the_work(tmp_path):
     for path, why in ((a_file / "out.jsonl", f"{a_file} is not a directory"), (tmp_path, "it is a directory"),
                       (a_file / "sub" / "out.jsonl", f"{a_file} is not a directory"),
                       ("/proc/titok-out.jsonl", "No such file or directory")):
-        with pytest.raises(click.ClickException, match=f"^{path}: cannot write: {why}$"):
+        with pytest.raises(TitokError, match=f"^{path}: cannot write: {why}$"):
             records.check_writable(str(path))
-    with pytest.raises(click.ClickException, match="not a directory"):
+    with pytest.raises(TitokError, match="not a directory"):
         records.check_writable(str(a_file), is_dir=True)
     records.check_writable(str(tmp_path), is_dir=True)
 

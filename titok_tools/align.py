@@ -21,6 +21,7 @@ from functools import partial
 import tempfile
 import time
 from itertools import chain
+from typing import NamedTuple
 
 import click
 import numpy as np
@@ -29,11 +30,12 @@ import simdjson
 from tqdm import tqdm
 
 from . import cli
+from .alignment import align_many, as_spans, offsets_problem, spans_problems
 from .formatting import FormatError, encode_later, record_error
 from .models import load_tokenizer, tokenizer_fingerprint
 from .records import (NUMBER_TYPES, JsonLine, RecordError, check_numbers, checked, dumps, filter_settings, insert_member,
                       not_kept, parse_line, prompt_and_completion, read_records, record_writer, titok, titok_part)
-from .select import select_stream, split_by_counts
+from .select import select_stream
 
 log = logging.getLogger("titok.align")
 
@@ -85,146 +87,6 @@ def one_ahead(start, items):
         yield pending[0], pending[1]()
 
 
-# --- the alignment itself: plain functions over offsets and values ---------------------------
-
-def overlap_ranges(source_offsets, target_offsets, length):
-    """For each target span, the range [lo, hi) of the source tokens whose spans overlap it.
-
-    Spans are [start, end) character offsets into a text of `length` characters, both starts
-    and ends in non-decreasing order (as tokenizers produce them; byte pieces of one character
-    share its span), so the source tokens overlapping a span are a contiguous run: those ending
-    after its start (a suffix) and starting before its end (a prefix). Counting starts and ends
-    per character gives every run in O(n + m + length). An empty span (a closing token, [x, x])
-    overlaps only the empty source spans at the same place: those starting at x or later (not
-    before it) and ending at x or earlier.
-    """
-    src = np.asarray(source_offsets, dtype=np.int64).reshape(-1, 2)
-    tgt = np.asarray(target_offsets, dtype=np.int64).reshape(-1, 2)
-    # starts_before[x]: source tokens starting before char x; ends_by[x]: ending at or before x.
-    starts_before = np.concatenate(([0], np.cumsum(np.bincount(src[:, 0], minlength=length + 1))))
-    ends_by = np.cumsum(np.bincount(src[:, 1], minlength=length + 1))
-    start, end = tgt[:, 0], tgt[:, 1]
-    empty = start == end
-    lo = np.where(empty, starts_before[start], ends_by[start])
-    hi = np.where(empty, ends_by[end], starts_before[end])
-    return lo, np.maximum(hi, lo)
-
-
-def align_values(source_offsets, values, target_offsets, length, groups=False):
-    """The source values carried onto the target spans; None where no source token overlaps.
-
-    Default (docs/design.md, Alignment): each target token gets the mean of the source values whose
-    spans overlap it. groups=True (the paper's alignment, used for --from mask): overlapping
-    tokens chain into groups that end where both tokenizations share a boundary (the paper
-    grows both spans until their texts match), and every target token of a group gets the mean
-    over the group's source tokens: right|eou|sness (1, 0, 1) onto righteous|ness is 2/3, 2/3.
-    Sums run left to right, so a one-to-one token keeps its value bit for bit.
-    """
-    lo, hi = overlap_ranges(source_offsets, target_offsets, length)
-    values = np.asarray(values, dtype=np.float64)
-    if not groups:
-        return _range_means(values, lo, hi)
-    # Consecutive target tokens are in one group when their source runs share a token.
-    joined = (hi[:-1] > lo[1:]) & (hi[:-1] > lo[:-1]) & (hi[1:] > lo[1:])
-    group = np.concatenate(([0], np.cumsum(~joined)))
-    first = np.flatnonzero(np.concatenate(([True], ~joined)))
-    last = np.concatenate((first[1:], [len(lo)])) - 1
-    # a group's source run: from its first token's first source to its last token's last
-    means = _range_means(values, lo[first], np.maximum(hi[last], lo[first]))
-    return [means[g] for g in group.tolist()]
-
-
-def _range_means(values, lo, hi):
-    """Mean of values[lo[j]:hi[j]] for each j, None for an empty run."""
-    count = hi - lo
-    total = np.zeros(len(lo))
-    rows, step = np.flatnonzero(count > 0), 0
-    with np.errstate(invalid="ignore", over="ignore"):
-        while rows.size:  # one pass per position inside the runs: sum(count) additions in all
-            total[rows] += values[lo[rows] + step]
-            step += 1
-            rows = rows[count[rows] > step]
-        means = total / count
-        for j in np.flatnonzero(np.isinf(means)):  # the sum passed float64's range (values near 1e308):
-            run = values[lo[j]:hi[j]]              # divide first; rounding can still pass the largest value,
-            means[j] = min(max((run / count[j]).sum(), run.min()), run.max())  # which a mean never does
-    means = means.tolist()
-    if count.all():  # the usual case: every target token overlaps a source token
-        return means
-    return [None if c == 0 else m for m, c in zip(means, count.tolist())]
-
-
-def align_many(sources, values, targets, lengths, groups=False):
-    """align_values for several records in one pass, one score list per record.
-
-    The records' spans are laid end to end, each record's characters shifted one past the
-    previous record's end, so no span reaches into another record and the closing spans
-    ([length, length]) stay apart: at a few hundred tokens a record numpy's per-call cost
-    outweighs the work, and a chunk of records costs what one record did. `sources` and
-    `targets` are (n, 2) arrays of all the records' spans concatenated, `values` the source
-    values concatenated, `lengths` numpy arrays of (completion length, source tokens, target
-    tokens) per record."""
-    length, n_source, n_target = lengths
-    shift = np.cumsum(length + 1) - (length + 1)
-    src = sources + np.repeat(shift, n_source)[:, None]
-    tgt = targets + np.repeat(shift, n_target)[:, None]
-    return split_by_counts(align_values(src, values, tgt, int(shift[-1] + length[-1]), groups), n_target.tolist())
-
-
-def spans_problems(spans, lengths, counts):
-    """Which records of a chunk offsets_problem would reject, for all of them at once.
-
-    `spans` holds every record's (n, 2) spans concatenated, `counts` the tokens of each record,
-    `lengths` the characters of each completion."""
-    nonempty = counts > 0
-    last = (np.cumsum(counts) - 1)[nonempty]
-    is_first, is_last = np.zeros(len(spans), dtype=bool), np.zeros(len(spans), dtype=bool)
-    is_first[last - counts[nonempty] + 1] = True
-    is_last[last] = True
-    starts, ends, length = spans[:, 0], spans[:, 1], np.repeat(lengths, counts)
-    bad = (starts < 0) | (ends > length) | (starts > ends)
-    bad[1:] |= ~is_first[1:] & ((np.diff(starts) < 0) | (np.diff(ends) < 0))  # out of order in its record
-    bad |= (starts == ends) & ~(is_last & (ends == length))  # only the closing token is empty, at the end
-    record = np.repeat(np.arange(len(counts)), counts)
-    return (np.bincount(record, weights=bad, minlength=len(counts)) > 0) | ~nonempty
-
-
-def only_types(items, types):
-    """Whether every item's type is one of `types` (numpy would turn 1.5 or "2" into an int
-    without a word); a C-speed pass, a few percent of a record's time."""
-    return set(map(type, items)) <= types
-
-
-def as_spans(offsets):
-    """offsets as an (n, 2) integer array, or None if they are not a non-empty list of integer pairs."""
-    try:
-        if not only_types(chain.from_iterable(offsets), {int}):
-            return None
-        spans = np.asarray(offsets, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return spans if spans.ndim == 2 and spans.shape[1] == 2 and len(spans) else None
-
-
-def offsets_problem(offsets, length):
-    """Why `offsets` (a list, or as_spans' array) cannot be the spans of the tokens of a completion
-    of `length` characters, or None."""
-    spans = offsets if isinstance(offsets, np.ndarray) else as_spans(offsets)
-    if spans is None:
-        return "are not a non-empty list of [start, end] integer pairs"
-    starts, ends = spans[:, 0], spans[:, 1]
-    if starts.min() < 0 or ends.max() > length:
-        return f"reach outside the completion (length {length}): was it edited after scoring?"
-    if (np.diff(starts) < 0).any() or (np.diff(ends) < 0).any():
-        return "are not in order"
-    nonempty = starts[:-1] < ends[:-1]
-    if not nonempty.all() or starts[-1] > ends[-1]:
-        return "hold an empty span other than the closing token's [length, length]"
-    if starts[-1] == ends[-1] != length:
-        return f"close at {ends[-1]}, not at the completion's end ({length}): was it edited after scoring?"
-    return None
-
-
 # --- target tokenizer --------------------------------------------------------------------------
 
 def _text_normalizer(tokenizer):
@@ -271,6 +133,40 @@ def unreproducible(normalizer, completion, offsets):
 
 # --- records -------------------------------------------------------------------------------------
 
+class SourceFields(NamedTuple):
+    """What alignment reads of a scored record's source side."""
+    messages: list
+    completion: str
+    source: dict          # titok.source
+    spans: np.ndarray     # the source tokens' [start, end) offsets, n x 2
+    values: np.ndarray    # the values carried over (excess or 0/1 mask), one per source token
+
+
+class Item(NamedTuple):
+    """A record on its way through alignment."""
+    where: str
+    record: dict
+    line: JsonLine        # the line its output is spliced into; None for a dict
+    fields: SourceFields  # None for a record passed through (titok-filter did not keep it)
+    enc: object = None    # the target's encoding (or the FormatError it raised)
+
+
+class RunK:
+    """The k of a run: the one given, or the one titok-filter recorded, the same in every record."""
+
+    def __init__(self, k):
+        self.k, self.given = k, k is not None
+
+    def check(self, record, where):
+        if self.given:
+            return
+        k = recorded_k(record, where)
+        if self.k is None:
+            self.k = k
+        elif k != self.k:
+            raise RecordError(where, "titok.filter.k", f"{k} differs from the k of earlier records ({self.k}); pass -k")
+
+
 def source_values(record, where, use):
     """The source's offsets and the values to carry (excess or 0/1 mask), checked against the
     completion; raises a one-line RecordError naming file:line, field and record id."""
@@ -290,7 +186,7 @@ def source_values(record, where, use):
         raise RecordError(where, f"titok.source.{use}", f"record {record.get('id')!r}: {len(values)} values "
                                                         f"for {len(spans)} tokens")
     check_numbers(values, where, f"titok.source.{use}", prefix=f"record {record.get('id')!r}: ")
-    return messages, completion, source, spans, np.asarray(values, dtype=np.float64)
+    return SourceFields(messages, completion, source, spans, np.asarray(values, dtype=np.float64))
 
 
 def read_lazily(parser, text, use, fingerprint):
@@ -397,11 +293,11 @@ def chunk_arrays(fields, encodings):
     when any record fails a check (the per-record checks then find which, and why)."""
     if any(isinstance(enc, FormatError) for enc in encodings):
         return None
-    n_source = np.fromiter((len(f[3]) for f in fields), dtype=np.int64, count=len(fields))
+    n_source = np.fromiter((len(f.spans) for f in fields), dtype=np.int64, count=len(fields))
     n_target = np.fromiter((len(enc.offsets) for enc in encodings), dtype=np.int64, count=len(fields))
-    length = np.fromiter((len(f[1]) for f in fields), dtype=np.int64, count=len(fields))
-    sources = np.concatenate([f[3] for f in fields])
-    values = np.concatenate([f[4] for f in fields])
+    length = np.fromiter((len(f.completion) for f in fields), dtype=np.int64, count=len(fields))
+    sources = np.concatenate([f.spans for f in fields])
+    values = np.concatenate([f.values for f in fields])
     # the target's spans are the shared encode's, integer pairs from the tokenizer: only their
     # order and range are checked (spans_problems), not their types
     targets = np.fromiter(chain.from_iterable(chain.from_iterable(enc.offsets for enc in encodings)), dtype=np.int64,
@@ -414,7 +310,7 @@ def chunk_arrays(fields, encodings):
 
 def finish_record(where, record, fields, enc, scores, fingerprint, text_normalizer, *, model, use, counts):
     """Add titok.target (all but the mask) to one record, given its aligned scores."""
-    _, completion, source, _, _ = fields
+    completion, source = fields.completion, fields.source
     token_ids, offsets = enc.token_ids, enc.offsets
     if source.get("tokenizer") == fingerprint and source.get("token_ids") == token_ids and source["offsets"] == offsets:
         scores = list(source[use])  # same tokenizer, same tokens: the source's own numbers, untouched
@@ -460,7 +356,7 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
     fingerprint = tokenizer_fingerprint(tokenizer)
     text_normalizer = _text_normalizer(tokenizer)
     parser = simdjson.Parser()
-    run_k = {"k": k}
+    run_k = RunK(k)
 
     def check(where, record):
         """(record, line, fields): the record as a dict (for a line read lazily, only the fields
@@ -470,13 +366,7 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
         if isinstance(record, JsonLine):
             line, lazy = record, read_lazily(parser, record.text, use, fingerprint)
             record = parse_line(where, line) if lazy is None else lazy[0]
-        if k is None:
-            this_k = recorded_k(record, where)
-            if run_k["k"] is None:
-                run_k["k"] = this_k
-            elif this_k != run_k["k"]:
-                raise RecordError(where, "titok.filter.k", f"{this_k} differs from the k of earlier records "
-                                                           f"({run_k['k']}); pass -k")
+        run_k.check(record, where)
         if not_kept(record):
             fields = None
             titok(record).pop("target", None)  # from an earlier run: it no longer holds
@@ -484,7 +374,7 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
             fields = source_values(record, where, use)
         else:
             _, spans, values = lazy
-            fields = (*prompt_and_completion(record, where), record["titok"]["source"], spans, values)
+            fields = SourceFields(*prompt_and_completion(record, where), record["titok"]["source"], spans, values)
         if line is not None and lazy is None:  # parsed whole: the line to splice into has titok last, no target
             record["titok"] = record.pop("titok")
             record["titok"].pop("target", None)
@@ -493,9 +383,9 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
 
     def weight(item):
         # source tokens; a record passed through holds its line or lists too: it weighs about as many
-        _, record, line, fields = item
+        record, line, fields = item.record, item.line, item.fields
         if fields is not None:
-            return len(fields[3])
+            return len(fields.spans)
         if line is not None:
             return 1 + len(line.text) // 64  # a scored record's line: about 64 bytes a token
         offsets = (titok_part(record, "source") or {}).get("offsets")
@@ -505,56 +395,57 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
         # A chunk of records at a time: one tokenizer call, one set of array operations. The
         # next chunk is tokenized in a thread while this one is aligned and written: the
         # tokenizer releases the GIL.
-        chunks = batched(((where, *value) for where, _, value in checked(pairs, check, skip_invalid, counts)),
+        chunks = batched((Item(where, *value) for where, _, value in checked(pairs, check, skip_invalid, counts)),
                          CHUNK_TOKENS, weight)
         with ThreadPoolExecutor(1, thread_name_prefix="titok-align-tokenize") as pool:
             def start(chunk):  # render now, tokenize in the pool's thread
-                return encode_later(tokenizer, [f[:2] for *_, f in chunk if f is not None], chat_template,
-                                    max_length, pool.submit)
+                return encode_later(tokenizer, [(item.fields.messages, item.fields.completion) for item in chunk
+                                                if item.fields is not None], chat_template, max_length, pool.submit)
 
             for chunk, encodings in one_ahead(start, chunks):
-                to_align = [item for item in chunk if item[3] is not None]
+                to_align = [item for item in chunk if item.fields is not None]
                 done = iter(aligned_chunk(to_align, encodings) if to_align else ())
                 head = next(done, None)
-                for where, record, line, fields in chunk:  # in input order; --skip-invalid may have dropped some
-                    if fields is None:
+                for item in chunk:  # in input order; --skip-invalid may have dropped some
+                    if item.fields is None:
                         counts["not_kept"] = counts.get("not_kept", 0) + 1
                         if progress is not None:
                             progress.update(1)
-                        yield record, line
-                    elif head is not None and record is head[0]:
+                        yield item.record, item.line
+                    elif head is not None and item.record is head[0]:
                         yield head
                         head = next(done, None)
 
     def aligned_chunk(chunk, encodings):
-        items = [(*item, enc) for item, enc in zip(chunk, encodings)]
-        arrays = chunk_arrays([item[3] for item in items], encodings)
+        items = [item._replace(enc=enc) for item, enc in zip(chunk, encodings)]
+        arrays = chunk_arrays([item.fields for item in items], encodings)
         if arrays is None:  # some record is bad: check each, raise or skip (--skip-invalid)
             items = checked_one_by_one(items)
             if not items:
                 return
-            arrays = chunk_arrays([item[3] for item in items], [item[4] for item in items])
-        for (where, record, line, fields, enc), scores in zip(items, align_many(*arrays, groups=use == "mask")):
-            finish_record(where, record, fields, enc, scores, fingerprint, text_normalizer, model=model, use=use,
-                          counts=counts)
+            arrays = chunk_arrays([item.fields for item in items], [item.enc for item in items])
+        for item, scores in zip(items, align_many(*arrays, groups=use == "mask")):
+            finish_record(item.where, item.record, item.fields, item.enc, scores, fingerprint, text_normalizer,
+                          model=model, use=use, counts=counts)
             if progress is not None:
                 progress.update(1)
-            yield record, line
+            yield item.record, item.line
 
     def checked_one_by_one(items):
         prepared = iter(items)  # checked() visits the items in order
 
         def check_all(where, record):
-            _, _, line, _, enc = next(prepared)
+            item = next(prepared)
             # a line read lazily is parsed whole here: the checks' precise errors, and the record
             # is then aligned with the numbers they checked
-            fields = source_values(record if line is None else parse_line(where, line), where, use)
-            problem = target_problem(where, record, fields[1], enc)
+            fields = source_values(record if item.line is None else parse_line(where, item.line), where, use)
+            problem = target_problem(where, record, fields.completion, item.enc)
             if problem:
                 raise problem
-            return where, record, line, fields, enc
+            return item._replace(fields=fields)
 
-        return [item for _, _, item in checked(((item[0], item[1]) for item in items), check_all, skip_invalid, counts)]
+        return [item for _, _, item in checked(((item.where, item.record) for item in items), check_all, skip_invalid,
+                                               counts)]
 
     def scores_of(item):
         # not kept: it passes through, outside the selection (with --scope batch or global it
@@ -573,7 +464,7 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
             # One threshold over every record: keep the aligned records on disk, not in memory.
             stream = _spooled(stream, spool)
             rereader = partial(_unspooled, spool)
-        for (record, line), mask in select_stream(stream, scores_of, run_k["k"], scope, rereader):
+        for (record, line), mask in select_stream(stream, scores_of, run_k.k, scope, rereader):
             if mask is not None:
                 record["titok"]["target"]["mask"] = mask
             if line is None:

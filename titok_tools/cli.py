@@ -15,6 +15,7 @@ import warnings
 
 import click
 
+from .errors import TitokError
 from .formatting import FormatError
 from .records import check_writable
 from .select import SCOPES
@@ -181,7 +182,7 @@ def command(f):
         setup_logging()
         try:
             return f(*args, **kwargs)
-        except FormatError as e:  # the records' own are reported per record; this is one the template raised
+        except (TitokError, FormatError) as e:  # the library's errors, and one a chat template raised
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt as e:
             click.echo(f"Interrupted: {e}" if str(e) else "Interrupted.", err=True)
@@ -194,6 +195,12 @@ def command(f):
             sys.exit(0)
     return run
 
+
+
+def check_resume(output, resume):
+    """--resume continues a file: a command checks this before loading its model."""
+    if resume and output == "-":
+        raise click.UsageError("--resume needs -o FILE")
 
 
 def counted_suffix(counts):

@@ -25,9 +25,9 @@ from tqdm import tqdm
 from . import cli
 from .answers import exact_match
 from .formatting import FormatError, check_prompt, encode_many
-from .generation import generate
+from .backends import generate
 from .models import completion_logprobs, decoder_and_head, load_model, load_tokenizer
-from .records import (RecordError, check_numbers, check_resume, checked, is_done, prompt_and_completion, read_records,
+from .records import (RecordError, check_numbers, checked, is_done, prompt_and_completion, read_records,
                       record_writer, text_output, unique_ids)
 
 log = logging.getLogger("titok.eval")
@@ -255,7 +255,7 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
     Example:
       titok-eval --model google/gemma-3-270m --adapter adapters/target --metrics m.json test.jsonl > predictions.jsonl
     """
-    check_resume(output, resume)
+    cli.check_resume(output, resume)
     tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
     # Without --choices it only generates; --choices projects hidden states to log-probs itself.
     lm = load_model(model, adapter, dtype, device, trust_remote_code, check_logits=choices)

@@ -10,42 +10,43 @@ import random
 import click
 
 from . import cli
-from .records import (RecordError, check_number, check_numbers, read_records, record_writer, spooled, titok, titok_part,
-                      unique_ids)
+from .errors import TitokError
+from .records import read_records, record_writer, source_scores, spooled, titok, unique_ids
 from .select import auto_k, n_select, select_stream
 
 log = logging.getLogger("titok.filter")
 
 
-def source_scores(record, where):
-    """The scored source side of a record, checked."""
-    source = titok_part(record, "source")
-    if source is None or "excess" not in source:
-        raise RecordError(where, "titok.source", "missing: run titok-score first")
-    excess = source["excess"]
-    if not isinstance(excess, list) or not excess:
-        raise RecordError(where, "titok.source.excess", "must be a non-empty list of numbers")
-    check_numbers(excess, where, "titok.source.excess")
-    check_number(source.get("mean_excess"), where, "titok.source.mean_excess")
-    return source
+def keep_value(value):
+    """M as given: an int is a count, a float a fraction of the input; text ("250", "0.5") is
+    read as one of them. Raises TitokError when it is neither or out of range."""
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            raise TitokError(f"--keep: {value!r} is neither a count nor a fraction")
+    if isinstance(value, float) and not 0 < value <= 1:
+        raise TitokError(f"--keep: fraction {value} is outside (0, 1]")
+    if isinstance(value, int) and value < 1:
+        raise TitokError(f"--keep: count {value} must be at least 1")
+    return value
 
 
 def parse_keep(value, n):
-    """M from --keep: an integer count ("250") or a fraction of the input ("0.5")."""
-    try:
-        fraction = any(c in value for c in ".eE")
-        number = float(value) if fraction else int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is neither a count nor a fraction", param_hint="--keep")
-    if fraction:
-        if not 0 < number <= 1:
-            raise click.BadParameter(f"fraction {value} is outside (0, 1]", param_hint="--keep")
+    """M out of n records, from a count or a fraction (keep_value)."""
+    number = keep_value(value)
+    if isinstance(number, float):
         return n_select(n, number)
-    if number < 1:
-        raise click.BadParameter(f"count {value} must be at least 1", param_hint="--keep")
     if number > n:
         log.warning("--keep %d is more than the %d input records: keeping all", number, n)
     return min(number, n)
+
+
+def _keep_option(ctx, param, value):
+    try:
+        return keep_value(value)
+    except TitokError as e:
+        raise click.BadParameter(str(e).removeprefix("--keep: "))
 
 
 def rank_records(pairs, rank_by="excess", seed=0):
@@ -144,7 +145,7 @@ def summary(counts):
 @cli.selection_options(0.7, auto=True)
 @click.option("--mass", type=cli.Finite(0, 1, min_open=True), default=0.9, show_default=True,
               help="With -k auto: the share of the kept samples' positive excess the selected tokens must hold.")
-@click.option("-M", "--keep", default="0.5", show_default=True,
+@click.option("-M", "--keep", default="0.5", show_default=True, callback=_keep_option,
               help="Samples to keep, by mean excess: a count (250) or a fraction of the input (0.5 = the paper's 2x pool).")
 @click.option("--rank-by", type=click.Choice(["excess", "random"]), default="excess", show_default=True,
               help="Rank samples by mean excess (TiTok), or at random with --seed (the ablation baseline).")

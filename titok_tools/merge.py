@@ -13,6 +13,7 @@ import logging
 import click
 import orjson
 
+from .errors import TitokError
 from . import cli
 from .records import read_records, record_writer, shown_name, unique_ids
 
@@ -30,7 +31,7 @@ def _count_error(paths, counts):
     expected = _expected_counts(counts)
     short = [f"shard {i} ({shown_name(paths[i])}) has {c} records, expected {e}"
              for i, (c, e) in enumerate(zip(counts, expected)) if c < e]
-    return click.ClickException(
+    return TitokError(
         f"{'; '.join(short)}: records are missing (an interrupted run, or one with --skip-invalid: "
         f"then merge with --by-id INPUT). Shard sizes: {counts}")
 
@@ -76,7 +77,7 @@ def merge_by_id(paths, input_path, counts=None):
     for shard, head in enumerate(heads):
         if head is not None:
             where, record = head
-            raise click.ClickException(
+            raise TitokError(
                 f"{where}: id {_key(record).decode()} does not follow the input's order for shard {shard}/{n} "
                 f"(index i % {n} == {shard}): are these the shards of {shown_name(input_path)}, given in shard order?")
 

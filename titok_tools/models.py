@@ -12,11 +12,11 @@ import os
 import shutil
 import tempfile
 
-import click
 import numpy as np
 import orjson
 import torch
 
+from .errors import TitokError
 from .records import read_text
 
 log = logging.getLogger("titok")
@@ -97,7 +97,7 @@ def resolve(model, weights=True, trust_remote_code=False):
     """Map a .gguf file to its converted (cached) dir; leave ids and dirs alone."""
     if model.endswith(".gguf"):
         if not os.path.isfile(model):
-            raise click.ClickException(f"--model {model}: no such GGUF file")
+            raise TitokError(f"--model {model}: no such GGUF file")
         return _gguf_model_dir(model, trust_remote_code) if weights else _gguf_tokenizer_dir(model)
     return model
 
@@ -109,9 +109,9 @@ def load_tokenizer(model, chat_template=None, trust_remote_code=False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve(model, weights=False), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise click.ClickException(f"--model {model}: cannot load its tokenizer: {str(e).splitlines()[0]}")
+        raise TitokError(f"--model {model}: cannot load its tokenizer: {str(e).splitlines()[0]}")
     if not tokenizer.is_fast:
-        raise click.ClickException(f"--model {model}: needs a fast tokenizer (character offsets)")
+        raise TitokError(f"--model {model}: needs a fast tokenizer (character offsets)")
     if chat_template:
         tokenizer.chat_template = read_text(chat_template, "--chat-template")
     if tokenizer.pad_token_id is None:
@@ -123,7 +123,7 @@ def resolve_device(device):
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise click.ClickException("--device cuda: no CUDA device is available")
+        raise TitokError("--device cuda: no CUDA device is available")
     return device
 
 
@@ -155,7 +155,7 @@ def load_model(model, adapter=None, dtype="auto", device="auto", trust_remote_co
     try:
         base = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise click.ClickException(f"--model {model}: cannot load: {str(e).splitlines()[0]}")
+        raise TitokError(f"--model {model}: cannot load: {str(e).splitlines()[0]}")
     base.to(device)
     if check_logits:
         check_project_logits(base, model)
@@ -196,16 +196,16 @@ def adapter_config(adapter):
     peft never goes looking for missing weights on the Hub)."""
     config_path = os.path.join(adapter, "adapter_config.json")
     if not os.path.isfile(config_path):
-        raise click.ClickException(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter dir)")
+        raise TitokError(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter dir)")
     try:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
     except ValueError as e:  # not JSON, not UTF-8
-        raise click.ClickException(f"--adapter {adapter}: adapter_config.json is not valid JSON: {e}")
+        raise TitokError(f"--adapter {adapter}: adapter_config.json is not valid JSON: {e}")
     if not isinstance(config, dict):
-        raise click.ClickException(f"--adapter {adapter}: adapter_config.json must hold a JSON object")
+        raise TitokError(f"--adapter {adapter}: adapter_config.json must hold a JSON object")
     if not any(os.path.isfile(os.path.join(adapter, name)) for name in ADAPTER_WEIGHTS):
-        raise click.ClickException(f"--adapter {adapter}: no {' or '.join(ADAPTER_WEIGHTS)}: the adapter's weights are missing")
+        raise TitokError(f"--adapter {adapter}: no {' or '.join(ADAPTER_WEIGHTS)}: the adapter's weights are missing")
     return config
 
 
@@ -224,13 +224,13 @@ def load_adapter(base, adapter, config, model_name, trainable=False):
         # recent peft raises NoMatchingPeftModuleError (a ValueError), older peft a ValueError with this text
         if type(e).__name__ != "NoMatchingPeftModuleError" and "not found in the base model" not in str(e):
             raise
-        raise click.ClickException(
+        raise TitokError(
             f"--adapter {adapter}: its target_modules {config.get('target_modules')!r} match no module of --model "
             f"{model_name}" + (f" (the adapter was made for base {made_for!r})" if other_base else "")) from None
     except RuntimeError as e:
         if "size mismatch" not in str(e):
             raise
-        raise click.ClickException(
+        raise TitokError(
             f"--adapter {adapter} was made for base {made_for!r}, not for --model {model_name}: its weight shapes do not fit")
 
 
@@ -244,7 +244,7 @@ def adapter_sha256(adapter):
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
             return h.hexdigest()
-    raise click.ClickException(f"--adapter {adapter}: no adapter_model.safetensors")
+    raise TitokError(f"--adapter {adapter}: no adapter_model.safetensors")
 
 
 def _fingerprint_of_json(backend_json):
@@ -338,7 +338,7 @@ def check_project_logits(model, name, n_tokens=8):
     try:
         body, head = decoder_and_head(model)
     except AttributeError as e:
-        raise click.ClickException(f"--model {name}: cannot find its decoder and output head ({e})")
+        raise TitokError(f"--model {name}: cannot find its decoder and output head ({e})")
     device = next(model.parameters()).device
     ids = (torch.arange(1, n_tokens + 1, device=device) * (head.weight.shape[0] // (n_tokens + 1)))[None]
     rows, cols = torch.zeros(n_tokens - 1, dtype=torch.long, device=device), torch.arange(1, n_tokens, device=device)
@@ -353,7 +353,7 @@ def check_project_logits(model, name, n_tokens=8):
         return    # broken weights (nan): nothing to compare here; the stages report nan losses themselves
     rtol = _LOGITS_RTOL.get(model.dtype, _LOGITS_RTOL[torch.bfloat16])
     if not torch.allclose(ours, theirs, rtol=rtol, atol=rtol * theirs.abs().max().item()):
-        raise click.ClickException(
+        raise TitokError(
             f"--model {name}: model type {model.config.model_type!r} computes its logits in a way titok-tools does not "
             f"reproduce (max difference {(ours - theirs).abs().max().item():.3g}): unsupported model family")
 
@@ -372,7 +372,6 @@ def completion_logprobs(model, body, head, encs, pad_id, device):
     """log p of every completion token (positions) of each encoded sequence in one right-padded
     batch, one float32 numpy array per sequence: what titok-score scores and titok-eval
     --choices sums. body and head are decoder_and_head(model)."""
-    import numpy as np
 
     ids, rows, cols = (t.to(device) for t in right_padded(encs, pad_id))
     logp = token_logprobs(model, head, predicting_hidden(body, ids, rows, cols), ids[rows, cols]).cpu().numpy()

@@ -16,13 +16,14 @@ from collections import Counter
 from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
-import click
 import orjson
+
+from .errors import TitokError
 
 DUMP_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY
 
 
-class RecordError(click.ClickException):
+class RecordError(TitokError):
     """A bad record: one line naming file:line and the field at fault."""
 
     def __init__(self, where, field, message):
@@ -35,7 +36,7 @@ def _open_input(path):
     try:
         return open(path, "rb")
     except OSError as e:
-        raise click.ClickException(f"{path}: cannot read: {e.strerror}")
+        raise TitokError(f"{path}: cannot read: {e.strerror}")
 
 
 def shown_name(path):
@@ -49,9 +50,9 @@ def read_text(path, option):
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as e:
-        raise click.ClickException(f"{option} {path}: not UTF-8 text ({e.reason} at byte {e.start})")
+        raise TitokError(f"{option} {path}: not UTF-8 text ({e.reason} at byte {e.start})")
     except OSError as e:
-        raise click.ClickException(f"{option} {path}: cannot read: {e.strerror}")
+        raise TitokError(f"{option} {path}: cannot read: {e.strerror}")
 
 
 class JsonLine(NamedTuple):
@@ -260,25 +261,19 @@ def check_writable(path, is_dir=False):
     if path == "-":
         return
     if not path:
-        raise click.ClickException("cannot write to an empty path")
+        raise TitokError("cannot write to an empty path")
     if os.path.exists(path) and os.path.isdir(path) != is_dir:
-        raise click.ClickException(f"{path}: cannot write: {'not a directory' if is_dir else 'it is a directory'}")
+        raise TitokError(f"{path}: cannot write: {'not a directory' if is_dir else 'it is a directory'}")
     existing = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise click.ClickException(f"{path}: cannot write: {existing} is not a directory")
+        raise TitokError(f"{path}: cannot write: {existing} is not a directory")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise click.ClickException(f"{path}: cannot write: {e.strerror or e}")
-
-
-def check_resume(output, resume):
-    """--resume continues a file: a command checks this before loading its model."""
-    if resume and output == "-":
-        raise click.UsageError("--resume needs -o FILE")
+        raise TitokError(f"{path}: cannot write: {e.strerror or e}")
 
 
 class RecordWriter:
@@ -296,7 +291,8 @@ class RecordWriter:
         self.done_ids = Counter()
         self.written = 0  # records in the output
         self.waiting, self.next, self.ahead = {}, 0, None  # write_at's: position -> line, the next position
-        check_resume(path, resume)
+        if resume and path == "-":
+            raise TitokError("resume needs an output file, not stdout")
         if path == "-":
             self.f = sys.stdout.buffer
             return
@@ -539,3 +535,16 @@ def text_output(path):
     os.umask(umask)
     os.chmod(tmp.name, 0o666 & ~umask)
     os.replace(tmp.name, path)
+
+
+def source_scores(record, where):
+    """The scored source side of a record, checked."""
+    source = titok_part(record, "source")
+    if source is None or "excess" not in source:
+        raise RecordError(where, "titok.source", "missing: run titok-score first")
+    excess = source["excess"]
+    if not isinstance(excess, list) or not excess:
+        raise RecordError(where, "titok.source.excess", "must be a non-empty list of numbers")
+    check_numbers(excess, where, "titok.source.excess")
+    check_number(source.get("mean_excess"), where, "titok.source.mean_excess")
+    return source

@@ -13,6 +13,8 @@ import time
 
 import click
 
+from . import cli
+from .errors import TitokError
 from .records import text_output
 
 
@@ -43,6 +45,7 @@ def _number(value, spec):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The Markdown file to write.")
 @click.option("--title", default="TiTok transfer", show_default=True, help="The report's heading.")
 @click.option("--setting", "settings", multiple=True, metavar="KEY=VALUE", help="A setting of the run to list under the table.")
+@cli.command
 def main(results, output, title, settings):
     """Tabulate NAME=METRICS.json results into a Markdown report."""
     rows = []
@@ -54,7 +57,7 @@ def main(results, output, title, settings):
             with open(path) as f:
                 rows.append((name, json.load(f)))
         except (OSError, ValueError) as e:
-            raise click.ClickException(f"{path}: cannot read metrics: {e}")
+            raise TitokError(f"{path}: cannot read metrics: {e}")
     setting_lines = [f"- {s.partition('=')[0]}: `{s.partition('=')[2]}`" for s in settings]
     setting_lines.append(f"- machine: {platform.machine()}, {os.cpu_count()} CPU threads, {platform.python_version()}")
     setting_lines.append(f"- written: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")

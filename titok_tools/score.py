@@ -18,7 +18,7 @@ from . import cli
 from .formatting import FormatError, encode, record_error
 from .models import (adapter_sha256, completion_logprobs, decoder_and_head, load_model, load_tokenizer,
                      tokenizer_fingerprint)
-from .records import (RecordError, check_resume, checked, prompt_and_completion, read_records, record_writer, titok,
+from .records import (RecordError, checked, prompt_and_completion, read_records, record_writer, titok,
                       unique_ids)
 
 log = logging.getLogger("titok.score")
@@ -154,7 +154,7 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
     """
     if adapter is None:
         raise click.UsageError("--adapter is required: excess compares the expert (base + adapter) with the base")
-    check_resume(output, resume)
+    cli.check_resume(output, resume)
     tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
     lm = load_model(model, adapter, dtype, device, trust_remote_code)
     source = {"model": model, "adapter": adapter, "adapter_sha256": adapter_sha256(adapter),

@@ -23,10 +23,9 @@ import click
 import numpy as np
 
 from . import cli
-from .align import as_spans, offsets_problem, overlap_ranges
-from .filter import source_scores
+from .alignment import as_spans, offsets_problem, overlap_ranges
 from .records import (RecordError, check_number, check_numbers, filter_settings, prompt_and_completion, read_records,
-                      spooled, text_output, titok_part)
+                      source_scores, spooled, text_output, titok_part)
 
 log = logging.getLogger("titok.show")
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .errors import TitokError
 from . import cli
 from .formatting import FormatError, encode, record_error
 from .models import (DTYPES, base_model_name, decoder_and_head, load_model, load_tokenizer, predicting_hidden, project_logits,
@@ -259,12 +260,12 @@ def load_checkpoint(path, model, optimizer, scheduler, procs, scaler=None):
     if scaler is not None:
         scaler_file = os.path.join(path, "scaler.pt")
         if not os.path.isfile(scaler_file):
-            raise click.ClickException(f"{path}: has no fp16 loss scale (made by an older titok-train): "
+            raise TitokError(f"{path}: has no fp16 loss scale (made by an older titok-train): "
                                        "delete it or drop --resume")
         scaler.load_state_dict(torch.load(scaler_file, weights_only=True))
     rng_file = os.path.join(path, f"rng-{procs.rank}.pt")
     if not os.path.isfile(rng_file):
-        raise click.ClickException(f"{path}: made with another number of processes; resume with the same one")
+        raise TitokError(f"{path}: made with another number of processes; resume with the same one")
     rng = torch.load(rng_file, weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -303,7 +304,7 @@ def check_same_layout(path, state, layout):
     differ = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
     if differ:
         what = ", ".join(f"{k} {was} (now {now})" for k, (was, now) in differ.items())
-        raise click.ClickException(f"{path} was made by a run with {what}: resume with the same number of "
+        raise TitokError(f"{path} was made by a run with {what}: resume with the same number of "
                                    "processes, or delete it or drop --resume")
 
 
@@ -323,7 +324,7 @@ def train(model, examples, pad_id, *, epochs=2, batch_size=4, grad_accum=1, lr=5
     device = procs.device
     params = list(_trainable(model).values())
     if not params:
-        raise click.ClickException("the model has no trainable parameters")
+        raise TitokError("the model has no trainable parameters")
     per_step = batch_size * grad_accum * procs.world
     steps_per_epoch = math.ceil(len(examples) / per_step)
     total = steps_per_epoch * epochs
@@ -338,7 +339,7 @@ def train(model, examples, pad_id, *, epochs=2, batch_size=4, grad_accum=1, lr=5
         with open(os.path.join(found, "state.json")) as f:
             saved = json.load(f)
         if saved.get("run_key") != run_key:
-            raise click.ClickException(f"{found} was made by a run with other arguments or input; "
+            raise TitokError(f"{found} was made by a run with other arguments or input; "
                                        "delete it or drop --resume")
         check_same_layout(found, saved, layout)
         state = load_checkpoint(found, model, optimizer, scheduler, procs, scaler)
@@ -384,7 +385,7 @@ def train(model, examples, pad_id, *, epochs=2, batch_size=4, grad_accum=1, lr=5
                     offset += p.numel()
             loss = procs.sum_(loss_sum).item() / norm
             if not math.isfinite(loss):
-                raise click.ClickException(f"the loss is {loss} at step {step + 1} (epoch {epoch + 1}): lower --lr, "
+                raise TitokError(f"the loss is {loss} at step {step + 1} (epoch {epoch + 1}): lower --lr, "
                                            "try --dtype float32, or check the records")
             if scaler:
                 scaler.unscale_(optimizer)   # clip the true gradients; an inf/nan one makes scaler.step skip the step
@@ -434,7 +435,7 @@ def add_lora(model, model_name, *, r, alpha, dropout, target_modules, seed):
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as e:
-        raise click.ClickException(f"--target-modules {target_modules}: {str(e).splitlines()[0]}")
+        raise TitokError(f"--target-modules {target_modules}: {str(e).splitlines()[0]}")
     # Where PEFT (AutoPeftModelForCausalLM) will load the base from, and what titok-score checks
     # --model against: not a relative path or a .gguf file.
     peft_model.peft_config["default"].base_model_name_or_path = base_model_name(model_name)
@@ -497,7 +498,7 @@ def main(input, model, dtype, device, trust_remote_code, chat_template, no_chat_
     arguments = {k: v for k, v in locals().items()}
     output = output.rstrip("/")
     if os.path.exists(output) and not overwrite:
-        raise click.ClickException(f"--output {output} exists: pass --overwrite to replace it")
+        raise TitokError(f"--output {output} exists: pass --overwrite to replace it")
     check_writable(output, is_dir=True)  # now, not after the training
     procs = Processes(device)
     if procs.world > 1 and input == "-":
@@ -515,7 +516,7 @@ def main(input, model, dtype, device, trust_remote_code, chat_template, no_chat_
                             (("no_selected", "with no selected token"), ("not_kept", "dropped by titok-filter"),
                              ("invalid", "invalid")) if counts.get(k))
         if not examples:
-            raise click.ClickException(f"{input}: no records to train on" + (f" (skipped: {skipped})" if skipped else ""))
+            raise TitokError(f"{input}: no records to train on" + (f" (skipped: {skipped})" if skipped else ""))
         log.info("%d records, %d of %d completion tokens selected%s", len(examples), counts["selected_tokens"],
                  counts["completion_tokens"], f"; skipped {skipped}" if skipped else "")
         if counts.get("truncated"):
@@ -567,7 +568,7 @@ def write_adapter(model, output, info, overwrite=False):
         if not os.path.exists(output):
             os.rename(tmp, output)
         elif not overwrite:
-            raise click.ClickException(f"--output {output} exists: pass --overwrite to replace it")
+            raise TitokError(f"--output {output} exists: pass --overwrite to replace it")
         else:  # the old adapter goes only once the new one is in its place
             aside = tmp + ".old"
             os.rename(output, aside)
