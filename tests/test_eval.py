@@ -186,7 +186,8 @@ def test_adapter_for_another_base_is_a_clear_error(smollm2_dir, tiny_llama_lora,
 def test_help_lists_every_flag():
     text = CliRunner().invoke(main, ["--help"]).output
     for flag in ("--model", "--adapter", "--max-new-tokens", "--batch-size", "--limit", "--shard", "--metrics",
-                 "--output", "--dtype", "--chat-template", "--no-chat-template", "--max-length", "--skip-invalid", "--resume"):
+                 "--output", "--dtype", "--chat-template", "--no-chat-template", "--max-length", "--skip-invalid", "--resume",
+                 "--backend", "--tensor-parallel-size", "--choices"):
         assert flag in text
 
 
@@ -295,3 +296,38 @@ def test_resume_without_an_output_file_is_refused_before_the_model_loads(tmp_pat
             "score": (score.main, ["--adapter", tiny_llama_lora, data])}[command]
     result = CliRunner().invoke(args[0], ["--model", "no/such-model", "--resume", *args[1]])
     assert result.exit_code == 2 and "--resume needs -o FILE" in result.output
+
+
+def test_the_vllm_backend_answers_when_asked(tiny_llama, tiny_llama_lora, qa, tmp_path, monkeypatch):
+    """--backend vllm: the answers come from backends.VllmBackend's complete() (greedy), built with
+    the run's model, adapter and --tensor-parallel-size; no transformers model is loaded. vLLM
+    itself is not installed here: a stand-in records what it is given."""
+    from titok_tools import evaluate
+    made, asked = [], []
+
+    class StandIn:
+        def __init__(self, model, adapter, dtype, trust_remote_code, tokenizer, chat_template, max_length,
+                     tensor_parallel_size, seed):
+            made.append((model, adapter, chat_template, tensor_parallel_size))
+
+        def complete(self, prompts, max_new_tokens, temperature, top_p, seed):
+            asked.append((len(prompts), max_new_tokens, temperature))
+            return [p[-1]["content"].removeprefix("Say ") for p in prompts]
+
+    monkeypatch.setattr(evaluate, "VllmBackend", StandIn)
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("loaded a transformers model"))
+    records, data = qa
+    result = CliRunner().invoke(main, ["--model", tiny_llama, "--adapter", tiny_llama_lora, "--backend", "vllm",
+                                       "--tensor-parallel-size", "2", "--batch-size", "4", "--max-new-tokens", "5",
+                                       "-o", str(tmp_path / "out.jsonl"), data])
+    assert result.exit_code == 0, result.output
+    assert made == [(tiny_llama, tiny_llama_lora, True, 2)]
+    assert asked == [(4, 5, 0.0), (4, 5, 0.0)]
+    assert [r["prediction"] for r in read_jsonl(tmp_path / "out.jsonl")] == [
+        r.get("completion") or r["messages"][-1]["content"] for r in records]
+    assert "8 records: exact match 1.0000" in result.output
+
+
+def test_choices_need_the_hf_backend(qa):
+    result = CliRunner().invoke(main, ["--model", "m", "--backend", "vllm", "--choices", qa[1]])
+    assert result.exit_code == 2 and "--choices scores the options with the transformers model" in result.output

@@ -131,6 +131,13 @@ tokenizer_options = _compose(
                  help="Token cap for the prompt (cut from the left) and, separately, the completion (cut from the right, marked truncated)."),
 )
 
+backend_options = _compose(
+    click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+                 help="transformers generate (CPU or GPU), or vLLM (pip install 'titok-tools[vllm]'; give it a large "
+                      "--batch-size)."),
+    click.option("--tensor-parallel-size", default=1, show_default=True, type=click.IntRange(min=1),
+                 help="GPUs per model (vllm)."),
+)
 adapter_option = click.option("--adapter", type=click.Path(exists=True, file_okay=False),
                               help="A PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors).")
 

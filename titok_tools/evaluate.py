@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import cli
 from .answers import exact_match
 from .formatting import FormatError, check_prompt, encode_many
-from .backends import generate
+from .backends import VllmBackend, generate
 from .models import completion_logprobs, decoder_and_head, load_model, load_tokenizer
 from .records import (RecordError, check_numbers, checked, is_done, prompt_and_completion, read_records,
                       record_writer, text_output, unique_ids)
@@ -132,8 +132,11 @@ def option_loglikelihoods(model, tokenizer, encoded, batch_size):
 
 
 def evaluate_records(pairs, model, tokenizer, *, chat_template=True, max_new_tokens=200, batch_size=8, max_length=768,
-                     metrics=None, skip_invalid=False, counts=None, progress=None, done=None, choices=False):
+                     metrics=None, skip_invalid=False, counts=None, progress=None, done=None, choices=False, backend=None):
     """Yield the (where, record) pairs' records with "prediction", in order; add to `metrics`.
+
+    The answers come from `model` (transformers generate), or from `backend` (backends.VllmBackend:
+    its complete(), greedy) when one is given; choices need the model.
 
     With choices, a record with "options" also gets "choice", "choice_norm" (the options chosen
     by log-likelihood, and by it per character) and "choice_loglikelihoods" (one per option).
@@ -149,9 +152,12 @@ def evaluate_records(pairs, model, tokenizer, *, chat_template=True, max_new_tok
         predictions = [None] * len(window)
         loglikelihoods = [None] * len(window)
         if any(todo):
-            predictions = generate(model, tokenizer, [messages for _, _, (messages, _, _) in window],
-                                   chat_template=chat_template, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   max_length=max_length)
+            prompts = [messages for _, _, (messages, _, _) in window]
+            if backend is not None:
+                predictions = backend.complete(prompts, max_new_tokens, 0.0, 1.0, 0)
+            else:
+                predictions = generate(model, tokenizer, prompts, chat_template=chat_template,
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
             with_options = [i for i, (_, _, (_, _, encs)) in enumerate(window) if encs]
             if with_options:
                 scored = option_loglikelihoods(model, tokenizer, [window[i][2][2] for i in with_options], batch_size)
@@ -232,13 +238,15 @@ def _selected(pairs, limit, shard):
                    'tokens, not the closing one) and report the accuracy of the most likely option, and of the most '
                    'likely per character (lm-eval\'s acc and acc_norm): choice_accuracy, choice_accuracy_norm, '
                    'choice_records. Adds "choice", "choice_norm" and "choice_loglikelihoods" to those records.')
+@cli.backend_options
 @cli.output_option
 @cli.resume_option
 @cli.shard_option
 @cli.skip_invalid_option
 @cli.command
 def main(input, model, dtype, device, trust_remote_code, adapter, chat_template, no_chat_template, max_length,
-         max_new_tokens, batch_size, limit, metrics_file, choices, output, resume, shard, skip_invalid):
+         max_new_tokens, batch_size, limit, metrics_file, choices, backend, tensor_parallel_size, output, resume, shard,
+         skip_invalid):
     """Greedy predictions for records with a prompt and a reference completion, and their scores.
 
     Writes every record with "prediction" added. Metrics, on stderr and in --metrics FILE,
@@ -256,9 +264,15 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
       titok-eval --model google/gemma-3-270m --adapter adapters/target --metrics m.json test.jsonl > predictions.jsonl
     """
     cli.check_resume(output, resume)
+    if backend == "vllm" and choices:
+        raise click.UsageError("--choices scores the options with the transformers model: use --backend hf")
     tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
-    # Without --choices it only generates; --choices projects hidden states to log-probs itself.
-    lm = load_model(model, adapter, dtype, device, trust_remote_code, check_logits=choices)
+    engine, lm = None, None
+    if backend == "vllm":
+        engine = VllmBackend(model, adapter, dtype, trust_remote_code, tokenizer, not no_chat_template, max_length,
+                             tensor_parallel_size, seed=0)
+    else:  # without --choices it only generates; --choices projects hidden states to log-probs itself
+        lm = load_model(model, adapter, dtype, device, trust_remote_code, check_logits=choices)
     counts, metrics = {}, Metrics(choices)
     with (record_writer(output, resume, keep_partial=True) as writer,
           tqdm(desc="titok-eval", unit="rec", mininterval=1) as progress):
@@ -281,7 +295,7 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
         for record in evaluate_records(pairs, lm, tokenizer, chat_template=not no_chat_template,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length,
                                        metrics=metrics, skip_invalid=skip_invalid, counts=counts, progress=progress,
-                                       done=lambda r: is_done(writer, r), choices=choices):
+                                       done=lambda r: is_done(writer, r), choices=choices, backend=engine):
             writer.write(record)
             writer.flush()
     result = dict(metrics.result(), model=model, adapter=adapter, invalid=counts.get("invalid", 0))

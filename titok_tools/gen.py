@@ -270,9 +270,7 @@ def label_records(pairs, backend, settings, meta, counts=None, progress=None, do
               help="Reject a query without the shape of the seed examples (counted as format): an Options: block when "
                    "they are multiple choice, else the wording 90%% of them share, and a length within half the shortest "
                    "to twice the longest. The summary reports the share of read queries that had it either way.")
-@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
-              help="transformers generate (CPU or GPU), or vLLM (pip install 'titok-tools[vllm]'; give it a large --batch-size).")
-@click.option("--tensor-parallel-size", default=1, show_default=True, type=click.IntRange(min=1), help="GPUs per model (vllm).")
+@cli.backend_options
 @cli.output_option
 @cli.resume_option
 @cli.seed_option
