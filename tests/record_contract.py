@@ -55,7 +55,7 @@ def problems(record):
     if source is not None:
         source_problems(source, completion, found)
     if settings is not None:
-        filter_problems(settings, source, found)
+        filter_problems(settings, source, completion, found)
     elif source is not None and "mask" in source:
         found.append("titok.source.mask: present without titok.filter (titok-filter adds both)")
     if target is not None:
@@ -132,7 +132,7 @@ def source_problems(source, completion, found):
         mask_field(source, "titok.source", n, found)
 
 
-def filter_problems(settings, source, found):
+def filter_problems(settings, source, completion, found):
     keys_problems("titok.filter", settings, FILTER_KEYS, FILTER_EXTRAS, found)
     if source is None:
         found.append("titok.filter: present without titok.source (titok-filter reads the source's excess)")
@@ -161,12 +161,14 @@ def filter_problems(settings, source, found):
         found.append("titok.source.mask: present, yet titok.filter.kept is false (a dropped sample has no mask)")
     mask, excess = source.get("mask"), source.get("excess")
     if kept and is_mask(mask) and is_numbers(excess) and len(mask) == len(excess):
-        order_problem(mask, excess, "titok.source.mask", "excess", found)
+        competing = outside_closing(len(mask), source.get("offsets"), completion, mask, "titok.source.mask", found)
+        order_problem([mask[i] for i in competing], [excess[i] for i in competing], "titok.source.mask", "excess",
+                      found, positions=competing)
         if settings.get("scope") == "sample" and k_ok:
-            want = max(1, math.floor(k * len(excess) + 1e-9))
+            want = max(1, math.floor(k * len(competing) + 1e-9))
             if sum(mask) != want:
-                found.append(f"titok.source.mask: selects {sum(mask)} of {len(excess)} tokens; k = {k} in scope "
-                             f"sample selects max(1, floor(k * n)) = {want}")
+                found.append(f"titok.source.mask: selects {sum(mask)} of {len(competing)} tokens that compete; k = {k} "
+                             f"in scope sample selects max(1, floor(k * n)) = {want}")
 
 
 def target_problems(target, completion, source, settings, found):
@@ -210,7 +212,8 @@ def target_problems(target, completion, source, settings, found):
             if any(m and s is None for m, s in zip(mask, score)):
                 found.append("titok.target.mask: selects a token that has no score")
             else:
-                scored = [i for i, s in enumerate(score) if s is not None]
+                competing = outside_closing(len(mask), target.get("offsets"), completion, mask, "titok.target.mask", found)
+                scored = [i for i in competing if score[i] is not None]
                 order_problem([mask[i] for i in scored], [score[i] for i in scored], "titok.target.mask", "score",
                               found, positions=scored)
 
@@ -329,6 +332,16 @@ def overlaps(a, b, c, d):
     if a == b or c == d:
         return a == b == c == d
     return c < b and a < d
+
+
+def outside_closing(n, offsets, completion, mask, name, found):
+    """The token positions that compete for the k budget: all but the closing token (an empty
+    span at the completion's end, last), which is never selected (titok-train trains it anyway)."""
+    end = [len(completion), len(completion)]
+    closing = isinstance(offsets, list) and len(offsets) == n > 0 and offsets[-1] == end
+    if closing and mask[-1]:
+        found.append(f"{name}: selects the closing token, which is outside the k budget")
+    return list(range(n - 1 if closing else n))
 
 
 def order_problem(mask, values, name, what, found, positions=None):

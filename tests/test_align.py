@@ -78,6 +78,12 @@ def random_values(n, seed):
     return np.random.default_rng(seed).normal(size=n).tolist()
 
 
+def budget(scores, offsets):
+    """The scores that compete for top-k: the closing token's (an empty last span) is left out
+    (docs/design.md, Selection)."""
+    return [*scores[:-1], None] if offsets[-1][0] == offsets[-1][1] else list(scores)
+
+
 def scored(tokenizer, completion, id=0, k=0.5, seed=0, prompt=PROMPT):
     """A record as titok-score + titok-filter write it, with synthetic excess (no model run)."""
     enc = encode(tokenizer, prompt, completion)
@@ -87,7 +93,7 @@ def scored(tokenizer, completion, id=0, k=0.5, seed=0, prompt=PROMPT):
               "tokenizer": tokenizer_fingerprint(tokenizer), "token_ids": enc.token_ids, "offsets": enc.offsets,
               "logp_expert": [b + e for b, e in zip(base, excess)], "logp_base": base, "excess": excess,
               "mean_excess": float(np.mean(excess)), "truncated": enc.truncated,
-              "mask": topk_mask(excess, k)}
+              "mask": topk_mask(budget(excess, enc.offsets), k)}
     return {"id": id, "prompt": prompt[0]["content"], "completion": completion,
             "titok": {"source": source, "filter": {"k": k, "keep": 1, "scope": "sample", "rank": id}}}
 
@@ -204,7 +210,7 @@ def test_identity_same_tokenizer(smollm2_tokenizer):
         assert target["score"] == source["excess"]
         assert target["token_ids"] == source["token_ids"] and target["offsets"] == source["offsets"]
         assert target["coverage"] == 1.0
-        assert target["mask"] == topk_mask(source["excess"], 0.3)
+        assert target["mask"] == topk_mask(budget(source["excess"], source["offsets"]), 0.3)
         assert record["titok"]["source"] == source  # passes through unchanged
     assert counts["same_tokens"] == len(records)
 
@@ -221,7 +227,7 @@ def test_cross_family_records(smollm2_tokenizer, gemma_tokenizer):
         assert target["score"] == brute_force(source["offsets"], source["excess"], tgt.offsets)
         assert target["coverage"] == sum(s is not None for s in target["score"]) / len(target["score"])
         assert target["tokenizer"] == tokenizer_fingerprint(gemma_tokenizer) != source["tokenizer"]
-        scores.append(target["score"])
+        scores.append(budget(target["score"], target["offsets"]))
     # default k = the filter's; batch scope = groups of 4 records, the same rule as titok-filter
     masks = topk_masks(scores[:4], 0.5) + topk_masks(scores[4:], 0.5)
     assert [r["titok"]["target"]["mask"] for r in out] == masks
@@ -314,7 +320,7 @@ def test_cli_aligns_and_selects(gemma_scored, smollm2_dir, smollm2_tokenizer, tm
         assert target["score"] == brute_force(source["offsets"], source["excess"], tgt.offsets)
         assert target["model"] == smollm2_dir
         assert {k: v for k, v in record.items() if k != "titok"} == {k: v for k, v in original.items() if k != "titok"}
-        scores.append(target["score"])
+        scores.append(budget(target["score"], target["offsets"]))
     # global scope: one threshold over all records, k from titok-filter (0.4)
     assert [r["titok"]["target"]["mask"] for r in out] == topk_masks(scores, 0.4)
     total = sum(v is not None for s in scores for v in s)  # unscored tokens do not count
@@ -333,7 +339,7 @@ def test_cli_from_mask_shard_and_k(gemma_scored, smollm2_dir, smollm2_tokenizer)
         target, source = record["titok"]["target"], records[record["id"]]["titok"]["source"]
         tgt = encode(smollm2_tokenizer, PROMPT, record["completion"])
         assert target["score"] == brute_force_groups(source["offsets"], source["mask"], tgt.offsets)
-        assert target["mask"] == topk_mask(target["score"], 0.2)
+        assert target["mask"] == topk_mask(budget(target["score"], target["offsets"]), 0.2)
         differs += target["score"] != brute_force(source["offsets"], source["mask"], tgt.offsets)
     assert differs  # these records tell the paper's groups from per-token means: --from mask reaches the groups
 

@@ -331,3 +331,20 @@ def test_keep_fraction_rounds_down_and_a_count_caps_at_the_input(tmp_path, keep,
     out, _ = run(records, "--keep", keep, tmp_path=tmp_path)
     assert [r["id"] for r in out] == [f"r{i}" for i in range(kept)]
     assert {r["titok"]["filter"]["keep"] for r in out} == {kept}
+
+
+def test_the_closing_token_is_outside_the_k_budget(tmp_path):
+    """docs/design.md, Selection: the closing token (the empty span at the completion's end) does
+    not compete for the top-k share; titok-train trains it anyway (--train-closing). Here it has
+    the highest excess: with it in the budget, -k 0.5 of 3 tokens would keep it alone."""
+    closing_best = {"id": "a", "prompt": "p", "completion": "ab",
+                    "titok": {"source": {"excess": [0.5, 0.1, 3.0], "mean_excess": 1.2,
+                                         "offsets": [[0, 1], [1, 2], [2, 2]]}}}
+    truncated = {"id": "b", "prompt": "p", "completion": "abc",  # no closing token: every token competes
+                 "titok": {"source": {"excess": [0.5, 0.1, 3.0], "mean_excess": 1.2,
+                                      "offsets": [[0, 1], [1, 2], [2, 3]]}}}
+    out, _ = run([closing_best, truncated], "-k", "0.5", "--keep", "2", tmp_path=tmp_path)
+    # a: 2 tokens compete, floor(0.5 * 2) = 1: the better answer token; b: floor(0.5 * 3) = 1: the 3.0
+    assert [r["titok"]["source"]["mask"] for r in out] == [[1, 0, 0], [0, 0, 1]]
+    out, _ = run([closing_best], "-k", "auto", "--mass", "0.5", "--keep", "1", tmp_path=tmp_path)
+    assert out[0]["titok"]["source"]["mask"] == [1, 0, 0] and out[0]["titok"]["filter"]["k"] == 0.5

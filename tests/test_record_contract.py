@@ -137,11 +137,16 @@ BROKEN = {
     "mask of 2": (lambda r: source(r).update(mask=[2, 0]), "titok.source.mask: must be a list of 0 and 1"),
     "mask of true": (lambda r: source(r).update(mask=[True, False]), "titok.source.mask: must be a list of 0 and 1"),
     "mask too long": (lambda r: source(r).update(mask=[1, 0, 0]), "titok.source.mask: 3 values for 2 tokens"),
-    "mask not the top": (lambda r: source(r).update(mask=[0, 1]),
-                         "titok.source.mask: selects token 1 (excess -2.0667) over token 0 (excess -0.0872)"),
+    "mask the closing token": (lambda r: source(r).update(mask=[0, 1]),
+                               "titok.source.mask: selects the closing token, which is outside the k budget"),
     "mask too many": (lambda r: source(r).update(mask=[1, 1]),
-                      "titok.source.mask: selects 2 of 2 tokens; k = 0.5 in scope sample selects max(1, floor(k * n)) = 1"),
-    "mask none": (lambda r: source(r).update(mask=[0, 0]), "titok.source.mask: selects 0 of 2 tokens"),
+                      "titok.source.mask: selects 2 of 1 tokens that compete; k = 0.5 in scope sample selects "
+                      "max(1, floor(k * n)) = 1"),
+    "mask none": (lambda r: source(r).update(mask=[0, 0]), "titok.source.mask: selects 0 of 1 tokens that compete"),
+    "mask not the top": (lambda r: source(r).update(offsets=[[0, 2], [2, 4]], excess=[-2.0, -0.0872],
+                                                    logp_expert=[-3.0, -12.0], logp_base=[-1.0, -11.9128],
+                                                    mean_excess=-1.0436, mask=[1, 0]) and r["titok"].pop("target"),
+                         "titok.source.mask: selects token 0 (excess -2.0) over token 1 (excess -0.0872)"),
     "mask without filter": (lambda r: r["titok"].pop("filter") and r["titok"].pop("target"),
                             "titok.source.mask: present without titok.filter"),
     "filter without source": (lambda r: r["titok"].pop("source") and r["titok"].pop("target"),
@@ -222,13 +227,13 @@ def test_the_mask_count_is_checked_only_where_the_record_alone_decides_it():
     """With scope batch or global the top-k runs over several records: one record may hold any
     number of the selected tokens (none included), but still only its highest ones."""
     for scope in ("batch", "global"):
-        for mask in ([1, 0], [0, 0], [1, 1]):
+        for mask in ([1, 0], [0, 0]):
             record = aligned()
             setting(record)["scope"] = scope
             source(record)["mask"] = mask
             assert problems(record) == []
-        source(record)["mask"] = [0, 1]
-        assert [p for p in problems(record) if p.startswith("titok.source.mask: selects token 1")]
+        source(record)["mask"] = [0, 1]  # the closing token is outside the budget in every scope
+        assert [p for p in problems(record) if p.startswith("titok.source.mask: selects the closing token")]
 
 
 def test_stored_numbers_may_be_rounded_but_not_wrong():

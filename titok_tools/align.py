@@ -35,7 +35,7 @@ from .formatting import FormatError, encode_later, record_error
 from .models import load_tokenizer, tokenizer_fingerprint
 from .records import (NUMBER_TYPES, JsonLine, RecordError, check_numbers, checked, dumps, filter_settings, insert_member,
                       not_kept, parse_line, prompt_and_completion, read_records, record_writer, titok, titok_part)
-from .select import select_stream
+from .select import budget_scores, select_stream
 
 log = logging.getLogger("titok.align")
 
@@ -451,7 +451,7 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
         # not kept: it passes through, outside the selection (with --scope batch or global it
         # would change the kept records' masks: a batch group is BATCH_GROUP kept records)
         target = titok_part(item[0], "target")
-        return None if target is None else target["score"]
+        return None if target is None else budget_scores(target["score"], target["offsets"])
 
     stream = aligned()
     first = next(stream, None)

@@ -12,7 +12,7 @@ import click
 from . import cli
 from .errors import TitokError
 from .records import read_records, record_writer, source_scores, spooled, titok, unique_ids
-from .select import auto_k, n_select, select_stream
+from .select import auto_k, budget_scores, n_select, select_stream
 
 log = logging.getLogger("titok.filter")
 
@@ -64,10 +64,15 @@ def rank_records(pairs, rank_by="excess", seed=0):
     return ranks
 
 
+def _budget(record):
+    source = record["titok"]["source"]
+    return budget_scores(source["excess"], source.get("offsets"))
+
+
 def choose_k(kept_records, mass, scope):
     """-k auto: the smallest k whose selection over the kept records holds `mass` of their
     positive excess (select.auto_k, same scope rule as the masks). One pass, floats only."""
-    k, share = auto_k((r["titok"]["source"]["excess"] for r in kept_records), mass, scope)
+    k, share = auto_k((_budget(r) for r in kept_records), mass, scope)
     if k is None:
         log.info("-k auto: no kept tokens to choose k from")
     elif share is None:
@@ -103,7 +108,7 @@ def filter_records(read, k, keep, scope, mark_only=False, counts=None, rank_by="
     if rank_by != "excess":
         settings.update(rank_by=rank_by, seed=seed)
 
-    masked = select_stream(kept(), lambda r: r["titok"]["source"]["excess"], k, scope, rereader=kept)
+    masked = select_stream(kept(), _budget, k, scope, rereader=kept)
     for i, (where, record) in enumerate(read()):
         source = record["titok"]["source"]
         is_kept = ranks[i] <= m

@@ -16,6 +16,18 @@ BATCH_GROUP = 4
 SAMPLE_CHUNK = 64  # records whose per-sample selections run as one set of array operations
 
 
+def budget_scores(scores, offsets):
+    """The scores that compete for the k budget: the closing token's (the empty span that ends a
+    completion, docs/design.md, Completion tokens) is left out, as titok-train trains it anyway
+    (--train-closing): stopping is part of every answer, not what the expert adds, and with one or
+    two answer tokens it would otherwise take the whole budget."""
+    if scores and isinstance(offsets, list) and len(offsets) == len(scores):
+        last = offsets[-1]
+        if isinstance(last, (list, tuple)) and len(last) == 2 and last[0] == last[1]:
+            return [*scores[:-1], None]
+    return scores
+
+
 def n_select(n, k):
     return max(1, math.floor(k * n + 1e-9)) if n else 0
 
