@@ -69,8 +69,12 @@ class Finite(click.FloatRange):
 input_argument = click.argument("input", default="-", type=click.Path(allow_dash=True, dir_okay=False))
 
 def _writable(ctx, param, value):
+    # A callback runs before the command body (and its error conversion): convert here.
     if value is not None:
-        check_writable(value)
+        try:
+            check_writable(value)
+        except TitokError as e:
+            raise click.ClickException(str(e)) from None
     return value
 
 
