@@ -116,11 +116,13 @@ $(OUT)/report.md: $(foreach e,$(EVALS),$(OUT)/eval/$(e).json)
 
 # --- the demo: the same rules, real small models on CPU -------------------------------------
 DEMO_TRAIN := --lora-r 16 --lora-alpha 16 --target-modules all-linear --lr 3e-4 --epochs 2 --batch-size 8
-# DEMO_DATA: another train.jsonl/test.jsonl dir (bench/bbh_records.py makes one from BBH's copy of
-# the task where the bigbench sdist is not at hand); DEMO_OUT: where its files and results go.
+# DEMO_TASK: another BIG-bench task; DEMO_DATA: another train.jsonl/test.jsonl dir (bench/bbh_records.py
+# makes one from BBH's copy of a task where the bigbench sdist is not at hand); DEMO_OUT: where its
+# files and results go.
+DEMO_TASK ?= object_counting
 DEMO_OUT ?= work/demo
-DEMO_DATA ?= $(DEMO_OUT)/data/object_counting
-DEMO := OUT=$(DEMO_OUT) TASK=object_counting DATA=$(DEMO_DATA) BIGBENCH_ARGS="--train-size 400" \
+DEMO_DATA ?= $(DEMO_OUT)/data/$(DEMO_TASK)
+DEMO := OUT=$(DEMO_OUT) TASK=$(DEMO_TASK) DATA=$(DEMO_DATA) BIGBENCH_ARGS="--train-size 400" \
 	M=250 K=0.3 DTYPE=bfloat16 DEVICE=cpu TEST_SIZE=200 EXTRA_EVALS=target-titok-no-closing \
 	TARGET_TEMPLATE=data/templates/gemma3-chat.jinja \
 	SFT_ARGS="$(DEMO_TRAIN)" TRAIN_ARGS="$(DEMO_TRAIN)" \

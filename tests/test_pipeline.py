@@ -109,3 +109,15 @@ def test_make_wires_every_stage():
     out = subprocess.run(["make", "-n", "-C", ROOT, "/tmp/titok-make-n2/target-titok/adapter_config.json",
                           "OUT=/tmp/titok-make-n2"], capture_output=True, text=True, check=True).stdout
     assert "titok-train --output /tmp/titok-make-n2/target-titok" in out and "titok-score" not in out
+
+
+def test_make_demo_runs_on_another_task_and_data():
+    """DEMO_TASK, DEMO_DATA and DEMO_OUT point make demo at another task, data dir and output (make -n:
+    nothing runs but the sub-make that prints the pipeline)."""
+    out = subprocess.run(["make", "-n", "-C", ROOT, "demo", "DEMO_TASK=sports_understanding", "DEMO_OUT=/tmp/titok-demo-n",
+                          "DEMO_DATA=/tmp/titok-demo-n-data"], capture_output=True, text=True, check=True).stdout
+    assert "titok-bigbench --tasks sports_understanding --out /tmp/ " in out
+    assert "--seed-examples /tmp/titok-demo-n-data/train.jsonl" in out
+    assert '--title "TiTok transfer on sports_understanding"' in out
+    assert "cp /tmp/titok-demo-n/report.md results/titok-demo-n.md" in out
+    assert "target-titok-no-closing=/tmp/titok-demo-n/eval/target-titok-no-closing.json" in out
