@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from conftest import GEMMA_TEMPLATE, read_jsonl, run_pipe, write_jsonl
-from titok_tools import align, alignment
+from titok_tools import align, alignment, lazy_records
 from titok_tools.align import align_records, main
 from titok_tools.alignment import align_values, overlap_ranges
 from titok_tools.formatting import FormatError, encode
@@ -736,7 +736,7 @@ def test_read_lazily_hands_what_it_cannot_check_to_the_full_parse(smollm2_dir, s
     name the field; the parser is free again after each."""
     parser = simdjson.Parser()
     good = scored(smollm2_tokenizer, "Some fine words.", id="x")
-    record, spans, values = align.read_lazily(parser, orjson.dumps(good), "excess", "another tokenizer")
+    record, spans, values = lazy_records.read_lazily(parser, orjson.dumps(good), "excess", "another tokenizer")
     source = good["titok"]["source"]
     assert record == {"id": "x", "prompt": good["prompt"], "completion": good["completion"],
                       "titok": {"filter": good["titok"]["filter"], "source": {"tokenizer": source["tokenizer"]}}}
@@ -769,9 +769,9 @@ def test_read_lazily_hands_what_it_cannot_check_to_the_full_parse(smollm2_dir, s
         "a repeated source key": orjson.dumps(good).replace(b'"excess":', b'"excess":[true],"excess":'),
     }
     for name, text in broken.items():
-        assert align.read_lazily(parser, text, "excess", "another tokenizer") is None, name
-    assert align.read_lazily(parser, orjson.dumps(good), "excess", source["tokenizer"]) is None  # same tokenizer
-    assert align.read_lazily(parser, orjson.dumps(good), "mask", "another")[2].tolist() == source["mask"]
+        assert lazy_records.read_lazily(parser, text, "excess", "another tokenizer") is None, name
+    assert lazy_records.read_lazily(parser, orjson.dumps(good), "excess", source["tokenizer"]) is None  # same tokenizer
+    assert lazy_records.read_lazily(parser, orjson.dumps(good), "mask", "another")[2].tolist() == source["mask"]
 
     target = ["--target-model", smollm2_dir, "-k", "0.5"]
     for name, message in (("ragged pairs", "titok.source.offsets: record 'x': the offsets are not a non-empty list"),

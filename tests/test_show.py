@@ -1,6 +1,5 @@
 """titok-show: the page's numbers are the records' numbers, hostile text is escaped, --limit/--sort
 order the cards, --ansi paints the same colours, and a real headless Chromium renders the page."""
-import html
 import random
 import re
 import shutil

@@ -10,10 +10,10 @@ and is never selected. Then the target grid gets its own top-k mask with the sam
 titok-filter.
 
 Only the target's tokenizer is loaded, never its weights. The command reads each record's JSON
-line lazily (simdjson): only the fields it reads become Python objects (the source's per-token
-arrays go straight into numpy), and it writes the line back with titok.target spliced in, so the
-fields it does not own keep their bytes and are not serialized again (read_lazily says which
-lines take the full parse instead).
+line lazily (lazy_records): only the fields it reads become Python objects (the source's
+per-token arrays go straight into numpy), and it writes the line back with titok.target spliced
+in, so the fields it does not own keep their bytes and are not serialized again. The maths of
+spans and overlaps is in alignment.py; this module is the stage around it.
 """
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +32,7 @@ from tqdm import tqdm
 from . import cli
 from .alignment import align_many, as_spans, offsets_problem, spans_problems
 from .formatting import FormatError, encode_later, record_error
+from .lazy_records import read_lazily, shard_lines
 from .models import load_tokenizer, tokenizer_fingerprint
 from .records import (NUMBER_TYPES, JsonLine, RecordError, check_numbers, checked, dumps, filter_settings, insert_member,
                       not_kept, parse_line, prompt_and_completion, read_records, record_writer, titok, titok_part)
@@ -189,94 +190,6 @@ def source_values(record, where, use):
     return SourceFields(messages, completion, source, spans, np.asarray(values, dtype=np.float64))
 
 
-def read_lazily(parser, text, use, fingerprint):
-    """The fast path for a record still as its JSON line: (record, spans, values), where `record`
-    holds only what alignment reads (id, prompt, completion, messages, titok.filter and the
-    source's tokenizer) and the source's offsets and values go from the line to arrays
-    (simdjson) without becoming Python lists; (record, None, None) for a record titok-filter did
-    not keep. The output is the line itself with titok.target spliced in (records.insert_member).
-    None when the line needs the full parse: a line simdjson refuses (say an integer past 64
-    bits), a key repeated in the record, titok or titok.source (simdjson would read the first,
-    orjson reads the last), no id, titok not the record's last member or holding a target of an
-    earlier run, the target's own tokenizer (its token ids are compared), offsets and values that
-    are not integer pairs and numbers, one per token (the full parse's checks then say why).
-    Their order and range are checked a chunk at a time."""
-    if not text.lstrip().startswith(b"{"):  # simdjson skips a byte-order mark, as other stages' orjson does not
-        return None
-    try:
-        doc = parser.parse(text)
-        keys = list(doc.keys())
-        if not keys or keys[-1] != "titok" or "id" not in keys or len(set(keys)) < len(keys):
-            return None
-        part = doc["titok"]
-        parts = list(part.keys())
-        if "target" in parts or len(set(parts)) < len(parts):
-            return None
-        record = {key: _plain(doc[key]) for key in ("id", "prompt", "completion", "messages") if key in keys}
-        record["titok"] = {"filter": _plain(part["filter"])} if "filter" in parts else {}
-        if not_kept(record):
-            return record, None, None
-        source = part["source"]
-        members = list(source.keys())
-        if len(set(members)) < len(members):
-            return None
-        tokenizer = _plain(source.get("tokenizer"))
-        if tokenizer == fingerprint:
-            return None
-        offsets, numbers = source["offsets"], source[use]
-        n = len(offsets)
-        # as_buffer flattens any nesting: the arrays' text without its digits shows their shape
-        if (not n or len(numbers) != n or numbers.mini.count(b"[") != 1
-                or offsets.mini.translate(None, b"-0123456789") != b"[" + b"[,]," * (n - 1) + b"[,]]"):
-            return None
-        spans = np.frombuffer(offsets.as_buffer(of_type="i"), dtype=np.int64).reshape(n, 2)
-        values = np.frombuffer(numbers.as_buffer(of_type="d"), dtype=np.float64)
-    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError):  # RuntimeError: BIGINT_ERROR, DEPTH_ERROR
-        # (and a parser still in use: nothing here outlives the call, and the tests check that
-        # every line that can take this path does, so a leak would not go unnoticed)
-        return None
-    record["titok"]["source"] = {"tokenizer": tokenizer}
-    return record, spans, values
-
-
-def shard_lines(pairs, shard):
-    """The (where, JsonLine) pairs of --shard I/N: the records whose index counting only the lines
-    that are JSON objects (as every stage counts its records) is I modulo N, and every line that is
-    not one (align_records reports it, or counts it with --skip-invalid, as every shard did)."""
-    parser, index = simdjson.Parser(), 0
-    for where, line in pairs:
-        if not _is_object(parser, line.text):
-            yield where, line
-            continue
-        if cli.in_shard(index, shard):
-            yield where, line
-        index += 1
-
-
-def _is_object(parser, text):
-    """Whether parse_line takes this line: simdjson's parse first, orjson's where simdjson refuses
-    (an integer past 64 bits)."""
-    if text.lstrip().startswith(b"{"):  # not a byte-order mark either
-        try:
-            parser.parse(text)
-            return True
-        except (ValueError, RuntimeError):  # RuntimeError: BIGINT_ERROR, DEPTH_ERROR
-            pass
-    try:
-        return isinstance(orjson.loads(text), dict)
-    except orjson.JSONDecodeError:
-        return False
-
-
-def _plain(value):
-    """A simdjson value as plain Python (objects and arrays are views into the parser's buffer)."""
-    if isinstance(value, simdjson.Object):
-        return value.as_dict()
-    if isinstance(value, simdjson.Array):
-        return value.as_list()
-    return value
-
-
 def target_problem(where, record, completion, enc):
     """The RecordError for a record the target tokenizer cannot encode (or encodes with offsets
     that do not fit), or None."""
@@ -343,35 +256,35 @@ def recorded_k(record, where):
     return k
 
 
-def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="excess", chat_template=True,
-                  max_length=768, skip_invalid=False, counts=None, progress=None):
-    """Align (where, record) pairs onto `tokenizer` (a loaded tokenizer); yield the records, in
-    input order, with titok.target = {model, tokenizer, token_ids, offsets, score, coverage,
-    truncated, mask}. A record is a dict, or a records.JsonLine (read_records(parse=False), as
-    titok-align reads): it then comes out as its JSON line (bytes) with titok.target spliced in.
-    k=None takes the k recorded by titok-filter (one k for the whole run). Records titok-filter
-    --mark-only did not keep pass through without titok.target, outside the selection.
-    """
-    counts = {} if counts is None else counts
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    text_normalizer = _text_normalizer(tokenizer)
-    parser = simdjson.Parser()
-    run_k = RunK(k)
+class Alignment:
+    """One run of align_records, flat: the target tokenizer and what the run carries from record
+    to record (its k, counts and progress), and the steps a record takes: read and checked
+    (`check`), tokenized a chunk ahead in a thread (`aligned`), aligned a chunk at a time
+    (`aligned_chunk`), or one by one when a chunk holds a bad record (`recheck`)."""
 
-    def check(where, record):
+    def __init__(self, tokenizer, *, model, k, use, chat_template, max_length, skip_invalid, counts, progress):
+        self.tokenizer, self.model, self.use = tokenizer, model, use
+        self.chat_template, self.max_length, self.skip_invalid = chat_template, max_length, skip_invalid
+        self.counts, self.progress = counts, progress
+        self.fingerprint = tokenizer_fingerprint(tokenizer)
+        self.text_normalizer = _text_normalizer(tokenizer)
+        self.parser = simdjson.Parser()
+        self.run_k = RunK(k)
+
+    def check(self, where, record):
         """(record, line, fields): the record as a dict (for a line read lazily, only the fields
-        alignment reads), the JsonLine its output is spliced into (None for a dict), and
-        (messages, completion, source, spans, values), None for a record passed through."""
+        alignment reads), the JsonLine its output is spliced into (None for a dict), and its
+        SourceFields (None for a record passed through)."""
         line, lazy = None, None
         if isinstance(record, JsonLine):
-            line, lazy = record, read_lazily(parser, record.text, use, fingerprint)
+            line, lazy = record, read_lazily(self.parser, record.text, self.use, self.fingerprint)
             record = parse_line(where, line) if lazy is None else lazy[0]
-        run_k.check(record, where)
+        self.run_k.check(record, where)
         if not_kept(record):
             fields = None
             titok(record).pop("target", None)  # from an earlier run: it no longer holds
         elif lazy is None:
-            fields = source_values(record, where, use)
+            fields = source_values(record, where, self.use)
         else:
             _, spans, values = lazy
             fields = SourceFields(*prompt_and_completion(record, where), record["titok"]["source"], spans, values)
@@ -381,80 +294,95 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
             line = JsonLine(dumps(record), line.lineno)
         return record, line, fields
 
-    def weight(item):
-        # source tokens; a record passed through holds its line or lists too: it weighs about as many
-        record, line, fields = item.record, item.line, item.fields
-        if fields is not None:
-            return len(fields.spans)
-        if line is not None:
-            return 1 + len(line.text) // 64  # a scored record's line: about 64 bytes a token
-        offsets = (titok_part(record, "source") or {}).get("offsets")
-        return max(1, len(offsets)) if isinstance(offsets, list) else 1
-
-    def aligned():
-        # A chunk of records at a time: one tokenizer call, one set of array operations. The
-        # next chunk is tokenized in a thread while this one is aligned and written: the
-        # tokenizer releases the GIL.
-        chunks = batched((Item(where, *value) for where, _, value in checked(pairs, check, skip_invalid, counts)),
-                         CHUNK_TOKENS, weight)
+    def aligned(self, pairs):
+        """(record, line) of each record in input order, titok.target added (all but the mask).
+        A chunk of records at a time: one tokenizer call, one set of array operations. The next
+        chunk is tokenized in a thread while this one is aligned and written: the tokenizer
+        releases the GIL."""
+        items = (Item(where, *value) for where, _, value in checked(pairs, self.check, self.skip_invalid, self.counts))
         with ThreadPoolExecutor(1, thread_name_prefix="titok-align-tokenize") as pool:
             def start(chunk):  # render now, tokenize in the pool's thread
-                return encode_later(tokenizer, [(item.fields.messages, item.fields.completion) for item in chunk
-                                                if item.fields is not None], chat_template, max_length, pool.submit)
+                return encode_later(self.tokenizer, [(item.fields.messages, item.fields.completion) for item in chunk
+                                                     if item.fields is not None],
+                                    self.chat_template, self.max_length, pool.submit)
 
-            for chunk, encodings in one_ahead(start, chunks):
+            for chunk, encodings in one_ahead(start, batched(items, CHUNK_TOKENS, weight)):
                 to_align = [item for item in chunk if item.fields is not None]
-                done = iter(aligned_chunk(to_align, encodings) if to_align else ())
+                done = iter(self.aligned_chunk(to_align, encodings) if to_align else ())
                 head = next(done, None)
                 for item in chunk:  # in input order; --skip-invalid may have dropped some
                     if item.fields is None:
-                        counts["not_kept"] = counts.get("not_kept", 0) + 1
-                        if progress is not None:
-                            progress.update(1)
+                        self.count("not_kept")
                         yield item.record, item.line
                     elif head is not None and item.record is head[0]:
                         yield head
                         head = next(done, None)
 
-    def aligned_chunk(chunk, encodings):
+    def aligned_chunk(self, chunk, encodings):
         items = [item._replace(enc=enc) for item, enc in zip(chunk, encodings)]
         arrays = chunk_arrays([item.fields for item in items], encodings)
         if arrays is None:  # some record is bad: check each, raise or skip (--skip-invalid)
-            items = checked_one_by_one(items)
+            items = [item for _, _, item in checked(((item.where, item) for item in items), self.recheck,
+                                                    self.skip_invalid, self.counts)]
             if not items:
                 return
             arrays = chunk_arrays([item.fields for item in items], [item.enc for item in items])
-        for item, scores in zip(items, align_many(*arrays, groups=use == "mask")):
-            finish_record(item.where, item.record, item.fields, item.enc, scores, fingerprint, text_normalizer,
-                          model=model, use=use, counts=counts)
-            if progress is not None:
-                progress.update(1)
+        for item, scores in zip(items, align_many(*arrays, groups=self.use == "mask")):
+            finish_record(item.where, item.record, item.fields, item.enc, scores, self.fingerprint,
+                          self.text_normalizer, model=self.model, use=self.use, counts=self.counts)
+            self.count(None)
             yield item.record, item.line
 
-    def checked_one_by_one(items):
-        prepared = iter(items)  # checked() visits the items in order
+    def recheck(self, where, item):
+        """The item with its fields checked one by one (raises the record's one-line error). A
+        line read lazily is parsed whole here: the checks' precise errors, and the record is then
+        aligned with the numbers they checked."""
+        fields = source_values(item.record if item.line is None else parse_line(where, item.line), where, self.use)
+        problem = target_problem(where, item.record, fields.completion, item.enc)
+        if problem:
+            raise problem
+        return item._replace(fields=fields)
 
-        def check_all(where, record):
-            item = next(prepared)
-            # a line read lazily is parsed whole here: the checks' precise errors, and the record
-            # is then aligned with the numbers they checked
-            fields = source_values(record if item.line is None else parse_line(where, item.line), where, use)
-            problem = target_problem(where, record, fields.completion, item.enc)
-            if problem:
-                raise problem
-            return item._replace(fields=fields)
+    def count(self, name):
+        """One record done: counted under `name` (if any), and shown in the progress bar."""
+        if name is not None:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        if self.progress is not None:
+            self.progress.update(1)
 
-        return [item for _, _, item in checked(((item.where, item.record) for item in items), check_all, skip_invalid,
-                                               counts)]
 
-    def scores_of(item):
-        # not kept: it passes through, outside the selection (with --scope batch or global it
-        # would change the kept records' masks: a batch group is BATCH_GROUP kept records)
-        target = titok_part(item[0], "target")
-        return None if target is None else budget_scores(target["score"], target["offsets"])
+def weight(item):
+    """An item's share of a chunk: its source tokens; a record passed through holds its line or
+    lists too: it weighs about as many."""
+    if item.fields is not None:
+        return len(item.fields.spans)
+    if item.line is not None:
+        return 1 + len(item.line.text) // 64  # a scored record's line: about 64 bytes a token
+    offsets = (titok_part(item.record, "source") or {}).get("offsets")
+    return max(1, len(offsets)) if isinstance(offsets, list) else 1
 
-    stream = aligned()
-    first = next(stream, None)
+
+def selection_scores(aligned_item):
+    """The scores a (record, line) competes with for the top-k budget, or None for a record passed
+    through: not kept, it stays outside the selection (with --scope batch or global it would
+    change the kept records' masks: a batch group is BATCH_GROUP kept records)."""
+    target = titok_part(aligned_item[0], "target")
+    return None if target is None else budget_scores(target["score"], target["offsets"])
+
+
+def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="excess", chat_template=True,
+                  max_length=768, skip_invalid=False, counts=None, progress=None):
+    """Align (where, record) pairs onto `tokenizer` (a loaded tokenizer); yield the records, in
+    input order, with titok.target = {model, tokenizer, token_ids, offsets, score, coverage,
+    truncated, mask}. A record is a dict, or a records.JsonLine (read_records(parse=False), as
+    titok-align reads): it then comes out as its JSON line (bytes) with titok.target spliced in.
+    k=None takes the k recorded by titok-filter (one k for the whole run). Records titok-filter
+    --mark-only did not keep pass through without titok.target, outside the selection.
+    """
+    run = Alignment(tokenizer, model=model, k=k, use=use, chat_template=chat_template, max_length=max_length,
+                    skip_invalid=skip_invalid, counts={} if counts is None else counts, progress=progress)
+    stream = run.aligned(pairs)
+    first = next(stream, None)  # the first record fixes the run's k (RunK) before the selection starts
     if first is None:
         return
     stream = chain([first], stream)
@@ -464,7 +392,7 @@ def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="exces
             # One threshold over every record: keep the aligned records on disk, not in memory.
             stream = _spooled(stream, spool)
             rereader = partial(_unspooled, spool)
-        for (record, line), mask in select_stream(stream, scores_of, run_k.k, scope, rereader):
+        for (record, line), mask in select_stream(stream, selection_scores, run.run_k.k, scope, rereader):
             if mask is not None:
                 record["titok"]["target"]["mask"] = mask
             if line is None:

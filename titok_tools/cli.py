@@ -222,7 +222,3 @@ def counted_suffix(counts):
     if counts.get("invalid"):
         line += f", {counts['invalid']} invalid records skipped"
     return line
-
-
-def in_shard(index, shard):
-    return shard is None or index % shard[1] == shard[0]

@@ -27,7 +27,7 @@ from .answers import exact_match
 from .formatting import FormatError, check_prompt, encode_many
 from .backends import VllmBackend, generate
 from .models import completion_logprobs, decoder_and_head, load_model, load_tokenizer
-from .records import (RecordError, check_numbers, checked, is_done, prompt_and_completion, read_records,
+from .records import (RecordError, check_numbers, checked, in_shard, is_done, prompt_and_completion, read_records,
                       record_writer, text_output, unique_ids)
 
 log = logging.getLogger("titok.eval")
@@ -218,7 +218,7 @@ def _selected(pairs, limit, shard):
     for i, pair in enumerate(pairs):
         if limit is not None and i >= limit:
             return
-        if cli.in_shard(i, shard):
+        if in_shard(i, shard):
             yield pair
 
 

@@ -34,7 +34,7 @@ from .errors import TitokError
 from .formatting import check_prompt
 from .queries import load_seeds, load_template
 from .query_shape import QueryShape
-from .records import checked, is_done, prompt_messages, read_records, record_writer, unique_ids
+from .records import checked, in_shard, is_done, prompt_messages, read_records, record_writer, unique_ids
 
 log = logging.getLogger("titok.gen")
 
@@ -337,7 +337,7 @@ def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_cha
         if label_file is not None:
             with tqdm(desc="titok-gen label", unit="rec", mininterval=1) as progress:
                 pairs = ((w, r) for i, (w, r) in enumerate(unique_ids(read_records(label_file, skip_invalid, counts)))
-                         if cli.in_shard(i, shard))
+                         if in_shard(i, shard))
                 for record in label_records(pairs, engine, settings, meta, counts, progress,
                                             done=lambda r: is_done(writer, r), skip_invalid=skip_invalid):
                     writer.write(record)

@@ -125,6 +125,11 @@ def insert_member(line, key, value, depth):
                      line[end:].rstrip(), b"\n"))
 
 
+def in_shard(index, shard):
+    """Whether the record at 0-based `index` belongs to --shard (I, N): index % N == I."""
+    return shard is None or index % shard[1] == shard[0]
+
+
 def checked(pairs, check, skip_invalid=False, counts=None):
     """Yield (where, record, check(where, record)) for each pair. A record whose check raises
     RecordError is skipped and counted in counts["invalid"] when skip_invalid, else it stops

@@ -18,7 +18,7 @@ from . import cli
 from .formatting import FormatError, encode, record_error
 from .models import (adapter_sha256, completion_logprobs, decoder_and_head, load_model, load_tokenizer,
                      tokenizer_fingerprint)
-from .records import (RecordError, checked, prompt_and_completion, read_records, record_writer, titok,
+from .records import (RecordError, checked, in_shard, prompt_and_completion, read_records, record_writer, titok,
                       unique_ids)
 
 log = logging.getLogger("titok.score")
@@ -164,7 +164,7 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
     with (record_writer(output, resume, keep_partial=True) as writer,
           tqdm(desc="titok-score", unit="rec", mininterval=1) as progress):
         pairs = ((w, r) for i, (w, r) in enumerate(unique_ids(read_records(input, skip_invalid, counts)))
-                 if cli.in_shard(i, shard))
+                 if in_shard(i, shard))
         for record in score_records(pairs, lm, tokenizer, chat_template=not no_chat_template, max_length=max_length,
                                     batch_tokens=batch_tokens, window=window, source=source,
                                     skip_invalid=skip_invalid, counts=counts, progress=progress,
