@@ -4,7 +4,8 @@ problems(record) lists every way one record breaks the contract, file_problems(p
 JSON lines file ("path:line: problem"). It checks the structure and the relations between fields
 (keys, lengths, spans inside the completion and in order, 0/1 masks that pick the top tokens,
 excess = logp_expert - logp_base, mean_excess, coverage, null scores where no source token
-overlaps), not whether the numbers are right: the stages' own tests compare those with
+overlaps, top-N lists of distinct ids with descending log-probs that agree with logp_expert and
+sit only on target tokens aligned one to one), not whether the numbers are right: the stages' own tests compare those with
 independent references. It is written apart from the package on purpose, a second reading of
 the contract, so it imports nothing from titok_tools.
 
@@ -20,6 +21,8 @@ SOURCE_KEYS = ("model", "adapter", "adapter_sha256", "tokenizer", "token_ids", "
 FILTER_KEYS = ("k", "keep", "scope", "rank", "kept")
 FILTER_EXTRAS = ("k_auto", "rank_by", "seed")  # titok-filter -k auto, --rank-by random --seed (its --help)
 TARGET_KEYS = ("model", "tokenizer", "token_ids", "offsets", "score", "coverage", "truncated", "mask")
+SOURCE_TOPK = ("topk_ids", "topk_logp")  # titok-score --topk N
+TARGET_TOPK = ("topk_ids", "topk_logp", "topk_coverage")  # titok-align, from the source's
 SCOPES = ("sample", "batch", "global")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 # Stored numbers may be rounded (the README's example keeps four decimals): relations between them
@@ -96,7 +99,7 @@ def is_messages(value):
 # --- the parts -------------------------------------------------------------------------------
 
 def source_problems(source, completion, found):
-    keys_problems("titok.source", source, SOURCE_KEYS, ("mask",), found)
+    keys_problems("titok.source", source, SOURCE_KEYS, ("mask",) + SOURCE_TOPK, found)
     text_field(source, "titok.source", "model", found)
     text_field(source, "titok.source", "adapter", found)
     if "adapter_sha256" in source and not (isinstance(source["adapter_sha256"], str)
@@ -130,6 +133,7 @@ def source_problems(source, completion, found):
                 found.append(f"titok.source.mean_excess: {mean} is not the mean of excess ({actual:.6g})")
     if "mask" in source:
         mask_field(source, "titok.source", n, found)
+    source_topk_problems(source, n, expert, found)
 
 
 def filter_problems(settings, source, completion, found):
@@ -172,7 +176,7 @@ def filter_problems(settings, source, completion, found):
 
 
 def target_problems(target, completion, source, settings, found):
-    keys_problems("titok.target", target, TARGET_KEYS, (), found)
+    keys_problems("titok.target", target, TARGET_KEYS, TARGET_TOPK, found)
     if source is None:
         found.append("titok.target: present without titok.source (titok-align carries the source's scores)")
     if settings is not None and settings.get("kept") is False:
@@ -193,13 +197,7 @@ def target_problems(target, completion, source, settings, found):
             found.append(f"titok.target.score: {len(score)} values for {n} tokens")
             score = None
     if "coverage" in target:
-        coverage = target["coverage"]
-        if not (is_number(coverage) and 0 <= coverage <= 1):
-            found.append(f"titok.target.coverage: must be a number in [0, 1], not {json.dumps(coverage)}")
-        elif score:
-            share = sum(s is not None for s in score) / len(score)
-            if abs(coverage - share) > 1e-9:
-                found.append(f"titok.target.coverage: {coverage} is not the share of scored tokens ({share:.6g})")
+        coverage_field(target["coverage"], score, "titok.target.coverage", "scored tokens", found)
     source_spans = valid_spans((source or {}).get("offsets"), completion)
     if score is not None and spans is not None and source_spans is not None and len(score) == len(spans):
         for i, (a, b) in enumerate(spans):
@@ -216,6 +214,145 @@ def target_problems(target, completion, source, settings, found):
                 scored = [i for i in competing if score[i] is not None]
                 order_problem([mask[i] for i in scored], [score[i] for i in scored], "titok.target.mask", "score",
                               found, positions=scored)
+    target_topk_problems(target, source, spans, source_spans, n, found)
+
+
+# --- top-N distributions (titok-score --topk, carried by titok-align) -------------------------
+
+def source_topk_problems(source, n, expert, found):
+    """titok-score --topk N: per token the expert's N most likely ids and their log-probs, the
+    same N at every token; where the token itself is among them its log-prob is logp_expert,
+    and where it is not, logp_expert is no higher than the N-th."""
+    lists = topk_lists(source, "titok.source", SOURCE_TOPK, n, False, found)
+    if lists is None:
+        return
+    ids, logps = lists
+    if len({len(entry) for entry in ids}) > 1:
+        found.append(f"titok.source.topk_ids: lists of {min(map(len, ids))} to {max(map(len, ids))} ids: "
+                     "N must be the same at every token")
+    token_ids = source.get("token_ids")
+    if not (expert is not None and is_ids(token_ids) and len(token_ids) == len(expert) == len(ids)):
+        return
+    for i, (token, top, top_logp) in enumerate(zip(token_ids, ids, logps)):
+        if token in top and not close(top_logp[top.index(token)], expert[i], expert[i]):
+            found.append(f"titok.source.topk_logp: token {i}'s own id {token} has log-prob {top_logp[top.index(token)]} "
+                         f"in the top N, not its logp_expert {expert[i]}")
+            return
+        if token not in top and not expert[i] <= top_logp[-1] + TOLERANCE * max(1.0, abs(top_logp[-1])):
+            found.append(f"titok.source.topk_ids: token {i}'s own id {token} is not among them, yet its logp_expert "
+                         f"{expert[i]} is above the N-th log-prob {top_logp[-1]}")
+            return
+
+
+def target_topk_problems(target, source, spans, source_spans, n, found):
+    """titok-align's carried top-N: per target token null or N' <= N target ids, a distribution
+    only where the target token overlaps exactly one source token and that one overlaps only it,
+    topk_coverage the share of tokens with one; a target of the source's tokenizer and tokens
+    keeps the source's lists."""
+    present = [key for key in TARGET_TOPK if key in target]
+    if not present:
+        return
+    if len(present) < len(TARGET_TOPK):
+        found.append(f"titok.target: has {', '.join(present)} without "
+                     f"{', '.join(k for k in TARGET_TOPK if k not in present)} (titok-align adds the three together)")
+    source_lists = topk_lists(source or {}, "", SOURCE_TOPK, None, False, [])
+    if source is not None and source_lists is None:
+        found.append("titok.target.topk_ids: present, yet titok.source has no valid topk_ids and topk_logp to carry")
+    lists = topk_lists(target, "titok.target", TARGET_TOPK[:2], n, True, found)
+    if "topk_coverage" in target:
+        coverage_field(target["topk_coverage"], lists and lists[0], "titok.target.topk_coverage",
+                       "tokens with a distribution", found)
+    if lists is None:
+        return
+    ids, logps = lists
+    widest = max(map(len, source_lists[0])) if source_lists and source_lists[0] else None
+    too_wide = [i for i, entry in enumerate(ids) if entry is not None and widest is not None and len(entry) > widest]
+    if too_wide:
+        found.append(f"titok.target.topk_ids: token {too_wide[0]} lists {len(ids[too_wide[0]])} ids, more than the "
+                     f"source's N = {widest}")
+    same_tokens = (source is not None and source_lists is not None and target.get("tokenizer") == source.get("tokenizer")
+                   and target.get("token_ids") == source.get("token_ids"))
+    if same_tokens:
+        if not (ids == source_lists[0] and all(len(a) == len(b) and all(close(x, y, y) for x, y in zip(a, b))
+                                               for a, b in zip(logps, source_lists[1]))):
+            found.append("titok.target.topk_ids: differ from titok.source's, though the tokenizer and the tokens are "
+                         "the same (the source's lists pass through)")
+    elif spans is not None and source_spans is not None and len(spans) == len(ids):
+        # (with the same tokens, pieces of one character share its span, and still pass through)
+        for i, entry in enumerate(ids):
+            if entry is not None and not one_to_one(i, spans, source_spans):
+                a, b = spans[i]
+                found.append(f"titok.target.topk_ids: token {i} [{a}, {b}] has a distribution, yet it does not "
+                             "overlap exactly one source token that overlaps only it")
+                break
+
+
+def one_to_one(i, spans, source_spans):
+    """Whether target token i overlaps exactly one source token, and that one overlaps only target token i."""
+    a, b = spans[i]
+    hits = [(c, d) for c, d in source_spans if overlaps(a, b, c, d)]
+    if len(hits) != 1:
+        return False
+    c, d = hits[0]
+    return [j for j, (x, y) in enumerate(spans) if overlaps(x, y, c, d)] == [i]
+
+
+def topk_lists(part, name, keys, n, nullable, found):
+    """The (ids, log-probs) lists of a part's top-N keys, or None (noted when present but broken):
+    one entry per token, each a non-empty list of distinct token ids with as many log-probs, in
+    descending order, each <= 0 and together <= 1 in probability (a share of one full-vocabulary
+    softmax); with nullable, an entry may be null in both lists instead."""
+    ids_key, logp_key = keys
+    if ids_key not in part and logp_key not in part:
+        return None
+    if ids_key not in part or logp_key not in part:
+        have, lack = (ids_key, logp_key) if ids_key in part else (logp_key, ids_key)
+        found.append(f"{name}.{lack}: missing, yet {have} is there (they come together)")
+        return None
+    ids, logps = part[ids_key], part[logp_key]
+    null = " or null" if nullable else ""
+    if not (isinstance(ids, list) and all((nullable and e is None) or (is_ids(e) and e) for e in ids)):
+        found.append(f"{name}.{ids_key}: must be a list with one entry per token: a non-empty list of token ids "
+                     f"(integers from 0){null}")
+        return None
+    if not (isinstance(logps, list) and all((nullable and e is None) or (is_numbers(e) and e) for e in logps)):
+        found.append(f"{name}.{logp_key}: must be a list with one entry per token: a non-empty list of finite "
+                     f"numbers{null}")
+        return None
+    for key, values in ((ids_key, ids), (logp_key, logps)):
+        if n is not None and len(values) != n:
+            found.append(f"{name}.{key}: {len(values)} entries for {n} tokens")
+            return None
+    if len(ids) != len(logps):
+        found.append(f"{name}.{logp_key}: {len(logps)} entries for {len(ids)} in {ids_key}")
+        return None
+    for i, (top, top_logp) in enumerate(zip(ids, logps)):
+        problem = topk_entry_problem(top, top_logp)
+        if problem:
+            found.append(f"{name}.{logp_key if problem.startswith('holds') else ids_key}: token {i} {problem}")
+            return None
+    return ids, logps
+
+
+def topk_entry_problem(top, top_logp):
+    """What is wrong with one token's top-N entry (ids, log-probs), or None."""
+    if (top is None) != (top_logp is None):
+        return "is null in only one of topk_ids and topk_logp"
+    if top is None:
+        return None
+    if len(top) != len(top_logp):
+        return f"has {len(top)} ids and {len(top_logp)} log-probs"
+    if len(set(top)) != len(top):
+        return f"lists an id twice ({next(x for x in top if top.count(x) > 1)})"
+    if any(v > TOLERANCE for v in top_logp):
+        return f"holds {max(top_logp)}, above 0: not a log-probability"
+    falls = [j for j in range(1, len(top_logp)) if top_logp[j] > top_logp[j - 1] + TOLERANCE * max(1.0, abs(top_logp[j - 1]))]
+    if falls:
+        return f"holds {top_logp[falls[0] - 1]} before {top_logp[falls[0]]}: not in descending order"
+    total = math.fsum(math.exp(min(v, 0.0)) for v in top_logp)
+    if total > 1 + TOLERANCE:
+        return f"holds log-probs whose probabilities sum to {total:.6g}, above 1: not from one softmax"
+    return None
 
 
 # --- fields ------------------------------------------------------------------------------------
@@ -278,6 +415,16 @@ def numbers_field(part, name, key, n, found, valid=None, what="finite numbers"):
         found.append(f"{name}.{key}: {len(values)} values for {n} tokens")
         return None
     return values
+
+
+def coverage_field(coverage, values, name, what, found):
+    """A share in [0, 1] that must equal the share of non-null entries of `values` (when known)."""
+    if not (is_number(coverage) and 0 <= coverage <= 1):
+        found.append(f"{name}: must be a number in [0, 1], not {json.dumps(coverage)}")
+    elif values:
+        share = sum(v is not None for v in values) / len(values)
+        if abs(coverage - share) > 1e-9:
+            found.append(f"{name}: {coverage} is not the share of {what} ({share:.6g})")
 
 
 def mask_field(part, name, n, found):
@@ -365,6 +512,10 @@ def is_number(x):
 
 def is_integer(x):
     return type(x) is int
+
+
+def is_ids(values):
+    return isinstance(values, list) and all(is_integer(i) and i >= 0 for i in values)
 
 
 def is_numbers(values):

@@ -52,6 +52,30 @@ def truncated():
                                  "coverage": 2 / 3, "truncated": False, "mask": [1, 1, 0]}}}
 
 
+def with_topk():
+    """aligned() after titok-score --topk 3 and titok-align: the source's "four" has its own id
+    among its top 3, its closing token not (its logp_expert is below the third); on the target,
+    "fo" and "ur" share one source token (no distribution), the closing tokens map to each other,
+    and source ids 7 and 9 both map to target id 20 (their probabilities summed)."""
+    record = aligned()
+    source(record).update(topk_ids=[[30, 31, 13996], [7, 8, 9]],
+                          topk_logp=[[-0.1, -2.5, -10.7602], [-0.05, -3.2, -5.0]])
+    target(record).update(topk_ids=[None, None, [20, 21]], topk_logp=[None, None, [-0.0429, -3.2]], topk_coverage=1 / 3)
+    return record
+
+
+def same_tokenizer():
+    """with_topk() aligned onto the source's own tokenizer: the target's tokens are the source's,
+    and so are its top-N lists (they pass through)."""
+    record = with_topk()
+    record["titok"]["target"] = {"model": "m", "tokenizer": source(record)["tokenizer"], "token_ids": [13996, 2],
+                                 "offsets": [[0, 4], [4, 4]],
+                                 "score": [-0.0872, -2.0667], "coverage": 1.0, "truncated": False, "mask": [1, 0],
+                                 "topk_ids": copy.deepcopy(source(record)["topk_ids"]),
+                                 "topk_logp": copy.deepcopy(source(record)["topk_logp"]), "topk_coverage": 1.0}
+    return record
+
+
 def test_good_records_pass():
     assert problems(readme_example()) == []
     assert problems(aligned()) == []
@@ -67,6 +91,17 @@ def test_good_records_pass():
     record["titok"]["source"]["mask"] = [1, 0]  # max(1, floor(0.9 * 2)) = 1
     assert problems(record) == []
     assert problems([readme_example()]) == problems("four") == ["a record must be a JSON object"]
+
+
+def test_good_records_with_top_n_lists_pass():
+    assert problems(with_topk()) == []
+    assert problems(same_tokenizer()) == []
+    record = with_topk()
+    del target(record)["topk_ids"], target(record)["topk_logp"], target(record)["topk_coverage"]
+    assert problems(record) == []  # titok-score --topk, then an align that did not carry them
+    record = with_topk()
+    source(record)["topk_logp"][1] = [-0.0001, -12.0, -13.9]  # (the closing token still below the third)
+    assert problems(record) == []  # the top token alone near probability 1
 
 
 def source(r):
@@ -205,6 +240,100 @@ def test_each_broken_record_is_named(name):
     assert any(p.startswith(expected) for p in found), found
 
 
+def topk(r, part="source"):
+    return r["titok"][part]["topk_ids"], r["titok"][part]["topk_logp"]
+
+
+BROKEN_TOPK = {
+    "logp without ids": (lambda r: source(r).pop("topk_ids"), "titok.source.topk_ids: missing, yet topk_logp is there"),
+    "ids not a list": (lambda r: source(r).update(topk_ids=3), "titok.source.topk_ids: must be a list with one entry"),
+    "null in the source": (lambda r: topk(r)[0].__setitem__(0, None) or topk(r)[1].__setitem__(0, None),
+                           "titok.source.topk_ids: must be a list with one entry per token: a non-empty list of token "
+                           "ids (integers from 0)"),
+    "empty entry": (lambda r: topk(r)[0].__setitem__(1, []) or topk(r)[1].__setitem__(1, []),
+                    "titok.source.topk_ids: must be a list with one entry"),
+    "negative id": (lambda r: topk(r)[0][1].__setitem__(0, -7), "titok.source.topk_ids: must be a list with one entry"),
+    "logp a string": (lambda r: topk(r)[1][1].__setitem__(0, "-0.05"),
+                      "titok.source.topk_logp: must be a list with one entry per token: a non-empty list of finite"),
+    "logp nan": (lambda r: topk(r)[1][1].__setitem__(0, math.nan), "titok.source.topk_logp: must be a list"),
+    "an entry short": (lambda r: topk(r)[0].pop() and topk(r)[1].pop(), "titok.source.topk_ids: 1 entries for 2 tokens"),
+    "id twice": (lambda r: topk(r)[0].__setitem__(1, [7, 7, 9]), "titok.source.topk_ids: token 1 lists an id twice (7)"),
+    "ids and logps differ in number": (lambda r: topk(r)[1][1].pop(), "titok.source.topk_ids: token 1 has 3 ids and 2 log-probs"),
+    "logp above 0": (lambda r: topk(r)[1][1].__setitem__(0, 0.5), "titok.source.topk_logp: token 1 holds 0.5, above 0"),
+    "not descending": (lambda r: topk(r)[1].__setitem__(1, [-3.2, -0.05, -5.0]),
+                       "titok.source.topk_logp: token 1 holds -3.2 before -0.05: not in descending order"),
+    "more than probability 1": (lambda r: topk(r)[1].__setitem__(1, [-0.05, -0.5, -5.0]),
+                                "titok.source.topk_logp: token 1 holds log-probs whose probabilities sum to 1.56"),
+    "N varies": (lambda r: topk(r)[0].__setitem__(1, [7, 8]) or topk(r)[1].__setitem__(1, [-0.05, -3.2]),
+                 "titok.source.topk_ids: lists of 2 to 3 ids: N must be the same at every token"),
+    "own id with another log-prob": (lambda r: topk(r)[1][0].__setitem__(2, -10.5),
+                                     "titok.source.topk_logp: token 0's own id 13996 has log-prob -10.5 in the top N, "
+                                     "not its logp_expert -10.7602"),
+    "own id missing, yet above the N-th": (lambda r: topk(r)[0].__setitem__(0, [30, 31, 32])
+                                           or topk(r)[1].__setitem__(0, [-0.1, -2.5, -12.0]),
+                                           "titok.source.topk_ids: token 0's own id 13996 is not among them, yet its "
+                                           "logp_expert -10.7602 is above the N-th log-prob -12.0"),
+    "target without coverage": (lambda r: target(r).pop("topk_coverage"),
+                                "titok.target: has topk_ids, topk_logp without topk_coverage"),
+    "target without the source's": (lambda r: source(r).pop("topk_ids") and source(r).pop("topk_logp"),
+                                    "titok.target.topk_ids: present, yet titok.source has no valid topk_ids"),
+    "target entries short": (lambda r: topk(r, "target")[0].pop(0) and topk(r, "target")[1].pop(0),
+                             "titok.target.topk_ids: 2 entries for 3 tokens"),
+    "target null in one list": (lambda r: topk(r, "target")[1].__setitem__(0, [-1.0]),
+                                "titok.target.topk_ids: token 0 is null in only one of topk_ids and topk_logp"),
+    "target id twice": (lambda r: topk(r, "target")[0].__setitem__(2, [20, 20]),
+                        "titok.target.topk_ids: token 2 lists an id twice (20)"),
+    "target not descending": (lambda r: topk(r, "target")[1].__setitem__(2, [-3.2, -0.0429]),
+                              "titok.target.topk_logp: token 2 holds -3.2 before -0.0429"),
+    "target wider than the source": (lambda r: topk(r, "target")[0].__setitem__(2, [20, 21, 22, 23])
+                                     or topk(r, "target")[1].__setitem__(2, [-0.1, -3.3, -5.0, -6.0]),
+                                     "titok.target.topk_ids: token 2 lists 4 ids, more than the source's N = 3"),
+    "target distribution on a shared source token": (
+        lambda r: topk(r, "target")[0].__setitem__(0, [20]) or topk(r, "target")[1].__setitem__(0, [-0.5])
+        or target(r).update(topk_coverage=2 / 3),
+        "titok.target.topk_ids: token 0 [0, 2] has a distribution, yet it does not overlap exactly one source token "
+        "that overlaps only it"),
+    "target coverage not the share": (lambda r: target(r).update(topk_coverage=0.5),
+                                      "titok.target.topk_coverage: 0.5 is not the share of tokens with a distribution "
+                                      "(0.333333)"),
+    "target coverage above 1": (lambda r: target(r).update(topk_coverage=1.5),
+                                "titok.target.topk_coverage: must be a number in [0, 1], not 1.5"),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN_TOPK)
+def test_each_broken_top_n_list_is_named(name):
+    """titok-score --topk N's lists and titok-align's carried ones (README, Record format)."""
+    break_it, expected = BROKEN_TOPK[name]
+    record = with_topk()
+    break_it(record)
+    found = problems(record)
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_the_same_tokenizer_passes_the_lists_through():
+    """With the source's tokenizer and tokens the target keeps the source's lists, at every token,
+    even where pieces of one character share its span (not one to one)."""
+    record = same_tokenizer()
+    topk(record, "target")[0][1] = [8, 7, 9]
+    assert problems(record) == ["titok.target.topk_ids: differ from titok.source's, though the tokenizer and the tokens "
+                                "are the same (the source's lists pass through)"]
+    record = same_tokenizer()
+    record["completion"] = "🗼"  # two byte pieces of one character, then the closing token
+    for part in (source(record), target(record)):
+        part.update(token_ids=[13996, 5, 2], offsets=[[0, 1], [0, 1], [1, 1]])
+    source(record).update(logp_expert=[-10.7602, -0.0501, -13.9514], logp_base=[-10.673, -0.1, -11.8846],
+                          excess=[-0.0872, 0.0499, -2.0667], mean_excess=-0.7013, mask=[0, 1, 0])
+    target(record).update(score=source(record)["excess"], mask=[0, 1, 0])
+    for part in (source(record), target(record)):
+        part["topk_ids"].insert(1, [5, 6, 3])
+        part["topk_logp"].insert(1, [-0.0501, -3.5, -4.0])
+    assert problems(record) == []
+    target(record)["tokenizer"] = TARGET_FP  # another tokenizer: a distribution needs a one-to-one token
+    assert problems(record) == ["titok.target.topk_ids: token 0 [0, 1] has a distribution, yet it does not overlap "
+                                "exactly one source token that overlaps only it"]
+
+
 @pytest.mark.parametrize("break_it, expected", [
     (lambda r: target(r)["score"].__setitem__(2, -0.5) or target(r).update(coverage=1.0),
      "titok.target.score: token 2 [5, 5] has a score, yet no source token overlaps it"),
@@ -262,12 +391,15 @@ def paths(value, path=()):
 
 
 ALIGNED_PATHS = list(paths(aligned()))[1:]
+TOPK_PATHS = [p for p in paths(with_topk()) if any(str(key).startswith("topk") for key in p)]
 
 
-@hsettings(max_examples=300, deadline=None)
-@given(place=st.sampled_from(ALIGNED_PATHS), value=JSON_VALUES, delete=st.booleans())
+@hsettings(max_examples=400, deadline=None)
+@given(place=st.sampled_from([(aligned, p) for p in ALIGNED_PATHS] + [(with_topk, p) for p in TOPK_PATHS]),
+       value=JSON_VALUES, delete=st.booleans())
 def test_any_value_anywhere_gives_problems_not_an_exception(place, value, delete):
-    record = aligned()
+    make, place = place
+    record = make()
     *parents, last = place
     holder = record
     for key in parents:

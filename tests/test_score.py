@@ -154,9 +154,9 @@ def test_resume_runs_the_batches_an_uninterrupted_run_runs(tiny_llama, tiny_llam
             "--window", "5", "-o", str(out)]
     batches, run_batch = [], score.completion_logprobs
 
-    def logged(model, body, head, encs, pad_id, device):
+    def logged(model, body, head, encs, pad_id, device, **options):
         batches.append(tuple(tuple(e.input_ids) for e in encs))
-        return run_batch(model, body, head, encs, pad_id, device)
+        return run_batch(model, body, head, encs, pad_id, device, **options)
 
     monkeypatch.setattr(score, "completion_logprobs", logged)
     assert CliRunner().invoke(main, args + [data]).exit_code == 0

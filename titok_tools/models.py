@@ -358,21 +358,42 @@ def check_project_logits(model, name, n_tokens=8):
             f"reproduce (max difference {(ours - theirs).abs().max().item():.3g}): unsupported model family")
 
 
-def token_logprobs(model, head, hidden, targets, chunk=256):
+def token_logprobs(model, head, hidden, targets, chunk=256, topk=None):
     """log p(target) for each row of hidden (n, d), float32 log-softmax in chunks of rows so
-    the (chunk, vocab) logits are the only large temporary."""
-    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    for i in range(0, hidden.shape[0], chunk):
+    the (chunk, vocab) logits are the only large temporary.
+
+    With topk=N, also the N most likely token ids of each row and their log-probs, descending
+    (docs/design.md, Excess: the stored top-N): returns (logp, top_ids, top_logp), (n,), (n, N),
+    (n, N). They come from the same float32 logits and the same logsumexp as logp, so where the
+    target is among the N its two log-probs are the same float32 number.
+    """
+    n = hidden.shape[0]
+    out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    if topk:
+        top_ids = torch.empty(n, topk, dtype=torch.long, device=hidden.device)
+        top_logp = torch.empty(n, topk, dtype=torch.float32, device=hidden.device)
+    for i in range(0, n, chunk):
         logits = project_logits(model, head, hidden[i:i + chunk]).float()
-        out[i:i + chunk] = logits.gather(1, targets[i:i + chunk, None]).squeeze(1) - logits.logsumexp(1)
-    return out
+        logsumexp = logits.logsumexp(1)
+        out[i:i + chunk] = logits.gather(1, targets[i:i + chunk, None]).squeeze(1) - logsumexp
+        if topk:
+            # the top logits are the top log-probs (one logsumexp per row): no (chunk, vocab) log-softmax
+            values, ids = logits.topk(topk, dim=1, sorted=True)
+            top_ids[i:i + chunk], top_logp[i:i + chunk] = ids, values - logsumexp[:, None]
+    return (out, top_ids, top_logp) if topk else out
 
 
-def completion_logprobs(model, body, head, encs, pad_id, device):
+def completion_logprobs(model, body, head, encs, pad_id, device, topk=None):
     """log p of every completion token (positions) of each encoded sequence in one right-padded
     batch, one float32 numpy array per sequence: what titok-score scores and titok-eval
-    --choices sums. body and head are decoder_and_head(model)."""
+    --choices sums. body and head are decoder_and_head(model).
+
+    With topk=N (token_logprobs), returns (logps, top_ids, top_logps): three lists with one
+    array per sequence, (tokens,), (tokens, N) int64 and (tokens, N) float32."""
 
     ids, rows, cols = (t.to(device) for t in right_padded(encs, pad_id))
-    logp = token_logprobs(model, head, predicting_hidden(body, ids, rows, cols), ids[rows, cols]).cpu().numpy()
-    return np.split(logp, np.cumsum([len(e.positions) for e in encs])[:-1])
+    found = token_logprobs(model, head, predicting_hidden(body, ids, rows, cols), ids[rows, cols], topk=topk)
+    ends = np.cumsum([len(e.positions) for e in encs])[:-1]
+    if not topk:
+        return np.split(found.cpu().numpy(), ends)
+    return tuple(np.split(t.cpu().numpy(), ends) for t in found)
