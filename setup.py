@@ -30,6 +30,8 @@ setup(
         # titok-align reads only the fields it needs from each JSON line, the per-token arrays straight
         # into numpy, and splices its part into the line (bench/bench_align.py measures it)
         "pysimdjson>=6.0",
+        # titok-align's MinED token map: edit distances over 49k x 262k vocabularies in C++ (vocab_map)
+        "rapidfuzz>=3.0",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],

@@ -1,6 +1,7 @@
 """titok-align: character-offset alignment against a brute-force reference, on real tokenizers."""
 import json
 import logging
+import math
 import os
 import unicodedata
 
@@ -861,3 +862,153 @@ def test_a_key_repeated_in_the_source_reads_as_orjson_reads_it(smollm2_dir, tmp_
         assert result.exit_code == 0, result.output
         [target] = [r["titok"]["target"] for r in read_jsonl(result.stdout.encode())]
         assert target["score"] == brute_force([[0, 2], [2, 2]], [1.0, 2.0], target["offsets"])
+
+
+# --- top-N distributions (titok-score --topk) onto the target vocabulary -------------------------
+
+def brute_one_to_one(source_offsets, target_offsets):
+    """The mutually unique overlaps, pair by pair (brute_force_ranges both ways)."""
+    forward = brute_force_ranges(source_offsets, target_offsets)
+    backward = brute_force_ranges(target_offsets, source_offsets)
+    return [run[0] if len(run) == 1 and backward[run[0]] == [j] else -1 for j, run in enumerate(forward)]
+
+
+def test_one_to_one_by_hand():
+    # source ab|cde|f|<close>, target ab|c|de|f|<close>: "cde" overlaps two target tokens
+    source, target = [[0, 2], [2, 5], [5, 6], [6, 6]], [[0, 2], [2, 3], [3, 5], [5, 6], [6, 6]]
+    assert alignment.one_to_one(source, target, 6).tolist() == [0, -1, -1, 2, 3] == brute_one_to_one(source, target)
+    # two source tokens inside one target token: neither pairs
+    assert alignment.one_to_one(target, source, 6).tolist() == [0, -1, 3, 4] == brute_one_to_one(target, source)
+
+
+@pytest.mark.parametrize("kind", sorted(TEXTS))
+def test_one_to_one_matches_brute_force_on_real_tokenizers(kind, smollm2_tokenizer, gemma_tokenizer):
+    text = TEXTS[kind]
+    src, tgt = encode(smollm2_tokenizer, PROMPT, text), encode(gemma_tokenizer, PROMPT, text)
+    assert alignment.one_to_one(src.offsets, tgt.offsets, len(text)).tolist() == brute_one_to_one(src.offsets, tgt.offsets)
+
+
+def with_topk(record, n_top=4, seed=0, vocab=49152, extra_ids=()):
+    """The record with synthetic top-N distributions (ids distinct per token, log-probs descending)."""
+    rng = np.random.default_rng(seed)
+    source = record["titok"]["source"]
+    ids, logp = [], []
+    for _ in source["token_ids"]:
+        row = [int(i) for i in rng.choice(vocab, n_top, replace=False)]
+        for k, extra in enumerate(extra_ids):
+            if extra not in row:
+                row[k] = extra
+        ids.append(row)
+        logp.append(sorted((float(v) for v in np.log(rng.dirichlet(np.ones(n_top + 1))[:n_top])), reverse=True))
+    source["topk_ids"], source["topk_logp"] = ids, logp
+    return record
+
+
+def hand_topk(source, target, completion, mapping, closing):
+    """The target's lists, computed pair by pair: map each id (the closing pair overriding the
+    map), add up the probabilities of ids that meet, sort by log-prob then id."""
+    out = []
+    for i in brute_one_to_one(source["offsets"], target["offsets"]):
+        if i < 0:
+            out.append(None)
+            continue
+        mass = {}
+        for sid, lp in zip(source["topk_ids"][i], source["topk_logp"][i]):
+            tid = closing[1] if sid == closing[0] else int(mapping[sid])
+            mass.setdefault(tid, []).append(lp)
+        merged = {t: (lps[0] if len(lps) == 1 else math.log(sum(math.exp(v) for v in lps))) for t, lps in mass.items()}
+        order = sorted(merged, key=lambda t: (-merged[t], t))
+        out.append((order, [merged[t] for t in order]))
+    return out
+
+
+def test_topk_against_a_hand_computation(smollm2_tokenizer, smollm2_dir, gemma_tokenizer, monkeypatch):
+    mapping = np.arange(smollm2_tokenizer.vocab_size, dtype=np.int64) // 2  # ids 2k and 2k+1 merge
+    monkeypatch.setattr(align, "token_map", lambda s, t: mapping)
+    closing_source = smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    records = [with_topk(scored(smollm2_tokenizer, text, i, seed=i), seed=i, extra_ids=(closing_source, 10, 11))
+               for i, text in enumerate(TEXTS.values())]
+    originals = json.loads(json.dumps(records))
+    counts = {}
+    out = list(align_records(((f"in:{i}", r) for i, r in enumerate(records)), gemma_tokenizer, model="gemma",
+                             source_model=smollm2_dir, counts=counts))
+    covered = total = 0
+    for record, original in zip(out, originals):
+        target, source = record["titok"]["target"], original["titok"]["source"]
+        closing = (source["token_ids"][-1], target["token_ids"][-1])
+        assert closing == (closing_source, gemma_tokenizer.convert_tokens_to_ids("<end_of_turn>"))
+        expected = hand_topk(source, target, record["completion"], mapping, closing)
+        assert target["topk_ids"] == [None if e is None else e[0] for e in expected]
+        logps = [None if e is None else e[1] for e in expected]
+        assert [p is None for p in target["topk_logp"]] == [p is None for p in logps]
+        for got, want in zip(target["topk_logp"], logps):
+            if want is not None:
+                assert got == pytest.approx(want, abs=1e-12)
+        assert target["topk_ids"][-1] is not None and target["topk_ids"][-1][0] is not None  # the closing pair
+        n = sum(e is not None for e in expected)
+        assert target["topk_coverage"] == n / len(expected)
+        assert target["topk_ids"] != source["topk_ids"]  # something merged or moved
+        covered, total = covered + n, total + len(expected)
+        assert record["titok"]["source"] == source  # the source's part passes through
+    assert 0 < covered < total and (counts["topk_covered"], counts["topk_tokens"]) == (covered, total)
+    assert f"top-N distributions on {covered / total:.2%} of them" in align.summary(counts)
+
+
+def test_topk_with_the_real_map(smollm2_tokenizer, smollm2_dir, gemma_tokenizer):
+    from titok_tools.vocab_map import token_map
+    record = with_topk(scored(smollm2_tokenizer, TEXTS["ascii"], 0), n_top=6)
+    source = json.loads(json.dumps(record["titok"]["source"]))
+    record["titok"]["source"]["model"] = smollm2_dir  # the record names the model that scored it
+    [out] = align_records([("in:1", record)], gemma_tokenizer, model="gemma")
+    target = out["titok"]["target"]
+    mapping = token_map(smollm2_tokenizer, gemma_tokenizer)  # cached by the run above
+    closing = (source["token_ids"][-1], target["token_ids"][-1])
+    assert target["topk_ids"] == [None if e is None else e[0] for e in hand_topk(source, target, out["completion"],
+                                                                                 mapping, closing)]
+    assert 0.5 < target["topk_coverage"] <= 1  # plain English: most tokens are spelled the same
+
+
+def test_topk_same_tokenizer_passes_through(smollm2_tokenizer):
+    records = [with_topk(scored(smollm2_tokenizer, text, i, seed=i), seed=i) for i, text in enumerate(TEXTS.values())]
+    sources = [json.loads(json.dumps(r["titok"]["source"])) for r in records]
+    counts = {}
+    out = list(align_records(((f"in:{i}", r) for i, r in enumerate(records)), smollm2_tokenizer, model="same",
+                             k=0.3, counts=counts))
+    for record, source in zip(out, sources):
+        target = record["titok"]["target"]
+        assert target["topk_ids"] == source["topk_ids"] and target["topk_logp"] == source["topk_logp"]
+        assert target["topk_coverage"] == 1.0
+    assert counts["topk_covered"] == counts["topk_tokens"]
+
+
+def test_topk_lines_align_as_dicts_do(smollm2_tokenizer, smollm2_dir, gemma_tokenizer, monkeypatch):
+    mapping = np.arange(smollm2_tokenizer.vocab_size, dtype=np.int64) // 3
+    monkeypatch.setattr(align, "token_map", lambda s, t: mapping)
+    records = [with_topk(scored(smollm2_tokenizer, text, i, seed=i), seed=i) for i, text in enumerate(TEXTS.values())]
+    lines = [JsonLine(orjson.dumps(r), i + 1) for i, r in enumerate(records)]
+    assert lazy_records.read_lazily(simdjson.Parser(), lines[0].text, "excess", "x") is None  # read whole
+    from_dicts = list(align_records(((f"in:{i}", json.loads(json.dumps(r))) for i, r in enumerate(records)),
+                                    gemma_tokenizer, model="g", source_model=smollm2_dir))
+    from_lines = [orjson.loads(b) for b in align_records(((f"in:{i}", line) for i, line in enumerate(lines)),
+                                                         gemma_tokenizer, model="g", source_model=smollm2_dir)]
+    assert [r["titok"]["target"] for r in from_lines] == [r["titok"]["target"] for r in from_dicts]
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda s: s.pop("topk_logp"), "titok.source.topk_logp: record 0: missing, but titok.source.topk_ids is there"),
+    (lambda s: s["topk_ids"].pop(), "titok.source.topk_ids: record 0: must be"),
+    (lambda s: s["topk_ids"][0].append(5), "titok.source.topk_ids: record 0: must hold the same number"),
+    (lambda s: s["topk_logp"].__setitem__(0, [0.0] * 3), "titok.source.topk_logp: record 0: must hold the same"),
+    (lambda s: s["topk_ids"][1].__setitem__(0, 49152), "titok.source.topk_ids: record 0: ids must lie in [0, 49152)"),
+    (lambda s: s["topk_ids"][1].__setitem__(0, 1.5), "titok.source.topk_ids: record 0: must hold the same number"),
+])
+def test_bad_topk_fields_are_named(change, problem, smollm2_tokenizer, smollm2_dir, gemma_tokenizer, monkeypatch):
+    monkeypatch.setattr(align, "token_map", lambda s, t: np.arange(smollm2_tokenizer.vocab_size))
+    record = with_topk(scored(smollm2_tokenizer, TEXTS["ascii"], 0))
+    change(record["titok"]["source"])
+    with pytest.raises(align.RecordError) as error:
+        list(align_records([("in:1", record)], gemma_tokenizer, model="g", source_model=smollm2_dir))
+    assert problem in str(error.value)
+    counts = {}
+    assert list(align_records([("in:1", record)], gemma_tokenizer, model="g", source_model=smollm2_dir,
+                              skip_invalid=True, counts=counts)) == [] and counts["invalid"] == 1

@@ -30,13 +30,15 @@ import simdjson
 from tqdm import tqdm
 
 from . import cli
-from .alignment import align_many, as_spans, offsets_problem, spans_problems
+from .alignment import align_many, as_spans, offsets_problem, one_to_one, only_types, spans_problems
+from .errors import TitokError
 from .formatting import FormatError, encode_later, record_error
 from .lazy_records import read_lazily, shard_lines
 from .models import load_tokenizer, tokenizer_fingerprint
 from .records import (NUMBER_TYPES, JsonLine, RecordError, check_numbers, checked, dumps, filter_settings, insert_member,
                       not_kept, parse_line, prompt_and_completion, read_records, record_writer, titok, titok_part)
 from .select import budget_scores, select_stream
+from .vocab_map import carry_topk, token_map
 
 log = logging.getLogger("titok.align")
 
@@ -141,6 +143,7 @@ class SourceFields(NamedTuple):
     source: dict          # titok.source
     spans: np.ndarray     # the source tokens' [start, end) offsets, n x 2
     values: np.ndarray    # the values carried over (excess or 0/1 mask), one per source token
+    topk: tuple = None    # (ids, logp), n x N arrays of the source's top-N distributions, if it has them
 
 
 class Item(NamedTuple):
@@ -187,7 +190,44 @@ def source_values(record, where, use):
         raise RecordError(where, f"titok.source.{use}", f"record {record.get('id')!r}: {len(values)} values "
                                                         f"for {len(spans)} tokens")
     check_numbers(values, where, f"titok.source.{use}", prefix=f"record {record.get('id')!r}: ")
-    return SourceFields(messages, completion, source, spans, np.asarray(values, dtype=np.float64))
+    return SourceFields(messages, completion, source, spans, np.asarray(values, dtype=np.float64),
+                        source_topk(record, source, len(spans), where))
+
+
+TOPK_FIELDS = ("topk_ids", "topk_logp")
+
+
+def source_topk(record, source, n, where):
+    """The source's top-N distributions as (ids, logp) n x N arrays, or None if it has none;
+    raises a one-line RecordError when they are not n lists of N ids and N numbers."""
+    present = [name for name in TOPK_FIELDS if name in source]
+    if not present:
+        return None
+    prefix = f"record {record.get('id')!r}: "
+    if len(present) == 1:
+        missing = next(name for name in TOPK_FIELDS if name not in present)
+        raise RecordError(where, f"titok.source.{missing}", f"{prefix}missing, but titok.source.{present[0]} is there")
+    arrays = []
+    for name, types, dtype in (("topk_ids", {int}, np.int64), ("topk_logp", NUMBER_TYPES, np.float64)):
+        rows = source[name]
+        field = f"titok.source.{name}"
+        if not isinstance(rows, list) or len(rows) != n or not only_types(rows, {list}):
+            raise RecordError(where, field, f"{prefix}must be {n} lists, one per token")
+        width = len(rows[0])
+        if any(len(row) != width for row in rows) or not only_types(chain.from_iterable(rows), types):
+            raise RecordError(where, field, f"{prefix}must hold the same number of "
+                                            f"{'token ids' if dtype is np.int64 else 'numbers'} for every token")
+        try:
+            arrays.append(np.asarray(rows, dtype=dtype).reshape(n, width))
+        except OverflowError:
+            raise RecordError(where, field, f"{prefix}holds an id past 64 bits") from None
+    ids, logp = arrays
+    if ids.shape != logp.shape:
+        raise RecordError(where, "titok.source.topk_logp", f"{prefix}{logp.shape[1]} log-probs a token, "
+                                                           f"for {ids.shape[1]} ids")
+    if not np.isfinite(logp).all():
+        raise RecordError(where, "titok.source.topk_logp", f"{prefix}must be finite log-probs")
+    return ids, logp
 
 
 def target_problem(where, record, completion, enc):
@@ -221,11 +261,16 @@ def chunk_arrays(fields, encodings):
     return sources, values, targets, (length, n_source, n_target)
 
 
-def finish_record(where, record, fields, enc, scores, fingerprint, text_normalizer, *, model, use, counts):
-    """Add titok.target (all but the mask) to one record, given its aligned scores."""
+def finish_record(where, record, fields, enc, scores, fingerprint, text_normalizer, *, model, use, counts,
+                  mapping_for=None):
+    """Add titok.target (all but the mask) to one record, given its aligned scores. `mapping_for`
+    gives the token map for a record's source (needed only for records with top-N distributions)."""
     completion, source = fields.completion, fields.source
     token_ids, offsets = enc.token_ids, enc.offsets
-    if source.get("tokenizer") == fingerprint and source.get("token_ids") == token_ids and source["offsets"] == offsets:
+    same_tokens = (source.get("tokenizer") == fingerprint and source.get("token_ids") == token_ids
+                   and source["offsets"] == offsets)
+    changed = None
+    if same_tokens:
         scores = list(source[use])  # same tokenizer, same tokens: the source's own numbers, untouched
         counts["same_tokens"] = counts.get("same_tokens", 0) + 1
     else:
@@ -238,13 +283,49 @@ def finish_record(where, record, fields, enc, scores, fingerprint, text_normaliz
             log.warning("%s: record %r: the target tokenizer's normalizer changes the completion's text; "
                         "%d of %d target tokens get no score", where, record.get("id"), len(changed), len(offsets))
     scored = len(scores) - scores.count(None)
-    titok(record)["target"] = {"model": model, "tokenizer": fingerprint, "token_ids": token_ids, "offsets": offsets,
-                               "score": scores, "coverage": scored / len(scores), "truncated": enc.truncated}
+    target = {"model": model, "tokenizer": fingerprint, "token_ids": token_ids, "offsets": offsets,
+              "score": scores, "coverage": scored / len(scores), "truncated": enc.truncated}
+    if fields.topk is not None:
+        target.update(target_topk(where, record, fields, enc, mapping_for, same_tokens, changed, counts))
+    titok(record)["target"] = target
     counts["records"] = counts.get("records", 0) + 1
     counts["tokens"] = counts.get("tokens", 0) + len(scores)
     counts["scored"] = counts.get("scored", 0) + scored
     counts["min_coverage"] = min(counts.get("min_coverage", 1.0), scored / len(scores))
     counts["truncated"] = counts.get("truncated", 0) + int(enc.truncated)
+
+
+def target_topk(where, record, fields, enc, mapping_for, same_tokens, changed, counts):
+    """titok.target's topk_ids, topk_logp and topk_coverage: the source's top-N distributions on the
+    target tokens that pair one-to-one with a source token (alignment.one_to_one), their ids mapped
+    onto the target vocabulary (vocab_map.carry_topk); the source's own lists with the same tokens."""
+    source = fields.source
+    if same_tokens:
+        ids, logp = list(source["topk_ids"]), list(source["topk_logp"])
+    else:
+        mapping = mapping_for(where, record, source)
+        paired = one_to_one(fields.spans, enc.offsets, len(fields.completion))
+        for i in changed or ():  # text the target's normalizer changes: no score, no distribution
+            paired[i] = -1
+        carried = carry_topk(paired, *fields.topk, mapping, closing_pair(source, enc, len(fields.completion)))
+        ids = [None if c is None else c[0] for c in carried]
+        logp = [None if c is None else c[1] for c in carried]
+    covered = len(ids) - ids.count(None)
+    counts["topk_tokens"] = counts.get("topk_tokens", 0) + len(ids)
+    counts["topk_covered"] = counts.get("topk_covered", 0) + covered
+    return {"topk_ids": ids, "topk_logp": logp, "topk_coverage": covered / len(ids)}
+
+
+def closing_pair(source, enc, length):
+    """(source closing token id, target closing token id) when both tokenizations end with a closing
+    token (an empty span at the completion's end), else None: whatever the token map says, the
+    source's closing token stands for the target's (docs/design.md, Alignment)."""
+    source_ids, source_offsets = source.get("token_ids"), source.get("offsets")
+    if not isinstance(source_ids, list) or not source_ids or type(source_ids[-1]) is not int:
+        return None
+    if list(source_offsets[-1]) != [length, length] or list(enc.offsets[-1]) != [length, length]:
+        return None
+    return source_ids[-1], enc.token_ids[-1]
 
 
 def recorded_k(record, where):
@@ -262,8 +343,10 @@ class Alignment:
     (`check`), tokenized a chunk ahead in a thread (`aligned`), aligned a chunk at a time
     (`aligned_chunk`), or one by one when a chunk holds a bad record (`recheck`)."""
 
-    def __init__(self, tokenizer, *, model, k, use, chat_template, max_length, skip_invalid, counts, progress):
+    def __init__(self, tokenizer, *, model, k, use, chat_template, max_length, skip_invalid, counts, progress,
+                 source_model=None):
         self.tokenizer, self.model, self.use = tokenizer, model, use
+        self.source_model, self.maps = source_model, {}  # source fingerprint -> token map (vocab_map)
         self.chat_template, self.max_length, self.skip_invalid = chat_template, max_length, skip_invalid
         self.counts, self.progress = counts, progress
         self.fingerprint = tokenizer_fingerprint(tokenizer)
@@ -288,6 +371,8 @@ class Alignment:
         else:
             _, spans, values = lazy
             fields = SourceFields(*prompt_and_completion(record, where), record["titok"]["source"], spans, values)
+        if fields is not None and fields.topk is not None:
+            self.check_topk_ids(where, record, fields)
         if line is not None and lazy is None:  # parsed whole: the line to splice into has titok last, no target
             record["titok"] = record.pop("titok")
             record["titok"].pop("target", None)
@@ -329,7 +414,8 @@ class Alignment:
             arrays = chunk_arrays([item.fields for item in items], [item.enc for item in items])
         for item, scores in zip(items, align_many(*arrays, groups=self.use == "mask")):
             finish_record(item.where, item.record, item.fields, item.enc, scores, self.fingerprint,
-                          self.text_normalizer, model=self.model, use=self.use, counts=self.counts)
+                          self.text_normalizer, model=self.model, use=self.use, counts=self.counts,
+                          mapping_for=self.mapping_for)
             self.count(None)
             yield item.record, item.line
 
@@ -342,6 +428,36 @@ class Alignment:
         if problem:
             raise problem
         return item._replace(fields=fields)
+
+    def mapping_for(self, where, record, source):
+        """The token map from the record's source tokenizer onto the target's (vocab_map.token_map),
+        one per source tokenizer in the run. The source tokenizer is loaded from --source-model, else
+        the record's titok.source.model, and must have the fingerprint the record names."""
+        fingerprint = source.get("tokenizer")
+        if fingerprint not in self.maps:
+            if fingerprint == self.fingerprint:
+                self.maps[fingerprint] = np.arange(len(self.tokenizer), dtype=np.int64)
+            else:
+                self.maps[fingerprint] = token_map(self.source_tokenizer(where, record, source), self.tokenizer)
+        return self.maps[fingerprint]
+
+    def check_topk_ids(self, where, record, fields):
+        """The top-N ids must be ids of the source vocabulary (the token map's length)."""
+        ids, size = fields.topk[0], len(self.mapping_for(where, record, fields.source))
+        if ids.size and (ids.min() < 0 or ids.max() >= size):
+            raise RecordError(where, "titok.source.topk_ids", f"record {record.get('id')!r}: ids must lie in "
+                                                              f"[0, {size}), the source vocabulary")
+
+    def source_tokenizer(self, where, record, source):
+        model = self.source_model or source.get("model")
+        if not isinstance(model, str):
+            raise RecordError(where, "titok.source.model", f"record {record.get('id')!r}: not a model name: "
+                                                           f"pass --source-model (the top-N ids need its tokenizer)")
+        tokenizer = load_tokenizer(model)
+        if tokenizer_fingerprint(tokenizer) != source.get("tokenizer"):
+            raise TitokError(f"{where}: the tokenizer of {model} is not the one titok.source.tokenizer names "
+                             f"({source.get('tokenizer')}): pass the scoring model as --source-model")
+        return tokenizer
 
     def count(self, name):
         """One record done: counted under `name` (if any), and shown in the progress bar."""
@@ -371,16 +487,19 @@ def selection_scores(aligned_item):
 
 
 def align_records(pairs, tokenizer, *, model, k=None, scope="sample", use="excess", chat_template=True,
-                  max_length=768, skip_invalid=False, counts=None, progress=None):
+                  max_length=768, skip_invalid=False, counts=None, progress=None, source_model=None):
     """Align (where, record) pairs onto `tokenizer` (a loaded tokenizer); yield the records, in
     input order, with titok.target = {model, tokenizer, token_ids, offsets, score, coverage,
-    truncated, mask}. A record is a dict, or a records.JsonLine (read_records(parse=False), as
+    truncated, mask}, plus topk_ids, topk_logp and topk_coverage when the source has top-N
+    distributions (their ids mapped with the token map from the source's tokenizer: source_model,
+    else the records' titok.source.model). A record is a dict, or a records.JsonLine (read_records(parse=False), as
     titok-align reads): it then comes out as its JSON line (bytes) with titok.target spliced in.
     k=None takes the k recorded by titok-filter (one k for the whole run). Records titok-filter
     --mark-only did not keep pass through without titok.target, outside the selection.
     """
     run = Alignment(tokenizer, model=model, k=k, use=use, chat_template=chat_template, max_length=max_length,
-                    skip_invalid=skip_invalid, counts={} if counts is None else counts, progress=progress)
+                    skip_invalid=skip_invalid, counts={} if counts is None else counts, progress=progress,
+                    source_model=source_model)
     stream = run.aligned(pairs)
     first = next(stream, None)  # the first record fixes the run's k (RunK) before the selection starts
     if first is None:
@@ -431,6 +550,8 @@ def summary(counts):
     line = f"aligned {n} records, {tokens} target tokens"
     if tokens:
         line += f", coverage {counts['scored'] / tokens:.2%} (lowest record {counts['min_coverage']:.2%})"
+    if counts.get("topk_tokens"):
+        line += f", top-N distributions on {counts['topk_covered'] / counts['topk_tokens']:.2%} of them"
     if counts.get("not_kept"):
         line += f", {counts['not_kept']} records titok-filter did not keep passed through"
     if counts.get("same_tokens"):
@@ -450,18 +571,24 @@ def summary(counts):
 @click.option("--from", "use", type=click.Choice(sorted(SOURCE_VALUES)), default="excess", show_default=True,
               help="Carry the source's excess, per overlapping token (the target ranks real scores), or its 0/1 "
                    "mask from titok-filter, averaged over aligned groups (the paper's fractional masks).")
+@click.option("--source-model", help="The model that scored the records (default: their titok.source.model): its "
+                                    "tokenizer maps the top-N ids of titok-score --topk onto the target's vocabulary.")
 @cli.selection_options(None)
 @cli.output_option
 @cli.shard_option
 @cli.skip_invalid_option
 @cli.command
-def main(input, target_model, chat_template, no_chat_template, max_length, use, k, scope, output, shard, skip_invalid):
+def main(input, target_model, chat_template, no_chat_template, max_length, source_model, use, k, scope, output, shard,
+         skip_invalid):
     """Carry per-token source scores onto the target tokenizer's tokens and select top-k there.
 
     Each record is formatted with the TARGET's chat template; each target completion token
     scores the mean of the source values whose character spans overlap it (null where none
     does; never selected). Adds record["titok"]["target"] = {model, tokenizer, token_ids,
-    offsets, score, coverage, truncated, mask}. Default -k: the k titok-filter recorded.
+    offsets, score, coverage, truncated, mask}; with the source's top-N distributions (titok-score
+    --topk) also topk_ids, topk_logp, topk_coverage: on each target token that pairs one-to-one
+    with a source token, the source ids mapped onto the target vocabulary (MinED, cached under
+    $TITOK_CACHE). Default -k: the k titok-filter recorded.
     Records titok-filter --mark-only did not keep pass through without a target, outside
     the selection. --shard goes with --scope sample (batch and global select over all records).
 
@@ -482,7 +609,8 @@ def main(input, target_model, chat_template, no_chat_template, max_length, use, 
             pairs = shard_lines(pairs, shard)
         for record in align_records(pairs, tokenizer, model=target_model, k=k, scope=scope, use=use,
                                     chat_template=not no_chat_template, max_length=max_length,
-                                    skip_invalid=skip_invalid, counts=counts, progress=progress):
+                                    skip_invalid=skip_invalid, counts=counts, progress=progress,
+                                    source_model=source_model):
             writer.write(record)
     elapsed = time.time() - started
     log.info("%s, %.0f records/s", summary(counts), counts.get("records", 0) / max(elapsed, 1e-9))

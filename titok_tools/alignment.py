@@ -147,3 +147,19 @@ def offsets_problem(offsets, length):
     return None
 
 
+
+
+def one_to_one(source_offsets, target_offsets, length):
+    """For each target span, the index of the one source span it pairs with, or -1.
+
+    A pair is a mutually unique overlap: the target token overlaps exactly one source token, and
+    that source token overlaps only this target token (overlap_ranges both ways, so the closing
+    tokens, both empty at the end, pair with each other). Only such a target token stands for the
+    same text as a source token and predicts from the same place: titok-align gives it the source's
+    top-N distribution (docs/design.md, Vocabulary map)."""
+    lo, hi = overlap_ranges(source_offsets, target_offsets, length)
+    back_lo, back_hi = overlap_ranges(target_offsets, source_offsets, length)
+    single = hi - lo == 1
+    source = np.where(single, lo, 0)
+    mutual = single & (back_hi[source] - back_lo[source] == 1) & (back_lo[source] == np.arange(len(lo)))
+    return np.where(mutual, lo, -1)

@@ -22,7 +22,7 @@ def read_lazily(parser, text, use, fingerprint):
     None when the line needs the full parse: a line simdjson refuses (say an integer past 64
     bits), a key repeated in the record, titok or titok.source (simdjson would read the first,
     orjson reads the last), no id, titok not the record's last member or holding a target of an
-    earlier run, the target's own tokenizer (its token ids are compared), offsets and values that
+    earlier run, the target's own tokenizer (its token ids are compared), top-N distributions, offsets and values that
     are not integer pairs and numbers, one per token (the full parse's checks then say why).
     Their order and range are checked a chunk at a time."""
     if not text.lstrip().startswith(b"{"):  # simdjson skips a byte-order mark, as other stages' orjson does not
@@ -42,8 +42,8 @@ def read_lazily(parser, text, use, fingerprint):
             return record, None, None
         source = part["source"]
         members = list(source.keys())
-        if len(set(members)) < len(members):
-            return None
+        if len(set(members)) < len(members) or "topk_ids" in members or "topk_logp" in members:
+            return None  # top-N distributions: read whole (their checks and token ids are the full parse's)
         tokenizer = _plain(source.get("tokenizer"))
         if tokenizer == fingerprint:
             return None
