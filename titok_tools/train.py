@@ -10,6 +10,10 @@ with Gemma's 262k-entry vocabulary, full logits are a large share of a step. Wit
 weights the loss is scaled up for backward (a GradScaler): the per-token gradients of a mean
 over many tokens would otherwise underflow.
 
+With --kd-weight W (or --kd-only) the step's loss adds W * sum_D m_i * KL_i / sum_D m_i over the
+trained tokens D that have a stored teacher distribution (titok.*.topk_ids / topk_logp), from the
+same projected logits (docs/design.md, Target loss, Logit distillation).
+
 Multi-process (`accelerate launch -m titok_tools.train ...`, or torchrun): every process reads
 the same records and shuffle, takes its share of each step's micro-batches, and the LoRA
 gradients (a few MB) are summed across processes once per step, before clipping: the same update
@@ -35,7 +39,7 @@ from . import cli
 from .formatting import FormatError, encode, record_error
 from .models import (DTYPES, base_model_name, decoder_and_head, load_model, load_tokenizer, predicting_hidden, project_logits,
                      resolve_device, resolve_dtype, right_padded, tokenizer_fingerprint)
-from .records import RecordError, check_writable, checked, not_kept, prompt_and_completion, read_records, spooled, titok_part
+from .records import RecordError, check_numbers, check_writable, checked, not_kept, prompt_and_completion, read_records, spooled, titok_part
 
 log = logging.getLogger("titok.train")
 
@@ -48,6 +52,16 @@ class Example:
     input_ids: list   # prompt + completion tokens, as formatting.encode made them
     positions: list   # indices into input_ids of the trained tokens (each predicted from the one before)
     weights: list     # m_i > 0 for each trained token
+    # The teacher's distributions (--kd-weight / --kd-only): only the trained tokens that have one.
+    teacher_at: list = None       # indices into positions
+    teacher_ids: object = None    # (len(teacher_at), N) int64 tensor of vocabulary ids, 0-padded
+    teacher_logp: object = None   # (len(teacher_at), N) float32 tensor of their log-probs, -inf-padded
+    teacher_field: str = None     # e.g. "titok.target.topk_ids", for errors found once the model is loaded
+
+    @property
+    def teacher_weight(self):
+        """The sum of the weights of the tokens distilled: this record's share of the KD normalizer."""
+        return sum(self.weights[k] for k in self.teacher_at or ())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,10 +84,71 @@ def _mask_of(record, where, fingerprint, model):
                                       "titok-filter [| titok-align] first, or pass --all-tokens for plain SFT")
 
 
+def _check_token_ids(where, field, token_ids, enc):
+    if token_ids is not None and not isinstance(token_ids, list):
+        raise RecordError(where, field, "must be a list of token ids")
+    if token_ids is not None and token_ids != enc.token_ids:
+        raise RecordError(where, field, "differ from this model's tokens of the completion (another chat template, "
+                                        "--no-chat-template or --max-length than the earlier stages?)")
+
+
+def _distribution_part(record, fingerprint):
+    """(part, "titok.target" or "titok.source") whose tokens are this tokenizer's, the target first:
+    the rule that picks the mask. (None, None) when neither is."""
+    for name in ("target", "source"):
+        part = titok_part(record, name) or {}
+        if part.get("tokenizer") == fingerprint:
+            return part, f"titok.{name}"
+    return None, None
+
+
+def _distribution_rows(part, name, where, n_tokens):
+    """{completion token index: (ids, logp)} of a part's topk_ids / topk_logp (null entries: no
+    distribution at that token), checked; {} when the part has none."""
+    ids, logp = part.get("topk_ids"), part.get("topk_logp")
+    if ids is None and logp is None:
+        return {}
+    for field, value in (("topk_ids", ids), ("topk_logp", logp)):
+        if not isinstance(value, list):
+            raise RecordError(where, f"{name}.{field}", "must be a list with one entry per completion token "
+                                                       "(topk_ids and topk_logp come together from titok-score --topk)")
+        if len(value) != n_tokens:
+            raise RecordError(where, f"{name}.{field}", f"has {len(value)} entries but the completion has "
+                                                       f"{n_tokens} tokens with this tokenizer and template")
+    rows = {}
+    for i, (token_ids, token_logp) in enumerate(zip(ids, logp)):
+        if token_ids is None and token_logp is None:
+            continue
+        if not (isinstance(token_ids, list) and token_ids and all(type(t) is int and t >= 0 for t in token_ids)
+                and len(set(token_ids)) == len(token_ids)):
+            raise RecordError(where, f"{name}.topk_ids[{i}]", "must be null or a non-empty list of distinct token ids")
+        if not isinstance(token_logp, list) or len(token_logp) != len(token_ids):
+            raise RecordError(where, f"{name}.topk_logp[{i}]", f"must be a list of {len(token_ids)} log-probs, "
+                                                              f"one per id of topk_ids[{i}]")
+        check_numbers(token_logp, where, f"{name}.topk_logp[{i}]")
+        rows[i] = (token_ids, token_logp)
+    return rows
+
+
+def _attach_teacher(example, rows, indices, field):
+    """Set the example's teacher tensors from rows ({completion index: (ids, logp)}); indices: the
+    completion index of each trained position."""
+    at = [k for k, i in enumerate(indices) if i in rows]
+    if not at:
+        return
+    width = max(len(rows[indices[k]][0]) for k in at)
+    ids = [rows[indices[k]][0] + [0] * (width - len(rows[indices[k]][0])) for k in at]
+    logp = [rows[indices[k]][1] + [-math.inf] * (width - len(rows[indices[k]][1])) for k in at]
+    example.teacher_at, example.teacher_field = at, field
+    example.teacher_ids = torch.tensor(ids, dtype=torch.long)
+    example.teacher_logp = torch.tensor(logp, dtype=torch.float32)
+
+
 def make_example(record, where, tokenizer, *, fingerprint, model, all_tokens, train_closing=True, chat_template=True,
-                 max_length=768):
+                 max_length=768, distill=False):
     """Tokenize a record with the shared `encode` and attach its per-token weights
-    (train_closing: the token that closes the completion gets weight 1 whatever its mask).
+    (train_closing: the token that closes the completion gets weight 1 whatever its mask), and
+    with distill, the teacher's distributions at the trained tokens that have one.
 
     Returns (Example or None when no token is selected, encoded).
     """
@@ -92,25 +167,30 @@ def make_example(record, where, tokenizer, *, fingerprint, model, all_tokens, tr
             hint = " (the completion was truncated: use the --max-length of the earlier stages)" if enc.truncated else ""
             raise RecordError(where, field, f"has {len(mask)} entries but the completion has {len(enc.positions)} "
                                             f"tokens with this tokenizer and template{hint}")
-        if token_ids is not None and not isinstance(token_ids, list):
-            raise RecordError(where, field.replace(".mask", ".token_ids"), "must be a list of token ids")
-        if token_ids is not None and token_ids != enc.token_ids:
-            raise RecordError(where, field.replace(".mask", ".token_ids"),
-                              "differ from this model's tokens of the completion (another chat template, "
-                              "--no-chat-template or --max-length than the earlier stages?)")
+        _check_token_ids(where, field.replace(".mask", ".token_ids"), token_ids, enc)
         weights = [float(m) for m in mask]
         if train_closing and not enc.truncated:
             weights[-1] = 1.0
     # Position 0 has nothing before it to predict it from.
-    kept = [(p, w) for p, w in zip(enc.positions, weights) if w > 0 and p > 0]
+    kept = [(i, p, w) for i, (p, w) in enumerate(zip(enc.positions, weights)) if w > 0 and p > 0]
     if not kept:
         return None, enc
-    return Example(where, enc.input_ids, [p for p, _ in kept], [w for _, w in kept]), enc
+    example = Example(where, enc.input_ids, [p for _, p, _ in kept], [w for _, _, w in kept])
+    if distill:
+        part, name = _distribution_part(record, fingerprint)
+        if part is not None:
+            if all_tokens:   # the mask path checked them already
+                _check_token_ids(where, f"{name}.token_ids", part.get("token_ids"), enc)
+            rows = _distribution_rows(part, name, where, len(enc.positions))
+            _attach_teacher(example, rows, [i for i, _, _ in kept], f"{name}.topk_ids")
+    return example, enc
 
 
 def prepare_examples(pairs, tokenizer, *, model, all_tokens=False, train_closing=True, chat_template=True,
-                     max_length=768, skip_invalid=False, counts=None):
-    """Examples of (where, record) pairs; records with no selected token are skipped and counted."""
+                     max_length=768, skip_invalid=False, counts=None, distill=False):
+    """Examples of (where, record) pairs; records with no selected token are skipped and counted
+    (with distill, so are the records with no teacher distribution at their trained tokens: they
+    train on the NLL alone)."""
     counts = {} if counts is None else counts
     fingerprint = tokenizer_fingerprint(tokenizer)
     examples = []
@@ -119,7 +199,8 @@ def prepare_examples(pairs, tokenizer, *, model, all_tokens=False, train_closing
         if not_kept(record):
             return None, None
         return make_example(record, where, tokenizer, fingerprint=fingerprint, model=model, all_tokens=all_tokens,
-                            train_closing=train_closing, chat_template=chat_template, max_length=max_length)
+                            train_closing=train_closing, chat_template=chat_template, max_length=max_length,
+                            distill=distill)
 
     for where, record, (example, enc) in checked(pairs, check, skip_invalid, counts):
         if enc is None:
@@ -131,6 +212,9 @@ def prepare_examples(pairs, tokenizer, *, model, all_tokens=False, train_closing
             counts["truncated"] = counts.get("truncated", 0) + int(enc.truncated)
             counts["completion_tokens"] = counts.get("completion_tokens", 0) + len(enc.positions)
             counts["selected_tokens"] = counts.get("selected_tokens", 0) + len(example.positions)
+            if distill:
+                counts["distilled_tokens"] = counts.get("distilled_tokens", 0) + len(example.teacher_at or ())
+                counts["no_distribution"] = counts.get("no_distribution", 0) + int(not example.teacher_at)
     return examples
 
 
@@ -157,11 +241,108 @@ def token_losses(model, batch, device, autocast_dtype=None):
     return F.cross_entropy(logits.float(), ids[rows, cols], reduction="none"), weights
 
 
-def masked_loss(model, examples, pad_id, device=None, autocast_dtype=None):
-    """sum(m * CE) / sum(m) over the examples (one batch): the loss of one optimizer step."""
+def masked_loss(model, examples, pad_id, device=None, autocast_dtype=None, distill=None):
+    """sum(m * CE) / sum(m) over the examples (one batch): the loss of one optimizer step; with
+    distill (a Distill), that loss as the step's: the NLL (unless distill.only) + W * KL_sum / n_kd."""
     device = device or next(model.parameters()).device
-    ce, weights = token_losses(model, collate(examples, pad_id), device, autocast_dtype)
-    return (weights * ce).sum() / weights.sum()
+    if distill is None:
+        ce, weights = token_losses(model, collate(examples, pad_id), device, autocast_dtype)
+        return (weights * ce).sum() / weights.sum()
+    norms = (sum(sum(e.weights) for e in examples), sum(e.teacher_weight for e in examples))
+    share, _ = distill_share(model, examples, pad_id, device, autocast_dtype, distill, norms)
+    return share
+
+
+# ---------------------------------------------------------------------------------------------
+# Logit distillation (--kd-weight, --kd-only): docs/design.md, Target loss
+
+
+@dataclass
+class Distill:
+    weight: float         # W: the KL term's weight (1 under --kd-only when not given)
+    temperature: float    # T
+    only: bool = False    # no NLL term
+
+
+@dataclass
+class TeacherBatch:
+    at: torch.Tensor      # (n_kd,) rows of the micro-batch's trained tokens that have a distribution
+    ids: torch.Tensor     # (n_kd, N) listed vocabulary ids, 0-padded
+    logp: torch.Tensor    # (n_kd, N) their log-probs, -inf-padded
+
+
+def collate_teacher(examples):
+    """The teacher's distributions of a micro-batch, indexed like collate's trained tokens."""
+    at, ids, logp, offset = [], [], [], 0
+    for e in examples:
+        if e.teacher_at:
+            at.append(torch.tensor(e.teacher_at, dtype=torch.long) + offset)
+            ids.append(e.teacher_ids)
+            logp.append(e.teacher_logp)
+        offset += len(e.positions)
+    if not at:
+        return TeacherBatch(torch.zeros(0, dtype=torch.long), torch.zeros((0, 1), dtype=torch.long),
+                            torch.zeros((0, 1), dtype=torch.float32))
+    width = max(t.shape[1] for t in ids)
+    return TeacherBatch(torch.cat(at), torch.cat([F.pad(t, (0, width - t.shape[1]), value=0) for t in ids]),
+                        torch.cat([F.pad(t, (0, width - t.shape[1]), value=-math.inf) for t in logp]))
+
+
+def distillation_kl(student_logp, teacher_logp, temperature):
+    """T^2 * KL(q || p) per row, q = softmax(teacher_logp / T) renormalized over the listed ids
+    (padding: -inf, so q = 0 there), student_logp = log p at those ids, p the student's softmax
+    over the FULL vocabulary at T. T^2 keeps the gradient's size independent of T (Hinton et al.
+    2015)."""
+    listed = torch.isfinite(teacher_logp)
+    log_q = torch.log_softmax(teacher_logp / temperature, dim=-1).masked_fill(~listed, 0.0)
+    q = log_q.exp() * listed
+    return temperature ** 2 * (q * (log_q - student_logp)).sum(-1)
+
+
+def student_logprobs(logits, targets, teacher, temperature, with_ce=True):
+    """(CE per row or None, the student's log-probs at T at the teacher's ids (n_kd, N)) from a
+    micro-batch's logits: float32, full vocabulary. At T = 1 one log-softmax serves both terms
+    (a second one over (rows, vocab) costs a fifth of a SmolLM2 step)."""
+    z = logits.float()
+    if with_ce and temperature == 1.0:
+        logp = torch.log_softmax(z, dim=-1)
+        return -logp.gather(-1, targets[:, None]).squeeze(-1), logp[teacher.at[:, None], teacher.ids]
+    ce = F.cross_entropy(z, targets, reduction="none") if with_ce else None
+    return ce, torch.log_softmax(z[teacher.at] / temperature, dim=-1).gather(-1, teacher.ids)
+
+
+def distill_losses(model, examples, pad_id, device, autocast_dtype, distill):
+    """(weight * CE per trained token or None under distill.only, weight * KL per distilled token) of
+    a micro-batch: one projection to the vocabulary, at the trained tokens only, serves both."""
+    body, head = decoder_and_head(model)
+    ids, rows, cols, weights = (t.to(device) for t in collate(examples, pad_id))
+    teacher = collate_teacher(examples)
+    teacher = TeacherBatch(*(t.to(device) for t in (teacher.at, teacher.ids, teacher.logp)))
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        logits = project_logits(model, head, predicting_hidden(body, ids, rows, cols))
+    ce, student = student_logprobs(logits, ids[rows, cols], teacher, distill.temperature, not distill.only)
+    kl = distillation_kl(student, teacher.logp, distill.temperature)
+    return (None if ce is None else weights * ce), weights[teacher.at] * kl
+
+
+def distill_share(model, examples, pad_id, device, autocast_dtype, distill, norms):
+    """(this micro-batch's share of the step's loss, its (weighted NLL sum, weighted KL sum)), for
+    the step's normalizers norms = (sum of the trained tokens' weights, n_kd). A step with no
+    distribution (n_kd = 0) has no KL term."""
+    norm, kd_norm = norms
+    ce, kl = distill_losses(model, examples, pad_id, device, autocast_dtype, distill)
+    nll_sum, kl_sum = (kl.new_zeros(()) if ce is None else ce.sum()), kl.sum()
+    share = kl_sum * (distill.weight / kd_norm) if kd_norm > 0 else kl_sum * 0.0
+    if not distill.only:
+        share = share + nll_sum / norm
+    return share, torch.stack([nll_sum.detach(), kl_sum.detach()])
+
+
+def step_loss(distill, sums, norms):
+    """(the step's loss, its mean KL) from the step's summed (NLL, KL) and normalizers."""
+    (nll_sum, kl_sum), (norm, kd_norm) = sums, norms
+    kl = kl_sum / kd_norm if kd_norm > 0 else 0.0
+    return (0.0 if distill.only else nll_sum / norm) + distill.weight * kl, kl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,9 +491,10 @@ def check_same_layout(path, state, layout):
 
 def train(model, examples, pad_id, *, epochs=2, batch_size=4, grad_accum=1, lr=5e-5, weight_decay=0.01,
           warmup_ratio=0.1, max_grad_norm=0.3, seed=0, neftune_alpha=None, autocast_dtype=None, procs=None,
-          checkpoint=None, save_every=None, resume=False, run_key=None, on_step=None, progress=True):
+          checkpoint=None, save_every=None, resume=False, run_key=None, on_step=None, progress=True, distill=None):
     """Train the trainable (LoRA) parameters of `model` in place; return the run's history
-    {"loss": [per step], "tokens": trained tokens, "steps": n}.
+    {"loss": [per step], "tokens": trained tokens, "steps": n}, and with distill (a Distill: the
+    KL term over the teacher's distributions) "kl": [the step's mean KL, per step].
 
     checkpoint: a directory for `save_every`-step checkpoints; with resume, a checkpoint there
     (made with the same `run_key`) is continued. on_step(step, loss) is called after each step.
@@ -332,6 +514,8 @@ def train(model, examples, pad_id, *, epochs=2, batch_size=4, grad_accum=1, lr=5
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total), total)
     scaler = loss_scaler(device, autocast_dtype)
     history = {"loss": [], "tokens": 0, "steps": total}
+    if distill is not None:
+        history["kl"] = []
     layout = {"processes": procs.world, "steps_per_epoch": steps_per_epoch, "total_steps": total}
     start = 0
     if resume and checkpoint and find_checkpoint(checkpoint):
@@ -361,16 +545,22 @@ def train(model, examples, pad_id, *, epochs=2, batch_size=4, grad_accum=1, lr=5
             micro = [[examples[i] for i in idx] for idx in
                      step_batches(len(examples), epoch, in_epoch, seed=seed, batch_size=batch_size,
                                   grad_accum=grad_accum, world=procs.world, rank=procs.rank)]
-            # The step's normalizer is known before any forward pass: the sum of the weights of
-            # every selected token of the step, over all micro-batches and processes.
+            # The step's normalizers are known before any forward pass: the sum of the weights of
+            # every selected token of the step (and of those with a teacher distribution), over
+            # all micro-batches and processes.
             totals = torch.tensor([sum(sum(e.weights) for m in micro for e in m),
-                                   sum(len(e.positions) for m in micro for e in m)], dtype=torch.float64, device=device)
-            norm, n_tokens = procs.sum_(totals).tolist()
-            loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+                                   sum(len(e.positions) for m in micro for e in m),
+                                   sum(e.teacher_weight for m in micro for e in m)], dtype=torch.float64, device=device)
+            norm, n_tokens, kd_norm = procs.sum_(totals).tolist()
+            loss_sum = torch.zeros(() if distill is None else 2, dtype=torch.float32, device=device)
             for batch in micro:
-                ce, weights = token_losses(model, collate(batch, pad_id), device, autocast_dtype)
-                weighted = (weights * ce).sum()
-                step_share = weighted / norm
+                if distill is None:
+                    ce, weights = token_losses(model, collate(batch, pad_id), device, autocast_dtype)
+                    weighted = (weights * ce).sum()
+                    step_share = weighted / norm
+                else:
+                    step_share, weighted = distill_share(model, batch, pad_id, device, autocast_dtype, distill,
+                                                         (norm, kd_norm))
                 (scaler.scale(step_share) if scaler else step_share).backward()
                 loss_sum += weighted.detach()
             for p in params:
@@ -383,7 +573,11 @@ def train(model, examples, pad_id, *, epochs=2, batch_size=4, grad_accum=1, lr=5
                 for p in params:
                     p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
                     offset += p.numel()
-            loss = procs.sum_(loss_sum).item() / norm
+            if distill is None:
+                loss = procs.sum_(loss_sum).item() / norm
+            else:
+                loss, kl = step_loss(distill, procs.sum_(loss_sum).tolist(), (norm, kd_norm))
+                history["kl"].append(kl)
             if not math.isfinite(loss):
                 raise TitokError(f"the loss is {loss} at step {step + 1} (epoch {epoch + 1}): lower --lr, "
                                            "try --dtype float32, or check the records")
@@ -473,6 +667,20 @@ def add_lora(model, model_name, *, r, alpha, dropout, target_modules, seed):
 @click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1), help="Micro-batches per optimizer step.")
 @click.option("--neftune-alpha", type=cli.Finite(min=0, min_open=True),
               help="NEFTune embedding noise (off unless given; the official target training used 5 or 7).")
+@click.option("--kd-weight", default=0.0, show_default=True, type=cli.Finite(min=0),
+              help="Logit distillation: add W * KL(teacher || student) to the NLL. The teacher's top-N "
+                   "distributions are read from the records (titok.target.topk_* from titok-align, else "
+                   "titok.source.topk_* for the same tokenizer; made by titok-score --topk N); the KL is over "
+                   "the N listed ids, the teacher renormalized over them, the student's softmax over its full "
+                   "vocabulary, at the tokens the NLL trains that have a distribution, weighted like them and "
+                   "averaged over the step's such tokens. 0: off.")
+@click.option("--kd-temperature", default=1.0, show_default=True, type=cli.Finite(min=0, min_open=True),
+              help="Softmax temperature T of both distributions in the KL term, which is scaled by T^2 so its "
+                   "gradient keeps its size.")
+@click.option("--kd-only", is_flag=True,
+              help="Train on the KL term alone (no NLL; times --kd-weight when given), at the tokens the mask "
+                   "picks: the paper's KD+MinED baseline is --all-tokens --kd-only. Needs records with "
+                   "distributions (titok-score --topk N [| titok-align]).")
 @click.option("--save-every", type=click.IntRange(min=1), help="Checkpoint every N steps into OUTPUT.checkpoint/.")
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.checkpoint/ (same input and arguments) to the same result.")
 @cli.seed_option
@@ -480,12 +688,15 @@ def add_lora(model, model_name, *, r, alpha, dropout, target_modules, seed):
 @cli.command
 def main(input, model, dtype, device, trust_remote_code, chat_template, no_chat_template, max_length, output,
          overwrite, all_tokens, train_closing, lora_r, lora_alpha, lora_dropout, target_modules, lr, weight_decay, warmup_ratio,
-         max_grad_norm, epochs, batch_size, grad_accum, neftune_alpha, save_every, resume, seed, skip_invalid):
+         max_grad_norm, epochs, batch_size, grad_accum, neftune_alpha, kd_weight, kd_temperature, kd_only, save_every,
+         resume, seed, skip_invalid):
     """Train a LoRA on --model from records, on their selected tokens only.
 
     The mask is titok.target.mask when titok-align made it for --model's tokenizer, else
     titok.source.mask when --model tokenizes like the source. The loss is the mean CE over all
     selected tokens of a step (sum(m*CE)/sum(m)); records with no selected token are skipped.
+    With --kd-weight W (or --kd-only) it adds W * the mean KL from the teacher's stored top-N
+    distributions over the same tokens (docs/design.md, Target loss).
     Writes a PEFT adapter dir (adapter_config.json, adapter_model.safetensors) and
     titok_train.json (arguments, input sha256, tokens trained, loss per step).
 
@@ -494,8 +705,10 @@ def main(input, model, dtype, device, trust_remote_code, chat_template, no_chat_
       titok-train --model google/gemma-3-270m --output adapters/target aligned.jsonl
       titok-train --all-tokens --model HuggingFaceTB/SmolLM2-135M-Instruct --output adapters/expert task.jsonl
       accelerate launch -m titok_tools.train --model BASE --output adapters/target aligned.jsonl
+      titok-train --all-tokens --kd-only --model BASE --output adapters/kd aligned-with-topk.jsonl
     """
     arguments = {k: v for k, v in locals().items()}
+    distill = distill_of(kd_weight, kd_temperature, kd_only)
     output = output.rstrip("/")
     if os.path.exists(output) and not overwrite:
         raise TitokError(f"--output {output} exists: pass --overwrite to replace it")
@@ -511,12 +724,14 @@ def main(input, model, dtype, device, trust_remote_code, chat_template, no_chat_
             pairs = read_records(path, skip_invalid, counts, name="<stdin>" if input == "-" else input)
             examples = prepare_examples(pairs, tokenizer, model=model, all_tokens=all_tokens, train_closing=train_closing,
                                         chat_template=not no_chat_template, max_length=max_length,
-                                        skip_invalid=skip_invalid, counts=counts)
+                                        skip_invalid=skip_invalid, counts=counts, distill=distill is not None)
         skipped = ", ".join(f"{counts[k]} {label}" for k, label in
                             (("no_selected", "with no selected token"), ("not_kept", "dropped by titok-filter"),
                              ("invalid", "invalid")) if counts.get(k))
         if not examples:
             raise TitokError(f"{input}: no records to train on" + (f" (skipped: {skipped})" if skipped else ""))
+        if distill is not None:
+            report_distributions(input, examples, counts, kd_only)
         log.info("%d records, %d of %d completion tokens selected%s", len(examples), counts["selected_tokens"],
                  counts["completion_tokens"], f"; skipped {skipped}" if skipped else "")
         if counts.get("truncated"):
@@ -526,19 +741,22 @@ def main(input, model, dtype, device, trust_remote_code, chat_template, no_chat_
         weights_dtype = resolve_dtype(dtype, procs.device.type)
         lm = load_model(model, None, {v: k for k, v in DTYPES.items()}[weights_dtype], "cpu", trust_remote_code)
         lm.to(procs.device)
+        if distill is not None:
+            check_teacher_ids(examples, lm.get_output_embeddings().weight.shape[0])
         lm = add_lora(lm, model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules, seed=seed)
         torch.manual_seed(seed + procs.rank)    # dropout / NEFTune noise: own stream per process
         # Weights in bf16/fp16 (the LoRA itself stays float32): matmuls run in that dtype.
         autocast_dtype = weights_dtype if weights_dtype != torch.float32 else None
-        run_key = hashlib.sha256(json.dumps([sha, {k: v for k, v in arguments.items()
-                                                   if k not in ("resume", "save_every", "overwrite", "output")}],
+        # Without KD its options stay out of the key: checkpoints of earlier versions still resume.
+        keyless = ("resume", "save_every", "overwrite", "output") + (KD_OPTIONS if distill is None else ())
+        run_key = hashlib.sha256(json.dumps([sha, {k: v for k, v in arguments.items() if k not in keyless}],
                                             sort_keys=True, default=str).encode()).hexdigest()
         started = time.time()
         history = train(lm, examples, tokenizer.pad_token_id, epochs=epochs, batch_size=batch_size,
                         grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
                         max_grad_norm=max_grad_norm, seed=seed, neftune_alpha=neftune_alpha,
                         autocast_dtype=autocast_dtype, procs=procs, checkpoint=output + CHECKPOINT_SUFFIX,
-                        save_every=save_every, resume=resume, run_key=run_key)
+                        save_every=save_every, resume=resume, run_key=run_key, distill=distill)
         elapsed = time.time() - started
         if procs.main:
             info = {"arguments": arguments, "input_sha256": sha, "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -546,6 +764,9 @@ def main(input, model, dtype, device, trust_remote_code, chat_template, no_chat_
                     "completion_tokens": counts["completion_tokens"], "selected_tokens_per_epoch": counts["selected_tokens"],
                     "tokens_trained": history["tokens"], "steps": history["steps"], "processes": procs.world,
                     "loss": history["loss"]}  # no timing: same inputs and --seed, same bytes (it is in the log)
+            if distill is not None:
+                info["kd"] = {"distilled_tokens_per_epoch": counts.get("distilled_tokens", 0),
+                              "records_without_distributions": counts.get("no_distribution", 0), "kl": history["kl"]}
             write_adapter(lm, output, info, overwrite)
             shutil.rmtree(output + CHECKPOINT_SUFFIX, ignore_errors=True)
             log.info("trained %d steps on %d tokens in %.0f s (%.0f tokens/s); final loss %.4f; adapter in %s",
@@ -554,6 +775,38 @@ def main(input, model, dtype, device, trust_remote_code, chat_template, no_chat_
         procs.barrier()
     finally:
         procs.close()
+
+
+KD_OPTIONS = ("kd_weight", "kd_temperature", "kd_only")
+
+
+def distill_of(kd_weight, kd_temperature, kd_only):
+    """The Distill of the KD options, or None when they leave it off."""
+    if kd_weight == 0 and not kd_only:
+        if kd_temperature != 1.0:
+            log.warning("--kd-temperature has no effect without --kd-weight or --kd-only")
+        return None
+    return Distill(weight=kd_weight or 1.0, temperature=kd_temperature, only=kd_only)
+
+
+def report_distributions(input, examples, counts, kd_only):
+    """Refuse a KD run with no distribution at any trained token; log how many records have none."""
+    option = "--kd-only" if kd_only else "--kd-weight"
+    if not counts.get("distilled_tokens"):
+        raise TitokError(f"{input}: {option}: no trained token has a teacher distribution (titok.target.topk_ids for "
+                         "--model's tokenizer, else titok.source.topk_ids): run titok-score --topk N [| titok-align] "
+                         "first")
+    log.info("logit distillation at %d of %d trained tokens; %d of %d records have no distribution there%s",
+             counts["distilled_tokens"], counts["selected_tokens"], counts.get("no_distribution", 0), len(examples),
+             " (they add nothing under --kd-only)" if kd_only else " (NLL only)")
+
+
+def check_teacher_ids(examples, vocab_size):
+    """A teacher id outside the student's vocabulary (another tokenizer's ids) is one line naming its record."""
+    for e in examples:
+        if e.teacher_at and int(e.teacher_ids.max()) >= vocab_size:
+            raise RecordError(e.where, e.teacher_field, f"id {int(e.teacher_ids.max())} is outside --model's "
+                                                        f"vocabulary of {vocab_size}")
 
 
 def write_adapter(model, output, info, overwrite=False):
