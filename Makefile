@@ -39,6 +39,10 @@ GEN_ARGS ?=
 SCORE_ARGS ?=
 ALIGN_ARGS ?=#                       e.g. --skip-invalid: a completion may spell a special token of the target only
 EVAL_ARGS ?=
+KD_WEIGHT ?= 1#                      target-titok-kd: NLL + KD_WEIGHT * KL on the selected tokens
+KD_TEMPERATURE ?= 1#                 the KL's temperature (both logit-KD rows)
+# titok-score --topk: the expert's top-N per token, which the logit-KD rows need; on when a row asks
+TOPK ?= $(if $(filter target-kdlogit target-titok-kd,$(EXTRA_EVALS)),20)
 
 RUN := --device $(DEVICE) --dtype $(DTYPE)
 SRC := --model $(SOURCE_MODEL) $(RUN) $(if $(SOURCE_TEMPLATE),--chat-template $(SOURCE_TEMPLATE))
@@ -68,12 +72,12 @@ $(OUT)/synthetic.jsonl: $(SRC_ADAPTER)/adapter_config.json $(DATA)/train.jsonl
 # 3. Token-level excess of the expert over its base, 4. top-M samples and top-k tokens,
 # 5. the scores carried onto the target's tokens.
 $(OUT)/scored.jsonl: $(OUT)/synthetic.jsonl
-	titok-score $(SRC) --adapter $(SRC_ADAPTER) --resume -o $@ $(SCORE_ARGS) $<
+	titok-score $(SRC) --adapter $(SRC_ADAPTER) $(if $(TOPK),--topk $(TOPK)) --resume -o $@ $(SCORE_ARGS) $<
 $(OUT)/filtered.jsonl: $(OUT)/scored.jsonl
 	titok-filter -k $(K) --keep $(M) --scope $(SCOPE) -o $@ $<
+ALIGN = titok-align --target-model $(TARGET_MODEL) $(if $(TARGET_TEMPLATE),--chat-template $(TARGET_TEMPLATE))
 $(OUT)/aligned.jsonl: $(OUT)/filtered.jsonl
-	titok-align --target-model $(TARGET_MODEL) $(if $(TARGET_TEMPLATE),--chat-template $(TARGET_TEMPLATE)) \
-	  --scope $(SCOPE) -o $@ $(ALIGN_ARGS) $<
+	$(ALIGN) --scope $(SCOPE) -o $@ $(ALIGN_ARGS) $<
 
 # 6. The target LoRA on the selected tokens (TiTok), and the baselines: all tokens of M random
 # synthetic samples (KD / all-token), and the ceiling: the task's real training data.
@@ -86,6 +90,14 @@ $(OUT)/random.jsonl: $(OUT)/scored.jsonl
 	titok-filter --rank-by random --seed $(SEED) -k 1 --keep $(M) -o $@ $<
 $(OUT)/target-kd/adapter_config.json: $(OUT)/random.jsonl
 	$(TRAIN) $(TGT) --all-tokens $(TRAIN_ARGS) $<
+# Logit KD (needs TOPK): the paper's KD+MinED baseline, the KL alone on all tokens of the M random
+# samples, their teacher distributions carried onto the target's vocabulary; and TiTok + KD.
+$(OUT)/random-aligned.jsonl: $(OUT)/random.jsonl
+	$(ALIGN) -o $@ $(ALIGN_ARGS) $<
+$(OUT)/target-kdlogit/adapter_config.json: $(OUT)/random-aligned.jsonl
+	$(TRAIN) $(TGT) --all-tokens --kd-only --kd-temperature $(KD_TEMPERATURE) $(TRAIN_ARGS) $<
+$(OUT)/target-titok-kd/adapter_config.json: $(OUT)/aligned.jsonl
+	$(TRAIN) $(TGT) --kd-weight $(KD_WEIGHT) --kd-temperature $(KD_TEMPERATURE) $(TRAIN_ARGS) $<
 $(OUT)/target-ceiling/adapter_config.json: $(DATA)/train.jsonl
 	$(TRAIN) $(TGT) --all-tokens $(TRAIN_ARGS) $<
 
@@ -103,7 +115,7 @@ $(OUT)/eval/target-%.json: $(OUT)/target-%/adapter_config.json $(DATA)/test.json
 	@mkdir -p $(@D)
 	$(EVAL) $(TGT) --adapter $(OUT)/target-$*
 
-EXTRA_EVALS ?=#                      more rows: target-titok-no-closing (the demo has it)
+EXTRA_EVALS ?=#                      more rows: target-titok-no-closing (the demo has it), target-kdlogit, target-titok-kd
 EVALS := source-base source-expert target-vanilla target-kd target-titok $(EXTRA_EVALS) target-ceiling
 $(OUT)/report.md: $(foreach e,$(EVALS),$(OUT)/eval/$(e).json)
 	$(PYTHON) -m titok_tools.report -o $@ --title "TiTok transfer on $(TASK)" \
@@ -122,8 +134,9 @@ DEMO_TRAIN := --lora-r 16 --lora-alpha 16 --target-modules all-linear --lr 3e-4 
 DEMO_TASK ?= object_counting
 DEMO_OUT ?= work/demo
 DEMO_DATA ?= $(DEMO_OUT)/data/$(DEMO_TASK)
+DEMO_EXTRA_EVALS ?= target-titok-no-closing#  add target-kdlogit target-titok-kd for the logit-KD rows
 DEMO := OUT=$(DEMO_OUT) TASK=$(DEMO_TASK) DATA=$(DEMO_DATA) BIGBENCH_ARGS="--train-size 400" \
-	M=250 K=0.3 DTYPE=bfloat16 DEVICE=cpu TEST_SIZE=200 EXTRA_EVALS=target-titok-no-closing \
+	M=250 K=0.3 DTYPE=bfloat16 DEVICE=cpu TEST_SIZE=200 EXTRA_EVALS="$(DEMO_EXTRA_EVALS)" \
 	TARGET_TEMPLATE=data/templates/gemma3-chat.jinja \
 	SFT_ARGS="$(DEMO_TRAIN)" TRAIN_ARGS="$(DEMO_TRAIN)" \
 	GEN_ARGS="--queries-from base --max-new-tokens 64 --label-max-new-tokens 16 --batch-size 16" \

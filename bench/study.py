@@ -53,8 +53,14 @@ ARMS = {
     "titok-no-closing": ("gemma smollm2", "top-k{k}", ["--no-train-closing"]),
     # Gemma only: the SmolLM2 base, the same-tokenizer pair's target, already writes the main pool's queries.
     "titok-target-queries": ("gemma", "tq-top-k{k}", []),
+    # Logit KD from the expert's stored top-N (titok-score --topk, carried by titok-align with the
+    # MinED token map): the paper's KD+MinED baseline on M random samples, and TiTok's selected
+    # tokens with the KL term added to their NLL.
+    "kd-mined": ("gemma smollm2", "random-all", ALL + ["--kd-only"]),
+    "titok-kd": ("gemma smollm2", "top-k{k}", ["--kd-weight", "1"]),
     "ceiling": ("gemma smollm2", None, ALL),
 }
+TOPK = 20  # the teacher's distributions stored per token (titok-score --topk), for the KD arms
 
 
 # The paper's Table 2 cells run for every seed; with --quick the other arms (k sweep, -k auto,
@@ -128,7 +134,7 @@ class Study:
                 scored = os.path.join(self.a.results, task, f"{prefix}scored.jsonl")
                 pools[prefix] = (scored, self.step(f"{task}/{prefix}scored", scored, [
                     "titok-score", *self.model("smollm2"), "--adapter", expert, "--dtype", "bfloat16", "--device", "cpu",
-                    "--resume", "-o", scored, synthetic], g))
+                    "--topk", TOPK, "--resume", "-o", scored, synthetic], g))
 
             for seed in a.seeds:
                 for arm, (pairs, selection, extra) in ARMS.items():
@@ -277,6 +283,8 @@ ROW_NAMES = {
     "titok-auto": "TiTok -k auto",
     "titok-no-closing": f"TiTok top-{K}, closing token not trained unless selected (--no-train-closing)",
     "titok-target-queries": "TiTok, queries written by the target base",
+    "kd-mined": f"KD+MinED: logit KD (top-{TOPK}) on all tokens of M random samples",
+    "titok-kd": f"TiTok + KD: top-{K} tokens, NLL + logit KD (top-{TOPK})",
     "ceiling": "ceiling: target LoRA on the real train split",
 }
 

@@ -100,7 +100,7 @@ def test_make_wires_every_stage():
                             "SCORE_ARGS=--window 64", "ALIGN_ARGS=--skip-invalid"],
                            capture_output=True, text=True, check=True).stdout.split("\n")
     assert "--window 64" in next(line for line in extra if "titok-score" in line)
-    assert "--skip-invalid" in next(line for line in extra if line.lstrip().startswith("--scope"))
+    assert "--skip-invalid" in next(line for line in extra if line.startswith("titok-align"))
     assert any('--setting align_args="--skip-invalid"' in line for line in extra)
     # A user's own file replaces a stage: with aligned.jsonl present, make starts after it.
     os.makedirs("/tmp/titok-make-n2", exist_ok=True)
@@ -121,3 +121,20 @@ def test_make_demo_runs_on_another_task_and_data():
     assert '--title "TiTok transfer on sports_understanding"' in out
     assert "cp /tmp/titok-demo-n/report.md results/titok-demo-n.md" in out
     assert "target-titok-no-closing=/tmp/titok-demo-n/eval/target-titok-no-closing.json" in out
+
+
+def test_make_logit_kd_rows():
+    """The logit-KD rows turn titok-score --topk on, align the random samples, and train with the KL."""
+    out = subprocess.run(["make", "-n", "-C", ROOT, "pipeline", "OUT=/tmp/titok-make-kd", "DATA=/tmp/titok-make-kd/data",
+                          "EXTRA_EVALS=target-kdlogit target-titok-kd", "KD_TEMPERATURE=2"],
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    assert "--topk 20" in next(line for line in out if line.startswith("titok-score"))
+    assert any(line.startswith("titok-align") and line.endswith("-o /tmp/titok-make-kd/random-aligned.jsonl  "
+                                                                 "/tmp/titok-make-kd/random.jsonl") for line in out)
+    kdlogit = next(line for line in out if "--output /tmp/titok-make-kd/target-kdlogit " in line)
+    assert "--all-tokens --kd-only --kd-temperature 2" in kdlogit and kdlogit.endswith("random-aligned.jsonl")
+    titok_kd = next(line for line in out if "--output /tmp/titok-make-kd/target-titok-kd " in line)
+    assert "--kd-weight 1 --kd-temperature 2" in titok_kd and titok_kd.endswith("/tmp/titok-make-kd/aligned.jsonl")
+    plain = subprocess.run(["make", "-n", "-C", ROOT, "pipeline", "OUT=/tmp/titok-make-kd", "DATA=/tmp/titok-make-kd/data"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "--topk" not in plain and "random-aligned" not in plain  # without the rows, no distributions

@@ -187,6 +187,13 @@ def test_arms_limits_the_plan_to_the_named_arms_and_what_they_need(tmp_path):
     full = study.Study(args(tmp_path, "--tasks", "t1", "--seeds", "0", "--arms", "titok-no-closing"))
     full.plan()
     assert "--no-train-closing" in full.steps["t1/gemma/s0/titok-no-closing/train"][1]
+    # the logit-KD arms: the pool stores the expert's top-N, KD+MinED trains the KL alone on all tokens
+    kd = study.Study(args(tmp_path, "--tasks", "t1", "--seeds", "0", "--arms", "kd-mined,titok-kd"))
+    kd.plan()
+    assert "--topk" in kd.steps["t1/scored"][1]
+    mined = kd.steps["t1/gemma/s0/kd-mined/train"][1]
+    assert "--all-tokens" in mined and "--kd-only" in mined and mined[-1].endswith("random-all.gemma.jsonl")
+    assert "--kd-weight" in kd.steps["t1/gemma/s0/titok-kd/train"][1]
     with pytest.raises(SystemExit):
         args(tmp_path, "--arms", "kd,no-such-arm")
 
