@@ -83,7 +83,7 @@ def measure(mode, name, dtype, n, batch_tokens):
         model = load_model(model_dir, adapter, dtype=dtype, device="cpu")
         start = time.time()
         for _ in score_records([(str(i), r) for i, r in enumerate(data)], model, tokenizer, batch_tokens=batch_tokens,
-                               window=n, source={}):
+                               window=n, scored_by={}):
             pass
     else:
         models = [load_model(model_dir, None, dtype=dtype, device="cpu")]

@@ -84,7 +84,7 @@ def test_scores_do_not_depend_on_the_batch(tiny_llama, tiny_llama_lora):
 
     def excess(batch_tokens, window, subset):
         out = score_records([pairs[i] for i in subset], model, tokenizer, batch_tokens=batch_tokens, window=window,
-                            source={})
+                            scored_by={})
         return {r["id"]: r["titok"]["source"]["excess"] for _, r in sorted(out, key=lambda pair: pair[0])}
 
     alone = {}

@@ -68,7 +68,7 @@ def test_with_the_whole_vocabulary_the_lists_are_the_full_distribution(tiny_llam
     model = load_model(tiny_llama, tiny_llama_lora, dtype="float32", device="cpu")
     vocab = model.get_output_embeddings().weight.shape[0]
     pairs = [("x:1", dict(RECORDS[1]))]
-    [(_, record)] = score_records(pairs, model, load_tokenizer(tiny_llama), source={}, topk=vocab)
+    [(_, record)] = score_records(pairs, model, load_tokenizer(tiny_llama), scored_by={}, topk=vocab)
     source = record["titok"]["source"]
     ids, logp = source["topk_ids"], source["topk_logp"]
     assert ids.shape == (len(source["token_ids"]), vocab) and (np.sort(ids, axis=1) == np.arange(vocab)).all()

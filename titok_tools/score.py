@@ -45,10 +45,11 @@ def _batches(items, batch_tokens):
 
 @torch.inference_mode()
 def score_records(pairs, model, tokenizer, *, chat_template=True, max_length=768, batch_tokens=8192, window=512,
-                  source=None, skip_invalid=False, counts=None, progress=None, done=None, topk=None):
+                  scored_by=None, skip_invalid=False, counts=None, progress=None, done=None, topk=None):
     """Score (where, record) pairs; yield (position, record) pairs, the record with titok.source
     added, as their batches finish: position counts the valid records from 0, and
-    RecordWriter.write_at puts them back in that order.
+    RecordWriter.write_at puts them back in that order. `scored_by` (model, adapter,
+    adapter_sha256, tokenizer: what titok-score loaded) heads every record's titok.source.
 
     Memory is bounded by `window` records: they are sorted by length inside the window so
     batches carry little padding.
@@ -101,8 +102,8 @@ def score_records(pairs, model, tokenizer, *, chat_template=True, max_length=768
                 if was_done:
                     continue
                 excess = lp_e - lp_b
-                titok(record)["source"] = dict(source, token_ids=enc.token_ids, offsets=enc.offsets, logp_expert=lp_e,
-                                               logp_base=lp_b, excess=excess,
+                titok(record)["source"] = dict(scored_by or {}, token_ids=enc.token_ids, offsets=enc.offsets,
+                                               logp_expert=lp_e, logp_base=lp_b, excess=excess,
                                                mean_excess=float(excess.mean(dtype=np.float64)),
                                                truncated=enc.truncated)
                 if topk:
@@ -200,7 +201,7 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
     tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
     lm = load_model(model, adapter, dtype, device, trust_remote_code)
     check_topk(topk, lm)
-    source = {"model": model, "adapter": adapter, "adapter_sha256": adapter_sha256(adapter),
+    scored_by = {"model": model, "adapter": adapter, "adapter_sha256": adapter_sha256(adapter),
               "tokenizer": tokenizer_fingerprint(tokenizer)}
     counts = {}
     started = time.time()
@@ -209,7 +210,7 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
         pairs = ((w, r) for i, (w, r) in enumerate(unique_ids(read_records(input, skip_invalid, counts)))
                  if in_shard(i, shard))
         for position, record in score_records(pairs, lm, tokenizer, chat_template=not no_chat_template, max_length=max_length,
-                                    batch_tokens=batch_tokens, window=window, source=source,
+                                    batch_tokens=batch_tokens, window=window, scored_by=scored_by,
                                     skip_invalid=skip_invalid, counts=counts, progress=progress,
                                     done=writer.done_at, topk=topk):
             line = dumps(record)
