@@ -1,6 +1,6 @@
 """Source token id -> target token id (MinED), and the teacher's top-N distributions carried through it.
 
-docs/design.md, "Vocabulary map (MinED)". Each token is read as the text it stands for:
+The MinED map (docs/design.md, Vocabulary map). Each token is read as the text it stands for:
 
   * byte-level BPE (GPT-2, SmolLM2): the vocabulary spells bytes as printable characters ("Ġ" is
     the space byte); the characters are turned back into bytes and the bytes decoded as UTF-8. A
