@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import read_jsonl, write_jsonl
+from conftest import make_lora, read_jsonl, write_jsonl
 from record_contract import file_problems
 from test_score import RECORDS
 from titok_tools.formatting import encode
@@ -121,3 +121,41 @@ def test_resume_with_topk_gives_the_same_bytes(tiny_llama, tiny_llama_lora, tmp_
     assert resumed.exit_code == 0, resumed.output
     assert "scored 5 records" in resumed.stderr and "bytes/token written" in resumed.stderr
     assert out.read_bytes() == b"".join(lines)
+
+
+def test_resume_refuses_a_file_scored_another_way(tiny_llama, tiny_llama_lora, tmp_path):
+    """A resumed file goes on as it began: the same --topk N (or none), else a one-line error and the
+    records already written stay as they are."""
+    data = write_jsonl(tmp_path / "in.jsonl", [dict(r, id=f"{r['id']}{i}") for i in range(2) for r in RECORDS])
+    out = tmp_path / "out.jsonl"
+    base = ["--model", tiny_llama, "--adapter", tiny_llama_lora, "--batch-tokens", "200", "-o", str(out)]
+    assert CliRunner().invoke(main, base + ["--topk", "3", data]).exit_code == 0
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.unlink()
+    partial = tmp_path / "out.jsonl.partial"
+    for other, was in ((["--topk", "4"], "--topk 3"), ([], "--topk 3")):
+        partial.write_bytes(b"".join(lines[:3]))
+        result = CliRunner().invoke(main, base + other + ["--resume", data])
+        assert result.exit_code == 1
+        assert f"{out}: its records were scored {was}: resume the same way, or start a new file" in result.output
+        assert partial.read_bytes() == b"".join(lines[:3]) and not out.exists()
+    assert CliRunner().invoke(main, base + ["--topk", "3", "--resume", data]).exit_code == 0
+    assert out.read_bytes() == b"".join(lines)
+    # and the other way round: a file scored without --topk
+    assert CliRunner().invoke(main, base + [data]).exit_code == 0
+    plain = out.read_bytes().splitlines(keepends=True)
+    out.unlink()
+    partial.write_bytes(b"".join(plain[:2]))
+    result = CliRunner().invoke(main, base + ["--topk", "3", "--resume", data])
+    assert result.exit_code == 1 and "its records were scored without --topk" in result.output
+
+
+def test_resume_refuses_a_file_scored_with_another_adapter(tiny_llama, tiny_llama_lora, tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    out = tmp_path / "out.jsonl"
+    assert CliRunner().invoke(main, ["--model", tiny_llama, "--adapter", tiny_llama_lora, "-o", str(out), data]).exit_code == 0
+    (tmp_path / "out.jsonl.partial").write_bytes(out.read_bytes().splitlines(keepends=True)[0])
+    out.unlink()
+    other = make_lora(tiny_llama, tmp_path / "other-lora", seed=1)
+    result = CliRunner().invoke(main, ["--model", tiny_llama, "--adapter", other, "-o", str(out), "--resume", data])
+    assert result.exit_code == 1 and "its records were scored with another adapter" in result.output

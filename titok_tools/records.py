@@ -294,6 +294,7 @@ class RecordWriter:
     def __init__(self, path, resume=False, keep_partial=False):
         self.path, self.keep_partial = path, keep_partial or resume  # a resumed file holds earlier work
         self.done_ids = Counter()
+        self.first_done = None  # a resumed file's first record: what a stage checks its settings against
         self.written = 0  # records in the output
         self.waiting, self.next, self.ahead = {}, 0, None  # write_at's: position -> line, the next position
         if resume and path == "-":
@@ -323,7 +324,10 @@ class RecordWriter:
             if line.strip():
                 self.written += 1
                 try:
-                    self.done_ids[_id_key(orjson.loads(line).get("id"))] += 1
+                    record = orjson.loads(line)
+                    self.done_ids[_id_key(record.get("id"))] += 1
+                    if self.first_done is None:
+                        self.first_done = record
                 except (orjson.JSONDecodeError, AttributeError):
                     self.f.close()
                     raise RecordError(f"{self.partial}:{lineno}", None, "not a JSON record: cannot resume from it")

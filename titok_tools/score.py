@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import cli
+from .errors import TitokError
 from .formatting import FormatError, encode, record_error
 from .models import (adapter_sha256, completion_logprobs, decoder_and_head, load_model, load_tokenizer,
                      tokenizer_fingerprint)
@@ -161,6 +162,23 @@ def check_topk(topk, model):
         raise click.BadParameter(f"{topk} is more than the model's {vocab} tokens", param_hint="--topk")
 
 
+def check_resumed(first, scored_by, topk, output):
+    """A resumed file must go on as it began: the same adapter, and --topk with the same N or
+    not at all (mixed records would train some tokens with distributions and some without)."""
+    part = first.get("titok") if isinstance(first, dict) else None
+    source = part.get("source") if isinstance(part, dict) else None
+    if not isinstance(source, dict):
+        return
+    if source.get("adapter_sha256") not in (None, scored_by["adapter_sha256"]):
+        raise TitokError(f"{output}: its records were scored with another adapter ({source.get('adapter')}): "
+                         f"resume with that one, or start a new file")
+    ids = source.get("topk_ids")
+    written = len(ids[0]) if isinstance(ids, list) and ids and isinstance(ids[0], list) else None
+    if (written or None) != (topk or None):
+        was = f"--topk {written}" if written else "without --topk"
+        raise TitokError(f"{output}: its records were scored {was}: resume the same way, or start a new file")
+
+
 @click.command()
 @cli.input_argument
 @cli.model_options
@@ -207,6 +225,7 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
     started = time.time()
     with (record_writer(output, resume, keep_partial=True) as writer,
           tqdm(desc="titok-score", unit="rec", mininterval=1) as progress):
+        check_resumed(writer.first_done, scored_by, topk, output)
         pairs = ((w, r) for i, (w, r) in enumerate(unique_ids(read_records(input, skip_invalid, counts)))
                  if in_shard(i, shard))
         for position, record in score_records(pairs, lm, tokenizer, chat_template=not no_chat_template, max_length=max_length,
