@@ -74,7 +74,9 @@ def step_plain(model, optimizer, params, rows, autocast_dtype, device):
     optimizer.zero_grad(set_to_none=True)
 
 
-def bench_model(name, path, rounds):
+def training_setup(path):
+    """A LoRA (q, v, r 8) on the model at `path` in training mode, on the CPU: (model, params,
+    optimizer, dtype, autocast dtype, device), what every bench step takes."""
     device = torch.device("cpu")
     dtype = resolve_dtype("auto", "cpu")
     model = load_model(path, dtype={torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype], device="cpu")
@@ -83,6 +85,11 @@ def bench_model(name, path, rounds):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.01)
     autocast_dtype = dtype if dtype != torch.float32 else None
+    return model, params, optimizer, dtype, autocast_dtype, device
+
+
+def bench_model(name, path, rounds):
+    model, params, optimizer, dtype, autocast_dtype, device = training_setup(path)
     vocab = model.config.vocab_size
     batches = make_batches(vocab, rounds + 1)
     methods = {

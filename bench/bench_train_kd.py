@@ -24,9 +24,8 @@ os.environ.setdefault("TITOK_CACHE", os.path.join(ROOT, "models"))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from bench_train import make_batches, masked_examples, model_path, step_masked  # noqa: E402
-from titok_tools.models import load_model, resolve_dtype  # noqa: E402
-from titok_tools.train import Distill, add_lora, distill_share  # noqa: E402
+from bench_train import make_batches, masked_examples, model_path, step_masked, training_setup  # noqa: E402
+from titok_tools.train import Distill, distill_share  # noqa: E402
 
 
 def with_teacher(examples, vocab, topk, seed=0):
@@ -50,14 +49,7 @@ def step_kd(model, optimizer, params, examples, autocast_dtype, device, distill)
 
 
 def bench_model(name, path, rounds, topk):
-    device = torch.device("cpu")
-    dtype = resolve_dtype("auto", "cpu")
-    model = load_model(path, dtype={torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype], device="cpu")
-    model = add_lora(model, path, r=8, alpha=8, dropout=0.05, target_modules="q_proj,v_proj", seed=0)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.01)
-    autocast_dtype = dtype if dtype != torch.float32 else None
+    model, params, optimizer, dtype, autocast_dtype, device = training_setup(path)
     vocab = model.config.vocab_size
     batches = [masked_examples(rows, 0.7, seed=r) for r, rows in enumerate(make_batches(vocab, rounds + 1))]
     batches = [with_teacher(examples, vocab, topk, seed=r) for r, examples in enumerate(batches)]
