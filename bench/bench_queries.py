@@ -23,7 +23,7 @@ SUMMARY = re.compile(r"on-format (\S+) of the (\d+) read")
 def measure(args, task, template, adapter, queries_from, out):
     command = ["titok-gen", "--model", args.model, "--seed-examples", os.path.join(args.data, task, "train.jsonl"),
                "--template", template, "--num", str(args.num), "--no-shape-check", "--seed", str(args.seed),
-               "--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", "64", "--label-max-new-tokens", "16",
+               "--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", args.max_new_tokens, "--label-max-new-tokens", "16",
                "--batch-size", "16", "-o", out]
     if adapter:
         command += ["--adapter", adapter, "--queries-from", queries_from]
@@ -44,10 +44,12 @@ def main(argv=None):
     parser.add_argument("--templates", default="default,continuation")
     parser.add_argument("--num", type=int, default=32, help="queries per cell")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", default="auto", help="titok-gen's query budget: a number or auto")
     parser.add_argument("--out", default=os.path.join("work", "bench-queries"), help="where the queries are written")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     writers = [("base", None, "base")] + ([("expert", args.adapter_dir, "expert")] if args.adapter_dir else [])
+    print(f"query budget: --max-new-tokens {args.max_new_tokens}", file=sys.stderr)
     print("| task | template | writer | on-format | queries read | seconds |")
     print("|---|---|---|---:|---:|---:|")
     for task in args.tasks.split(","):

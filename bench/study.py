@@ -38,7 +38,7 @@ K = "0.3"  # TiTok's k in the ablation rows (token-only, TiTok, target-written q
 TRAIN = ["--dtype", "bfloat16", "--device", "cpu", "--lora-r", "16", "--lora-alpha", "16",
          "--target-modules", "all-linear", "--lr", "1e-3", "--epochs", "2", "--batch-size", "8"]
 EVAL = ["--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", "8", "--batch-size", "32", "--choices"]
-GEN = ["--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", "64", "--label-max-new-tokens", "16",
+GEN = ["--dtype", "bfloat16", "--device", "cpu", "--label-max-new-tokens", "16",
        "--batch-size", "16", "--max-rounds", "24"]
 
 # The arms: name -> (pairs it runs for, the selection it trains on, extra titok-train arguments).
@@ -98,10 +98,11 @@ class Study:
         a, M = self.a, self.a.m
         for task in a.tasks:
             t = os.path.join(self.out, task)
-            data = os.path.join(self.out, "data", task)
+            data = os.path.join(a.data or os.path.join(self.out, "data"), task)
             train, test = os.path.join(data, "train.jsonl"), os.path.join(data, "test.jsonl")
-            d = self.step(f"{task}/data", test, ["titok-bigbench", "--tasks", task, "--out", os.path.dirname(data),
-                                                 "--train-size", a.train_size, "--test-size", a.test_size, "--seed", 0])
+            d = None if a.data else self.step(f"{task}/data", test, [
+                "titok-bigbench", "--tasks", task, "--out", os.path.dirname(data),
+                "--train-size", a.train_size, "--test-size", a.test_size, "--seed", 0])
             expert = os.path.join(t, "source-expert")
             e = self.step(f"{task}/source-expert", expert, ["titok-train", *self.model("smollm2"), *TRAIN, "--all-tokens",
                                                            "--seed", EXPERT_SEED, "--output", expert, "--overwrite", train], d)
@@ -467,6 +468,9 @@ def report(args):
     lines.append(f"- tasks: {', '.join(tasks)}; seeds: {', '.join(map(str, args.seeds))}; train split "
                  f"{args.train_size} examples (expert SFT and ceiling); test split {args.test_size}; pool 2M = "
                  f"{2 * args.m}, M = {args.m}; k = {k} (TiTok, token-only, target-queries); scope sample")
+    if args.data:
+        lines.append(f"- data: the train/test records in `{os.path.relpath(os.path.abspath(args.data), ROOT)}` "
+                     f"(--data), not titok-bigbench's split")
     lines.append(f"- every LoRA: `{' '.join(TRAIN)}`; eval: greedy, `{' '.join(EVAL)}`")
     lines.append("- per task: one source expert (seed 0) and one synthetic pool; seeds vary the M random samples "
                  "and the target LoRA's initialization and data order")
@@ -507,6 +511,10 @@ def parse(argv=None):
     parser.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")],
                         help="seeds, comma-separated: each varies the M random samples and the target LoRA's "
                              "initialization and data order (the data split, expert and pools are seed 0's)")
+    parser.add_argument("--data", default=None,
+                        help="DIR/TASK/train.jsonl and test.jsonl to use instead of titok-bigbench's split (for "
+                             "another copy of the tasks, such as bench/bbh_records.py's; --train-size and "
+                             "--test-size then only label the report)")
     parser.add_argument("--train-size", type=int, default=128, help="real training examples per task")
     parser.add_argument("--test-size", type=int, default=100, help="test questions per task")
     parser.add_argument("-m", type=int, default=250, help="samples kept (the pool is 2M; the paper's 250 of 500)")

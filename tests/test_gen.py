@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 from hypothesis import given, settings as hsettings, strategies as st
 from rouge_score import rouge_scorer
+from transformers import AutoTokenizer
 
 from conftest import interrupt, read_jsonl, write_jsonl
 from record_contract import file_problems
@@ -225,11 +226,14 @@ def canned_gen(monkeypatch, tiny_llama, seed_file, tmp_path, *extra):
 
 
 def test_sampling_defaults_are_the_spec(tiny_llama, seed_file, tmp_path, monkeypatch):
-    # docs/design.md, Generation, with no sampling option given: queries sampled at temperature 1.0, top-p 0.9, 200
-    # new tokens; labels greedy; ROUGE-L threshold 0.7; 3 exemplars per query prompt.
+    # docs/design.md, Generation, with no sampling option given: queries sampled at temperature 1.0, top-p 0.9, as
+    # many new tokens as the longest seed query and a quarter more, + 16; labels greedy, 200 new tokens; ROUGE-L
+    # threshold 0.7; 3 exemplars per query prompt.
     calls, thresholds = canned_gen(monkeypatch, tiny_llama, seed_file, tmp_path)
     queries, labels = calls
-    assert len(queries["prompts"]) == 8 and queries["settings"] == (200, 1.0, 0.9)   # --batch-size 8
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    longest = max(len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in read_jsonl(seed_file))
+    assert len(queries["prompts"]) == 8 and queries["settings"] == (-(-5 * longest // 4) + 16, 1.0, 0.9)
     assert labels["settings"][:2] == (200, 0.0)
     assert thresholds and set(thresholds) == {0.7}
     assert all(sum(s in p for s in SPORTS) == 3 for p in queries["prompts"])
@@ -376,6 +380,8 @@ def test_bad_seed_files(case, message, tiny_llama, tmp_path):
     (["--num", "2", "--top-p", "1.5"], "1.5 is not in the range 0<x<=1"),
     (["--num", "2", "--rouge-threshold", "0"], "0.0 is not in the range 0<x<=1"),
     (["--num", "2", "--template", "nonesuch"], "no bundled template"),
+    (["--num", "2", "--max-new-tokens", "0"], "0 is not a positive integer"),
+    (["--num", "2", "--max-new-tokens", "many"], "'many' is neither a positive integer nor auto"),
 ])
 def test_bad_options(args, message, tiny_llama, seed_file):
     result = CliRunner().invoke(main, ["--model", tiny_llama, "--seed-examples", seed_file, *args])

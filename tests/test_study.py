@@ -229,3 +229,16 @@ def test_report_tabulates_multiple_choice_accuracy_where_the_evals_have_it(tmp_p
     text = (tmp_path / "study.md").read_text().split("## Multiple-choice accuracy")[1]
     row = next(line for line in text.splitlines() if line.startswith("| gemma | "))
     assert row == f"| gemma | {study.ROW_NAMES['kd']} |  | 60.0 ± {100 * np.std([0.5, 0.7], ddof=1):.1f} (n=2) |"
+
+
+def test_data_takes_the_split_from_a_directory_instead_of_titok_bigbench(tmp_path):
+    plan = study.Study(args(tmp_path, "--tasks", "t1", "--seeds", "0", "--arms", "kd", "--data", str(tmp_path / "bbh")))
+    plan.plan()
+    assert not any(command[0] == "titok-bigbench" for _, command, _ in plan.steps.values())
+    expert = plan.steps["t1/source-expert"]
+    assert expert[1][-1] == str(tmp_path / "bbh" / "t1" / "train.jsonl") and expert[2] == []
+    assert plan.steps["t1/gemma/vanilla/eval"][1][-1] == str(tmp_path / "bbh" / "t1" / "test.jsonl")
+    a = study.parse(["report", "--tasks", "t1", "--results", str(tmp_path / "results"), "-o", str(tmp_path / "s.md"),
+                     "--data", str(tmp_path / "bbh")])
+    assert study.report(a) == 0
+    assert "(--data), not titok-bigbench's split" in (tmp_path / "s.md").read_text()

@@ -154,6 +154,19 @@ def _fraction(ctx, param, value):
     return value
 
 
+def int_or_auto(ctx, param, value):
+    """A positive integer, or the word auto (None): the command derives the number itself."""
+    if value is None or value == "auto":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a positive integer nor auto")
+    if number < 1:
+        raise click.BadParameter(f"{number} is not a positive integer")
+    return number
+
+
 def _token_fraction(auto):
     """-k: a float in (0, 1], or the word auto where the command can choose k itself."""
     def parse(ctx, param, value):

@@ -32,7 +32,7 @@ from .backends import HfBackend, VllmBackend, derive_seed
 from .dedup import RougeDedup
 from .errors import TitokError
 from .formatting import check_prompt
-from .queries import load_seeds, load_template
+from .queries import load_seeds, load_template, query_budget
 from .query_shape import QueryShape
 from .records import checked, in_shard, is_done, prompt_messages, read_records, record_writer, unique_ids
 
@@ -49,7 +49,7 @@ class GenSettings:
     max_rounds: int = None
     temperature: float = 1.0
     top_p: float = 0.9
-    max_new_tokens: int = 200
+    max_new_tokens: int = None  # None: queries.query_budget of the seeds
     label_temperature: float = 0.0
     label_max_new_tokens: int = 200
     rouge_threshold: float = 0.7
@@ -79,6 +79,8 @@ def generate_records(backend, tokenizer, template, seeds, settings, meta, existi
     the records already written.
     """
     counts = {} if counts is None else counts
+    budget = settings.max_new_tokens or query_budget(seeds.texts, tokenizer)
+    log.info("query replies: up to %d new tokens%s", budget, "" if settings.max_new_tokens else " (auto: the longest seed and a quarter, + 16)")
     for key in ("format", "duplicate", "empty_label", "kept", "parsed", "on_format"):
         counts.setdefault(key, 0)
     template = template.for_seeds(seeds.texts)
@@ -114,11 +116,11 @@ def generate_records(backend, tokenizer, template, seeds, settings, meta, existi
         # The paper writes queries with the expert; a small expert tuned on short answers may
         # answer the query prompt instead of writing a query: --queries-from base avoids that.
         with backend.without_adapter() if settings.queries_from == "base" else contextlib.nullcontext():
-            replies = backend.complete(prompts, settings.max_new_tokens, settings.temperature, settings.top_p,
+            replies = backend.complete(prompts, budget, settings.temperature, settings.top_p,
                                        derive_seed(settings.seed, "queries", round_), plain=template.turn == "none")
         new = []
         for pick, reply in zip(picks, replies):
-            whole = len(tokenizer(reply, add_special_tokens=False)["input_ids"]) >= settings.max_new_tokens - 3
+            whole = len(tokenizer(reply, add_special_tokens=False)["input_ids"]) >= budget - 3
             query, why = template.parse(reply, used_whole_budget=whole)
             if query is None:
                 counts["format"] += 1
@@ -252,7 +254,9 @@ def label_records(pairs, backend, settings, meta, counts=None, progress=None, do
                    "for a new input), multiple-choice (the same, for a question with an Options: block).")
 @click.option("--temperature", default=1.0, show_default=True, type=cli.Finite(min=0), help="Sampling temperature of queries.")
 @click.option("--top-p", default=0.9, show_default=True, type=cli.Finite(0, 1, min_open=True), help="Nucleus sampling of queries (and of labels when sampled).")
-@click.option("--max-new-tokens", default=200, show_default=True, type=click.IntRange(min=1), help="Token budget of a query reply.")
+@click.option("--max-new-tokens", default="auto", show_default=True, callback=cli.int_or_auto, metavar="INT|auto",
+              help="Token budget of a query reply. auto: the longest seed query's tokens and a quarter more, + 16 (a "
+                   "query cut off by the budget is rejected, so it must fit the task's longest inputs).")
 @click.option("--label-temperature", default=0.0, show_default=True, type=cli.Finite(min=0), help="0 = greedy labels.")
 @click.option("--label-max-new-tokens", default=200, show_default=True, type=click.IntRange(min=1), help="Token budget of a label.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),

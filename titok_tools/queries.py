@@ -3,6 +3,7 @@ settings, then a str.format prompt) and the seed examples they show (docs/design
 import dataclasses
 import itertools
 import json
+import math
 import logging
 import os
 import re
@@ -165,6 +166,15 @@ def load_template(name):
         raise TitokError(f"{where}: bad label, end or preamble regex, or min_words ({e})")
     return QueryTemplate(path, body, settings["example"], label, end, preamble, settings["keep"], settings["compare"],
                          min_words, settings["allow_cut"] == "yes", settings["turn"])
+
+
+def query_budget(texts, tokenizer):
+    """The token budget of a query reply that --max-new-tokens auto gives: room for the longest
+    seed query and a quarter more, plus 16 tokens for the label or blank line that closes it.
+    A fixed budget either cuts a long task's queries off (an 18-option block needs ~250 tokens,
+    and a cut query is rejected) or spends a short task's time on tokens past the query."""
+    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    return math.ceil(1.25 * longest) + 16
 
 
 @dataclass
