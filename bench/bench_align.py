@@ -17,7 +17,12 @@ Then the ratios against the issue's targets: align within 2x of the floor, >= 10
 200 tokens, >= 100x at 3,000, per-record time linear in length.
 
     python bench/bench_align.py [--records 1000] [--baseline-seconds 20] [--repeat 3] [--lengths 50,200,800,3000]
-                                [--default-gc]
+                                [--default-gc] [--topk 20]
+
+--topk N gives every source token a top-N distribution (titok-score --topk N; random ids and
+log-probs), which align carries onto the target vocabulary with the SmolLM2 -> Gemma token map
+(built, or read from $TITOK_CACHE, before the clock starts); the table then adds "no topk rec/s",
+align on the same records without the lists, timed in the same rounds.
 
 Each length runs --repeat rounds of align, the floor and the baseline, and the best round of
 each counts (as timeit does: on a shared machine the slowest runs measure the neighbours, and
@@ -28,6 +33,7 @@ The baseline is quadratic: each round runs it on the first records, as many as f
 once they have taken --baseline-seconds in all.
 """
 import argparse
+import functools
 import os
 import pydoc
 import tempfile
@@ -42,6 +48,7 @@ GEMMA_TEMPLATE = os.path.join(ROOT, "data", "templates", "gemma3-chat.jinja")
 os.environ.setdefault("TITOK_CACHE", os.path.join(ROOT, "models"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import titok_tools.align as align_module  # noqa: E402
 from titok_tools import bundled  # noqa: E402
 from titok_tools.align import align_records, read_lazily  # noqa: E402
 from titok_tools.cli import streaming_gc  # noqa: E402
@@ -49,6 +56,7 @@ from titok_tools.formatting import _render, encode  # noqa: E402
 from titok_tools.models import load_tokenizer, tokenizer_fingerprint  # noqa: E402
 from titok_tools.records import dumps, insert_member, read_records  # noqa: E402
 from titok_tools.select import topk_mask  # noqa: E402
+from titok_tools.vocab_map import token_map  # noqa: E402
 
 LENGTHS = (50, 200, 800, 3000)
 PROMPT = [{"role": "user", "content": "Explain this part of the Python documentation."}]
@@ -67,8 +75,9 @@ def completions(tokenizer, text, length, count):
     return [tokenizer.decode(ids[s:s + length]).strip() for s in starts]
 
 
-def write_scored(path, source, texts, k=0.7):
-    """Records as titok-score + titok-filter write them (synthetic excess: no model run)."""
+def write_scored(path, source, texts, k=0.7, topk=0):
+    """Records as titok-score + titok-filter write them (synthetic excess: no model run); with
+    topk, titok-score --topk's lists too (random source ids, descending log-probs)."""
     fingerprint = tokenizer_fingerprint(source)
     rng = np.random.default_rng(0)
     with open(path, "wb") as f:
@@ -76,12 +85,16 @@ def write_scored(path, source, texts, k=0.7):
             enc = encode(source, PROMPT, text, max_length=8192)
             excess = rng.normal(size=len(enc.positions))
             base = rng.normal(size=len(excess)) - 2
+            lists = {}
+            if topk:
+                lists = {"topk_ids": rng.integers(0, len(source), (len(excess), topk)).tolist(),
+                         "topk_logp": (-np.sort(rng.exponential(2.0, (len(excess), topk)), axis=1)).tolist()}
             record = {"id": i, "prompt": PROMPT[0]["content"], "completion": text,
                       "titok": {"source": {"model": "smollm2", "adapter": "lora", "adapter_sha256": "0" * 64,
                                            "tokenizer": fingerprint, "token_ids": enc.token_ids, "offsets": enc.offsets,
                                            "logp_expert": base + excess, "logp_base": base, "excess": excess,
                                            "mean_excess": float(excess.mean()), "truncated": enc.truncated,
-                                           "mask": topk_mask(excess.tolist(), k)},
+                                           "mask": topk_mask(excess.tolist(), k), **lists},
                                 "filter": {"k": k, "keep": 1, "scope": "sample", "rank": i}}}
             f.write(dumps(record))
 
@@ -130,7 +143,7 @@ def baseline_record(record, source, target):
 
 # --- timings -------------------------------------------------------------------------------------
 
-def time_align(path, target):
+def time_align(path, target, source_model=None):
     """Records/s over every record; the one-time tokenizer fingerprint is taken before the clock
     starts (titok-align reads chunks of records ahead: timing from the second record would leave
     out most of the first chunk's work)."""
@@ -138,7 +151,8 @@ def time_align(path, target):
     with open(os.devnull, "wb") as sink:
         started, n = time.perf_counter(), 0
         # as titok-align reads: JSON lines, parsed lazily, written back as lines
-        for line in align_records(read_records(path, parse=False), target, model="gemma", max_length=8192):
+        for line in align_records(read_records(path, parse=False), target, model="gemma", max_length=8192,
+                                  source_model=source_model):
             sink.write(line)
             n += 1
         return n, time.perf_counter() - started
@@ -203,6 +217,8 @@ def main():
     parser.add_argument("--repeat", type=int, default=3, help="rounds of align, floor and baseline; the best of each counts")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), type=lambda s: [int(x) for x in s.split(",")],
                         help="completion lengths in target tokens, comma-separated")
+    parser.add_argument("--topk", type=int, default=0,
+                        help="give the records titok-score --topk N distributions to carry (0: none)")
     parser.add_argument("--default-gc", action="store_true",
                         help="leave the garbage collector at Python's thresholds (titok-align sets it for streaming, "
                              "cli.streaming_gc): shows what that setting saves")
@@ -215,8 +231,18 @@ def main():
     text = corpus()
     print(f"SmolLM2-135M -> Gemma-3-270m tokenizers; {args.records} records per length; CPU, one process "
           f"(align: two threads, the floor: one){'; garbage collector at Python defaults' if args.default_gc else ''}\n")
+    if args.topk:
+        token_map(source, target)  # built and cached once per tokenizer pair, as titok-align's first run does
+        started = time.perf_counter()
+        token_map(load_tokenizer(bundled.smollm2()), target)
+        # A titok-align run loads the source tokenizer once, as the target's: outside the clock too.
+        align_module.load_tokenizer = functools.lru_cache(maxsize=None)(load_tokenizer)
+        align_module.load_tokenizer(bundled.smollm2())
+        print(f"top-{args.topk} distributions: a run's one-time load of the source tokenizer and the cached "
+              f"token map took {time.perf_counter() - started:.2f} s (outside the clock, as the target's load)\n")
     header = (f"{'tokens':>6} {'align rec/s':>12} {'floor rec/s':>12} {'floor+fmt':>10} {'baseline':>10} "
-              f"{'floor/align':>12} {'fmt+floor/align':>16} {'align/baseline':>15} {'align us/tok':>13}")
+              f"{'floor/align':>12} {'fmt+floor/align':>16} {'align/baseline':>15} {'align us/tok':>13}"
+              + (f" {'topk rec/s':>11} {'align/topk':>11}" if args.topk else ""))
     print(header)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,10 +250,15 @@ def main():
             texts = completions(target, text, length, args.records)
             path = os.path.join(tmp, f"scored-{length}.jsonl")
             write_scored(path, source, texts)
+            topk_path = os.path.join(tmp, f"scored-{length}-topk.jsonl")
+            if args.topk:
+                write_scored(topk_path, source, texts, topk=args.topk)
             # Rounds of align, floor, baseline: a slow spell of the machine hits all three alike.
-            aligns, floors, formats, baselines = [], [], [], []
+            aligns, floors, formats, baselines, topks = [], [], [], [], []
             for _ in range(args.repeat):
                 aligns.append(time_align(path, target))
+                if args.topk:
+                    topks.append(time_align(topk_path, target, source_model=bundled.smollm2()))
                 tokenize_s, render_s = time_floor(texts, target)
                 floors.append((len(texts), tokenize_s))
                 formats.append((len(texts), tokenize_s + render_s))
@@ -240,7 +271,8 @@ def main():
             rows.append((length, 1 / align_rps, nb, time_stages(path, target)))
             print(f"{length:>6} {align_rps:>12.0f} {floor_rps:>12.0f} {fmt_rps:>10.0f} {base_rps:>10.2f} "
                   f"{floor_rps / align_rps:>11.2f}x {fmt_rps / align_rps:>15.2f}x {align_rps / base_rps:>14.1f}x "
-                  f"{1e6 / align_rps / length:>13.1f}", flush=True)
+                  f"{1e6 / align_rps / length:>13.1f}"
+                  + (f" {rate(topks):>11.0f} {align_rps / rate(topks):>10.2f}x" if args.topk else ""), flush=True)
     print(f"\nbaseline records timed per round (fewest): {', '.join(f'{l}: {nb}' for l, _, nb, _ in rows)}")
     print("\nms per record: align, and its pieces other than alignment and top-k, each timed alone in one thread "
           "(align overlaps encode with the rest):")

@@ -39,7 +39,7 @@ TRAIN = ["--dtype", "bfloat16", "--device", "cpu", "--lora-r", "16", "--lora-alp
          "--target-modules", "all-linear", "--lr", "1e-3", "--epochs", "2", "--batch-size", "8"]
 EVAL = ["--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", "8", "--batch-size", "32", "--choices"]
 GEN = ["--dtype", "bfloat16", "--device", "cpu", "--label-max-new-tokens", "16",
-       "--batch-size", "16", "--max-rounds", "24"]
+       "--batch-size", "16", "--max-rounds", "80"]
 
 # The arms: name -> (pairs it runs for, the selection it trains on, extra titok-train arguments).
 # "kd" and "token-only" take M random samples (the paper's "without sample filtering").
