@@ -320,12 +320,12 @@ def arm_mean(out, tasks, seeds, pair, arm):
     return statistics.fmean(means) if means and all(m is not None for m in means) else None
 
 
-def directions(out, tasks, seeds):
+def directions(out, tasks, seeds, pairs):
     """The paper's claims, checked on these numbers (means over tasks and seeds)."""
     lines = ["## Against the paper's directions\n",
              "Paper, Table 2 (sample filter / token filter, BBH column): ✗/✗ .458 < ✗/✓ .463 < ✓/✗ .470 < ✓/✓ .483; "
              "k sweep: 10-30% best for weak-to-strong; queries by the source expert beat target-written ones.\n"]
-    for pair in ("gemma", "smollm2"):
+    for pair in pairs:
         m = {arm: arm_mean(out, tasks, seeds, pair, arm) for arm in ARMS}
         cells = [("✗/✗", m["kd"]), ("✗/✓", m["token-only"]), ("✓/✗", m["titok-k1.0"]), ("✓/✓", m["titok-k0.3"])]
         if any(v is None for _, v in cells):
@@ -379,8 +379,11 @@ def before_and_after(args):
     """The headline arms beside an earlier study's (--before), each a mean over the tasks that have it."""
     lines = ["## Before and after\n",
              f"Mean exact match (%) over the tasks that have the arm (how many in brackets), this study beside "
-             f"`{os.path.relpath(args.before, ROOT)}` (an earlier study, run with the settings its own report states).\n"]
-    for pair in ("gemma", "smollm2"):
+             f"`{os.path.relpath(args.before, ROOT)}` (an earlier study, run with the settings its own report states)"
+             + (f". This one ran on the records in `{os.path.relpath(os.path.abspath(args.data), ROOT)}` (--data): "
+                f"where the earlier one ran on another split, a row compares data and settings together"
+                if args.data else "") + ".\n"]
+    for pair in args.pairs:
         rows = []
         for arm in SUMMARY_ARMS:
             then = task_means(args.before, args.tasks, args.seeds, pair, BEFORE_ARM.get(arm, arm))
@@ -396,7 +399,7 @@ def before_and_after(args):
 def choice_table(args):
     """Multiple-choice accuracy (titok-eval --choices) of the headline arms, where the evals have it."""
     rows = []
-    for pair in ("gemma", "smollm2"):
+    for pair in args.pairs:
         for arm in SUMMARY_ARMS:
             cells = []
             for task in args.tasks:
@@ -413,6 +416,24 @@ def choice_table(args):
             "| pair | arm | " + " | ".join(args.tasks) + " |", "|---|---|" + "---:|" * len(args.tasks), *rows, ""]
 
 
+def carried_over(args):
+    """The results this study shares byte for byte with --before's (copied, not re-run), by name:
+    source-base, source-expert, vanilla, ceiling, ..."""
+    if not args.before:
+        return []
+    names = set()
+    for task in args.tasks:
+        for where, _, files in os.walk(os.path.join(args.results, task)):
+            for name in files:
+                mine = os.path.join(where, name)
+                theirs = os.path.join(args.before, os.path.relpath(mine, args.results))
+                if name.endswith(".json") and os.path.exists(theirs):
+                    with open(mine, "rb") as a, open(theirs, "rb") as b:
+                        if a.read() == b.read():
+                            names.add(name.removesuffix(".json"))
+    return sorted(names)
+
+
 def report(args):
     tasks, out, lines = args.tasks, args.results, []
     times = []
@@ -426,10 +447,12 @@ def report(args):
                  "`make study`; re-run both to reproduce.\n")
     for pair, title in (("gemma", "SmolLM2-135M-Instruct -> Gemma-3-270M (base), cross-tokenizer"),
                         ("smollm2", "SmolLM2-135M-Instruct -> SmolLM2-135M-Instruct, fresh LoRA, same tokenizer")):
+        if pair not in args.pairs:
+            continue
         lines.append(f"## {title}\n")
         lines.append("| arm | " + " | ".join(tasks) + " | mean |")
         lines.append("|---|" + "---:|" * (len(tasks) + 1))
-        arms = ["vanilla"] + [a for a, (pairs, _, _) in ARMS.items() if pair in pairs.split()]
+        arms = ["vanilla"] + [a for a, (pairs, _, _) in ARMS.items() if pair in pairs.split() and a in args.arms]
         arms = sorted(arms, key=lambda a: list(ROW_NAMES).index(a))
         for arm in arms:
             cells, means = [], []
@@ -444,7 +467,7 @@ def report(args):
     if args.before:
         lines.extend(before_and_after(args))
     lines.extend(choice_table(args))
-    lines.extend(directions(out, tasks, args.seeds))
+    lines.extend(directions(out, tasks, args.seeds, args.pairs))
     lines.append("## The source side\n")
     lines.append("| model | " + " | ".join(tasks) + " |")
     lines.append("|---|" + "---:|" * len(tasks))
@@ -476,9 +499,10 @@ def report(args):
                  "and the target LoRA's initialization and data order")
     lines.append("- the query-source arm runs for Gemma only: on the same-tokenizer pair the target base, SmolLM2, "
                  "already writes the main pool's queries (titok-gen --queries-from base)")
-    if args.before:
-        lines.append(f"- carried over from `{os.path.relpath(args.before, ROOT)}` (the same data split, training and eval "
-                     f"commands, and no synthetic pool): the source base and expert, target vanilla and ceiling metrics")
+    carried = carried_over(args)
+    if carried:
+        lines.append(f"- carried over from `{os.path.relpath(args.before, ROOT)}`, not re-run (the same metrics files, "
+                     f"byte for byte): {', '.join(carried)}")
     if args.quick:
         lines.append(f"- the Table 2 cells (KD, token filter only, sample filter only, TiTok) ran for every seed; the "
                      f"other arms for seed {args.seeds[0]} only (--quick)")

@@ -242,3 +242,23 @@ def test_data_takes_the_split_from_a_directory_instead_of_titok_bigbench(tmp_pat
                      "--data", str(tmp_path / "bbh")])
     assert study.report(a) == 0
     assert "(--data), not titok-bigbench's split" in (tmp_path / "s.md").read_text()
+
+
+def test_report_shows_only_the_pairs_and_arms_asked_for_and_what_it_carried_over(tmp_path):
+    a = study.parse(["report", "--tasks", "t1", "--seeds", "0", "--pairs", "gemma", "--arms", "kd,titok-k0.3",
+                     "--results", str(tmp_path / "results"), "--before", str(tmp_path / "before"),
+                     "--data", str(tmp_path / "bbh"), "-o", str(tmp_path / "s.md")])
+    for root, name, v in (("results", "gemma/s0/kd.json", 0.4), ("results", "eval/source-expert.json", 0.5),
+                          ("before", "eval/source-expert.json", 0.5), ("results", "gemma/vanilla.json", 0.0),
+                          ("before", "gemma/vanilla.json", 0.1)):
+        path = tmp_path / root / "t1" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"exact_match": v}))
+    assert study.report(a) == 0
+    text = (tmp_path / "s.md").read_text()
+    assert "same tokenizer" not in text and "| smollm2 |" not in text
+    rows = [line.split(" | ")[0].lstrip("| ") for line in text.split("## ")[1].splitlines() if line.startswith("| ")]
+    assert rows[1:] == [study.ROW_NAMES[arm] for arm in ("vanilla", "kd", "titok-k0.3")]
+    # only the expert's metrics are the earlier study's file; vanilla was re-run and differs
+    assert "not re-run (the same metrics files, byte for byte): source-expert\n" in text
+    assert "a row compares data and settings together" in text
