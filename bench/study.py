@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -242,7 +243,7 @@ class Study:
                 f.write(" ".join(command) + "\n")
                 f.flush()
                 rc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=f, env=env, cwd=ROOT).returncode
-            return rc, time.time() - start
+            return rc, time.time() - start, summary_line(log)
 
         with ThreadPoolExecutor(self.a.jobs) as pool:
             while todo or running:
@@ -261,10 +262,11 @@ class Study:
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
                     name = running.pop(future)
-                    rc, seconds = future.result()
+                    rc, seconds, summary = future.result()
                     (done if rc == 0 else failed).add(name)
                     with open(os.path.join(self.a.results, "times.jsonl"), "a") as f:
-                        f.write(json.dumps({"step": name, "rc": rc, "seconds": round(seconds, 1)}) + "\n")
+                        f.write(json.dumps({"step": name, "rc": rc, "seconds": round(seconds, 1),
+                                            **({"summary": summary} if summary else {})}) + "\n")
                     print(f"study: {'ok  ' if rc == 0 else 'FAIL'} {name} ({seconds:.0f} s; {len(done)}/{len(self.steps)})",
                           file=sys.stderr)
         if failed:
@@ -296,6 +298,26 @@ def read_metric(path, key="exact_match"):
             return json.load(f)[key]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def summary_line(log):
+    """A step's summary: the last line its command logged (titok-gen's "kept N queries; on-format
+    X% of the N read ..."), kept in times.jsonl beside its seconds. Log lines start with the
+    logger's name (titok.gen: ...); tqdm's bars (titok-gen: ...) are not summaries."""
+    with open(log, errors="replace") as f:
+        lines = f.read().splitlines()  # splits tqdm's \r-redrawn bars too
+    return next((line.strip() for line in reversed(lines) if line.startswith("titok.")), None)
+
+
+ON_FORMAT = re.compile(r"on-format (\d+)% of the (\d+) read")
+
+
+def on_format(times, task):
+    """(queries read, of them on-format) over the runs of a task's pool (a resumed pool has several),
+    from titok-gen's summaries in times.jsonl; None if none was recorded."""
+    found = [ON_FORMAT.search(t.get("summary", "")) for t in times if t["step"] == f"{task}/synthetic"]
+    found = [(int(m[2]), round(int(m[1]) * int(m[2]) / 100)) for m in found if m]
+    return (sum(n for n, _ in found), sum(k for _, k in found)) if found else None
 
 
 def source_expert_metrics(out, task, seeds):
@@ -506,6 +528,11 @@ def report(args):
     if args.quick:
         lines.append(f"- the Table 2 cells (KD, token filter only, sample filter only, TiTok) ran for every seed; the "
                      f"other arms for seed {args.seeds[0]} only (--quick)")
+    rates = {task: on_format(times, task) for task in tasks}
+    if any(rates.values()):
+        lines.append("- on-format queries (docs/design.md, Query shape; titok-gen's summary, over every run of "
+                     "the pool): " + "; ".join(f"{task} {100 * k / n:.0f}% of {n} read" for task, (n, k) in
+                                              ((t, r) for t, r in rates.items() if r)))
     if times:
         total = sum(t["seconds"] for t in times)
         lines.append(f"- wall time of the steps: {total / 3600:.2f} h of step time over {len(times)} steps "

@@ -262,3 +262,23 @@ def test_report_shows_only_the_pairs_and_arms_asked_for_and_what_it_carried_over
     # only the expert's metrics are the earlier study's file; vanilla was re-run and differs
     assert "not re-run (the same metrics files, byte for byte): source-expert\n" in text
     assert "a row compares data and settings together" in text
+
+
+def test_report_gives_each_pools_on_format_rate_over_its_runs(tmp_path):
+    log = tmp_path / "gen.log"
+    log.write_text("titok-gen --num 10\ntitok.gen: query replies: up to 48 new tokens\n"
+                   "titok-gen:  50%|#  | 5/10\rtitok-gen: 100%|##| 10/10\n"
+                   "titok.gen: kept 10 queries; on-format 80% of the 20 read ('do i have?'); rejected 4 (format)\n"
+                   "titok-gen: 100%|##| 10/10\r")
+    summary = study.summary_line(str(log))
+    assert summary.startswith("titok.gen: kept 10 queries; on-format 80% of the 20 read")
+    results = tmp_path / "results"
+    results.mkdir()
+    # a pool written in two runs (the second resumed it): 16 of 20, then 27 of 30 (90%)
+    times = [{"step": "t1/synthetic", "rc": 0, "seconds": 5.0, "summary": summary},
+             {"step": "t1/synthetic", "rc": 0, "seconds": 5.0, "summary": "titok.gen: kept 9; on-format 90% of the 30 read"},
+             {"step": "t1/scored", "rc": 0, "seconds": 1.0, "summary": "titok.score: on-format 10% of the 99 read"}]
+    (results / "times.jsonl").write_text("".join(json.dumps(t) + "\n" for t in times))
+    a = study.parse(["report", "--tasks", "t1,t2", "--results", str(results), "-o", str(tmp_path / "s.md")])
+    assert study.report(a) == 0
+    assert "the pool): t1 86% of 50 read\n" in (tmp_path / "s.md").read_text()
