@@ -176,7 +176,10 @@ class Study:
             return filtered, f
         aligned = filtered.replace(".jsonl", ".gemma.jsonl")
         return aligned, self.step(f"{os.path.relpath(aligned, self.out)}", aligned, [
-            "titok-align", "--target-model", self.gemma, "--chat-template", self.template, "-o", aligned, filtered], f)
+            "titok-align", "--target-model", self.gemma, "--chat-template", self.template,
+            # the source named here, not the path the records carry: a committed pool written on
+            # another machine (or in another venv) still aligns
+            "--source-model", self.smollm2, "-o", aligned, filtered], f)
 
     def evaluate(self, name, pair, adapter, test, dep):
         # The metrics go to the committed results dir, the predictions to the work dir: a finished

@@ -42,6 +42,9 @@ def test_plan_has_every_arm_per_pair_seed_and_task(tmp_path):
     smol = plan.steps["t1/smollm2/s0/titok-k0.3/train"]
     assert gemma[1][-1].endswith("top-k0.3.gemma.jsonl") and smol[1][-1].endswith("top-k0.3.jsonl")
     assert "--all-tokens" in plan.steps["t1/gemma/s0/kd/train"][1] and "--all-tokens" not in gemma[1]
+    # the source tokenizer comes from this machine's model, not the path a committed pool carries
+    align = plan.steps["t1/top-k0.3.gemma.jsonl"][1]
+    assert align[align.index("--source-model") + 1] == plan.smollm2
     # the query-source ablation: the target base writes the queries, the expert answers them
     queries = plan.steps["t1/tq-queries"][1]
     assert "--adapter" not in queries and queries[queries.index("--model") + 1] == plan.gemma
