@@ -345,6 +345,19 @@ def arm_mean(out, tasks, seeds, pair, arm):
     return statistics.fmean(means) if means and all(m is not None for m in means) else None
 
 
+def seed_means(out, tasks, seeds, pair, arm):
+    """Each seed's mean over tasks, for the seeds every task has: the spread that says whether two
+    arms' task means differ by more than seed noise (vanilla is seedless: none)."""
+    if arm == "vanilla":
+        return []
+    found = []
+    for seed in seeds:
+        values = [read_metric(os.path.join(out, t, pair, f"s{seed}", f"{arm}.json")) for t in tasks]
+        if all(v is not None for v in values):
+            found.append(statistics.fmean(values))
+    return found
+
+
 def directions(out, tasks, seeds, pairs):
     """The paper's claims, checked on these numbers (means over tasks and seeds)."""
     lines = ["## Against the paper's directions\n",
@@ -468,8 +481,9 @@ def report(args):
     k = K
     lines.append(f"# TiTok at CPU scale: the paper's ablation on {len(tasks)} BIG-bench tasks\n")
     lines.append("Exact match (%) on each task's held-out test split, mean ± standard deviation over seeds "
-                 "(n = seeds finished). Written by `python bench/study.py report` from the metrics files of "
-                 "`make study`; re-run both to reproduce.\n")
+                 "(n = seeds finished). The mean column: the mean over tasks, ± the standard deviation over seeds "
+                 "of each seed's mean over tasks (the seeds every task has). Written by `python bench/study.py "
+                 "report` from the metrics files of `make study`; re-run both to reproduce.\n")
     for pair, title in (("gemma", "SmolLM2-135M-Instruct -> Gemma-3-270M (base), cross-tokenizer"),
                         ("smollm2", "SmolLM2-135M-Instruct -> SmolLM2-135M-Instruct, fresh LoRA, same tokenizer")):
         if pair not in args.pairs:
@@ -487,6 +501,9 @@ def report(args):
                 cells.append(text)
                 means.append(mean)
             overall = f"{100 * statistics.fmean(means):.1f}" if all(m is not None for m in means) else ""
+            per_seed = seed_means(out, tasks, args.seeds, pair, arm)
+            if overall and len(per_seed) > 1:
+                overall += f" ± {100 * statistics.stdev(per_seed):.1f}"
             lines.append(f"| {ROW_NAMES[arm]} | " + " | ".join(cells) + f" | {overall} |")
         lines.append("")
     if args.before:

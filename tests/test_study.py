@@ -126,7 +126,13 @@ def test_report_means_and_standard_deviations(tmp_path):
     assert titok[1] == f"{100 * np.mean(t1):.1f} ± {100 * np.std(t1, ddof=1):.1f} (n=3)"
     assert rows[study.ROW_NAMES["ceiling"]].split(" | ")[2].endswith("(n=2)")
     both = np.mean([np.mean([values[t, "gemma", s, "titok-k0.3"] for s in (0, 1, 2)]) for t in ("t1", "t2")])
-    assert titok[-1].rstrip(" |") == f"{100 * both:.1f}"
+    seed_sd = np.std([np.mean([values[t, "gemma", s, "titok-k0.3"] for t in ("t1", "t2")]) for s in (0, 1, 2)], ddof=1)
+    assert titok[-1].rstrip(" |") == f"{100 * both:.1f} ± {100 * seed_sd:.1f}"
+    # the ceiling misses t2's seed 2: its spread is over the seeds both tasks have
+    ceiling = rows[study.ROW_NAMES["ceiling"]].split(" | ")[-1].rstrip(" |")
+    two = np.std([np.mean([values[t, "gemma", s, "ceiling"] for t in ("t1", "t2")]) for s in (0, 1)], ddof=1)
+    assert ceiling.endswith(f" ± {100 * two:.1f}")
+    assert rows[study.ROW_NAMES["vanilla"]].split(" | ")[-1].rstrip(" |") == "5.0"
     assert rows[study.ROW_NAMES["vanilla"]].split(" | ")[1] == "5.0 ± 0.0 (n=1)"
     assert "chose t1: k = 0.250." in text
 
