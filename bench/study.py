@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TITOK_CACHE", os.path.join(ROOT, "models"))  # as the Makefile sets it
 from titok_tools import bundled  # noqa: E402
+from titok_tools.answers import exact_match  # noqa: E402
 
 K_SWEEP = ["0.1", "0.3", "0.5", "0.7", "1.0"]
 EXPERT_SEED = 0  # the source expert that writes and answers the pools; other seeds' experts are the SmolLM2 ceilings
@@ -330,6 +331,24 @@ def source_expert_metrics(out, task, seeds):
             read_metric(os.path.join(out, task, "smollm2", f"s{seed}", "ceiling.json")) for seed in seeds]
 
 
+def majority_answer(data, task):
+    """Exact match on the test split of always giving the train split's most common completion
+    (ties: the first seen), or None without the split: what a model that learned only the answer
+    prior scores, the floor a transfer has to clear (chosen on train, never on test)."""
+    try:
+        with open(os.path.join(data, task, "train.jsonl")) as f:
+            train = [json.loads(line) for line in f if line.strip()]
+        with open(os.path.join(data, task, "test.jsonl")) as f:
+            test = [json.loads(line) for line in f if line.strip()]
+    except OSError:
+        return None
+    if not train or not test:
+        return None
+    answer = statistics.mode(r["completion"] for r in train)  # the first of the most common
+    return statistics.fmean(any(exact_match(answer, ref) for ref in r.get("references") or [r["completion"]])
+                            for r in test)
+
+
 def cell(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -474,6 +493,7 @@ def carried_over(args):
 
 def report(args):
     tasks, out, lines = args.tasks, args.results, []
+    data = args.data or os.path.join(args.out, "data")  # where titok-bigbench's split goes without --data
     times = []
     if os.path.exists(os.path.join(out, "times.jsonl")):
         with open(os.path.join(out, "times.jsonl")) as f:
@@ -493,6 +513,11 @@ def report(args):
         lines.append("|---|" + "---:|" * (len(tasks) + 1))
         arms = ["vanilla"] + [a for a, (pairs, _, _) in ARMS.items() if pair in pairs.split() and a in args.arms]
         arms = sorted(arms, key=lambda a: list(ROW_NAMES).index(a))
+        floor = [majority_answer(data, task) for task in tasks]
+        if any(v is not None for v in floor):
+            lines.append("| no model: the train split's most common answer, always | " + " | ".join(
+                f"{100 * v:.1f}" if v is not None else "" for v in floor) + " | " +
+                (f"{100 * statistics.fmean(floor):.1f}" if all(v is not None for v in floor) else "") + " |")
         for arm in arms:
             cells, means = [], []
             for task in tasks:

@@ -247,10 +247,18 @@ def test_data_takes_the_split_from_a_directory_instead_of_titok_bigbench(tmp_pat
     expert = plan.steps["t1/source-expert"]
     assert expert[1][-1] == str(tmp_path / "bbh" / "t1" / "train.jsonl") and expert[2] == []
     assert plan.steps["t1/gemma/vanilla/eval"][1][-1] == str(tmp_path / "bbh" / "t1" / "test.jsonl")
+    # the floor: always the train split's most common answer ("b", 2 of 3), scored on test (2 of 5)
+    (tmp_path / "bbh" / "t1").mkdir(parents=True)
+    (tmp_path / "bbh" / "t1" / "train.jsonl").write_text(
+        "".join(json.dumps({"completion": c}) + "\n" for c in ["b", "a", "b"]))
+    (tmp_path / "bbh" / "t1" / "test.jsonl").write_text("".join(
+        json.dumps({"completion": c, "references": [c]}) + "\n" for c in ["a", "B", "b", "c", "d"]))
     a = study.parse(["report", "--tasks", "t1", "--results", str(tmp_path / "results"), "-o", str(tmp_path / "s.md"),
                      "--data", str(tmp_path / "bbh")])
     assert study.report(a) == 0
-    assert "(--data), not titok-bigbench's split" in (tmp_path / "s.md").read_text()
+    text = (tmp_path / "s.md").read_text()
+    assert "(--data), not titok-bigbench's split" in text
+    assert "| no model: the train split's most common answer, always | 40.0 | 40.0 |" in text
 
 
 def test_report_shows_only_the_pairs_and_arms_asked_for_and_what_it_carried_over(tmp_path):
