@@ -10,8 +10,11 @@ random choice of --test-size test records, as titok-bigbench makes it:
 import argparse
 import json
 import os
-import random
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from titok_tools.bigbench import split  # noqa: E402
 
 
 def main(argv=None):
@@ -29,11 +32,10 @@ def main(argv=None):
                     "references": [e["target"].strip()]} for i, e in enumerate(examples)]
         if args.test_size >= len(records):
             sys.exit(f"{path}: --test-size {args.test_size} leaves no training examples of {len(records)}")
-        test_index = set(random.Random(args.seed).sample(range(len(records)), args.test_size))
         os.makedirs(os.path.join(args.out, task), exist_ok=True)
-        for name, keep in (("train", lambda i: i not in test_index), ("test", lambda i: i in test_index)):
+        for name, part in zip(("train", "test"), split(records, seed=args.seed, test_size=args.test_size)):
             with open(os.path.join(args.out, task, f"{name}.jsonl"), "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for i, r in enumerate(records) if keep(i))
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
         print(f"{task}: {len(records) - args.test_size} train, {args.test_size} test", file=sys.stderr)
 
 

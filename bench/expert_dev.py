@@ -11,7 +11,6 @@ Writes under --out (default work/expert-dev); a finished run is not re-run.
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TITOK_CACHE", os.path.join(ROOT, "models"))  # as the Makefile sets it
 sys.path.insert(0, ROOT)
 from titok_tools import bundled  # noqa: E402
+from titok_tools.bigbench import split as held_out  # noqa: E402
 
 RECIPE = ["--dtype", "bfloat16", "--device", "cpu", "--lora-r", "16", "--lora-alpha", "16",
           "--target-modules", "all-linear", "--epochs", "2", "--batch-size", "8", "--all-tokens", "--seed", "0"]
@@ -26,13 +26,13 @@ EVAL = ["--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", "16", "--b
 
 
 def split(train, out, dev_size, seed):
+    """(fit, dev) files under `out`: titok-bigbench's seeded split, applied to the train lines."""
     with open(train, encoding="utf-8") as f:
         lines = [line for line in f if line.strip()]
-    dev_index = set(random.Random(seed).sample(range(len(lines)), dev_size))
     os.makedirs(out, exist_ok=True)
-    for name, keep in (("fit", lambda i: i not in dev_index), ("dev", lambda i: i in dev_index)):
+    for name, part in zip(("fit", "dev"), held_out(lines, seed=seed, test_size=dev_size)):
         with open(os.path.join(out, f"{name}.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(line for i, line in enumerate(lines) if keep(i))
+            f.writelines(part)
     return os.path.join(out, "fit.jsonl"), os.path.join(out, "dev.jsonl")
 
 

@@ -32,7 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TITOK_CACHE", os.path.join(ROOT, "models"))  # as the Makefile sets it
 from titok_tools import bundled  # noqa: E402
-from titok_tools.answers import exact_match  # noqa: E402
+from titok_tools.answers import exact_match, references  # noqa: E402
+from titok_tools.records import prompt_and_completion, read_records  # noqa: E402
 
 K_SWEEP = ["0.1", "0.3", "0.5", "0.7", "1.0"]
 EXPERT_SEED = 0  # the source expert that writes and answers the pools; other seeds' experts are the SmolLM2 ceilings
@@ -335,18 +336,14 @@ def majority_answer(data, task):
     """Exact match on the test split of always giving the train split's most common completion
     (ties: the first seen), or None without the split: what a model that learned only the answer
     prior scores, the floor a transfer has to clear (chosen on train, never on test)."""
-    try:
-        with open(os.path.join(data, task, "train.jsonl")) as f:
-            train = [json.loads(line) for line in f if line.strip()]
-        with open(os.path.join(data, task, "test.jsonl")) as f:
-            test = [json.loads(line) for line in f if line.strip()]
-    except OSError:
+    paths = [os.path.join(data, task, f"{name}.jsonl") for name in ("train", "test")]
+    if not all(os.path.exists(p) for p in paths):
         return None
+    train, test = ([(r, prompt_and_completion(r, where)[1]) for where, r in read_records(p)] for p in paths)
     if not train or not test:
         return None
-    answer = statistics.mode(r["completion"] for r in train)  # the first of the most common
-    return statistics.fmean(any(exact_match(answer, ref) for ref in r.get("references") or [r["completion"]])
-                            for r in test)
+    answer = statistics.mode(completion for _, completion in train)  # the first of the most common
+    return statistics.fmean(any(exact_match(answer, ref) for ref in references(r, completion)) for r, completion in test)
 
 
 def cell(values):
@@ -362,19 +359,6 @@ def arm_mean(out, tasks, seeds, pair, arm):
     """Mean over tasks of the per-task mean over seeds; None unless every task has a result."""
     means = [cell([read_metric(os.path.join(out, t, pair, f"s{s}", f"{arm}.json")) for s in seeds])[1] for t in tasks]
     return statistics.fmean(means) if means and all(m is not None for m in means) else None
-
-
-def seed_means(out, tasks, seeds, pair, arm):
-    """Each seed's mean over tasks, for the seeds every task has: the spread that says whether two
-    arms' task means differ by more than seed noise (vanilla is seedless: none)."""
-    if arm == "vanilla":
-        return []
-    found = []
-    for seed in seeds:
-        values = [read_metric(os.path.join(out, t, pair, f"s{seed}", f"{arm}.json")) for t in tasks]
-        if all(v is not None for v in values):
-            found.append(statistics.fmean(values))
-    return found
 
 
 def directions(out, tasks, seeds, pairs):
@@ -519,14 +503,12 @@ def report(args):
                 f"{100 * v:.1f}" if v is not None else "" for v in floor) + " | " +
                 (f"{100 * statistics.fmean(floor):.1f}" if all(v is not None for v in floor) else "") + " |")
         for arm in arms:
-            cells, means = [], []
-            for task in tasks:
-                paths = arm_paths(out, task, pair, arm, args.seeds)
-                text, mean = cell([read_metric(p) for p in paths])
-                cells.append(text)
-                means.append(mean)
+            values = [[read_metric(p) for p in arm_paths(out, task, pair, arm, args.seeds)] for task in tasks]
+            cells, means = zip(*(cell(v) for v in values))
             overall = f"{100 * statistics.fmean(means):.1f}" if all(m is not None for m in means) else ""
-            per_seed = seed_means(out, tasks, args.seeds, pair, arm)
+            # each seed's mean over tasks, for the seeds every task has: the spread that says whether
+            # two arms differ by more than seed noise (vanilla has one seedless run: none)
+            per_seed = [statistics.fmean(column) for column in zip(*values) if None not in column]
             if overall and len(per_seed) > 1:
                 overall += f" ± {100 * statistics.stdev(per_seed):.1f}"
             lines.append(f"| {ROW_NAMES[arm]} | " + " | ".join(cells) + f" | {overall} |")

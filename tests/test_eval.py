@@ -193,7 +193,8 @@ def test_help_lists_every_flag():
 
 def test_references_list_counts_the_best_answer():
     from rouge_score import rouge_scorer
-    from titok_tools.evaluate import Metrics, references
+    from titok_tools.answers import references
+    from titok_tools.evaluate import Metrics
 
     record = {"completion": "three", "references": ["three", "3"]}
     assert references(record, "three") == ["three", "3"]

@@ -250,9 +250,9 @@ def test_data_takes_the_split_from_a_directory_instead_of_titok_bigbench(tmp_pat
     # the floor: always the train split's most common answer ("b", 2 of 3), scored on test (2 of 5)
     (tmp_path / "bbh" / "t1").mkdir(parents=True)
     (tmp_path / "bbh" / "t1" / "train.jsonl").write_text(
-        "".join(json.dumps({"completion": c}) + "\n" for c in ["b", "a", "b"]))
+        "".join(json.dumps({"prompt": "q", "completion": c}) + "\n" for c in ["b", "a", "b"]))
     (tmp_path / "bbh" / "t1" / "test.jsonl").write_text("".join(
-        json.dumps({"completion": c, "references": [c]}) + "\n" for c in ["a", "B", "b", "c", "d"]))
+        json.dumps({"prompt": "q", "completion": c, "references": [c]}) + "\n" for c in ["a", "B", "b", "c", "d"]))
     a = study.parse(["report", "--tasks", "t1", "--results", str(tmp_path / "results"), "-o", str(tmp_path / "s.md"),
                      "--data", str(tmp_path / "bbh")])
     assert study.report(a) == 0

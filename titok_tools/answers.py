@@ -1,6 +1,6 @@
-"""How answers compare: the one normalization behind titok-eval's exact match, and the test
-titok-bigbench uses to keep option labels from colliding with option texts. Light on imports:
-titok-bigbench loads it without transformers."""
+"""How answers compare: the one normalization behind titok-eval's exact match, the answers a
+record accepts, and the test titok-bigbench uses to keep option labels from colliding with option
+texts. Light on imports: titok-bigbench and the study's report load it without transformers."""
 import re
 import string
 
@@ -26,3 +26,12 @@ def choice_letter(text):
 
 def exact_match(prediction, reference):
     return normalize(prediction) == normalize(reference)
+
+
+def references(record, completion):
+    """The acceptable answers: the record's "references" list when it has one (BIG-bench's
+    "three" and "3"), else its completion."""
+    extra = record.get("references")
+    if isinstance(extra, list) and extra and all(isinstance(r, str) for r in extra):
+        return extra
+    return [completion]

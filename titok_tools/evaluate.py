@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from . import cli
-from .answers import exact_match
+from .answers import exact_match, references
 from .formatting import FormatError, check_prompt, encode_many
 from .backends import VllmBackend, generate
 from .models import completion_logprobs, decoder_and_head, load_model, load_tokenizer
@@ -80,15 +80,6 @@ def choose(options, loglikelihoods):
     best = max(range(len(options)), key=lambda i: loglikelihoods[i])
     best_norm = max(range(len(options)), key=lambda i: loglikelihoods[i] / len(options[i]))
     return best, best_norm
-
-
-def references(record, completion):
-    """The acceptable answers: the record's "references" list when it has one (BIG-bench's
-    "three" and "3"), else its completion."""
-    extra = record.get("references")
-    if isinstance(extra, list) and extra and all(isinstance(r, str) for r in extra):
-        return extra
-    return [completion]
 
 
 def options_of(record, where):
