@@ -4,8 +4,8 @@ Both steps are titok-train's own (train.token_losses; train.distill_share with -
 the same batches as bench_train.py (4 x 256 tokens: 64 prompt + 192 completion), the TiTok mask at
 k = 0.7, a teacher top-20 distribution at every trained token (the KD step's worst case: every
 trained row pays the KL), same LoRA (r 8, q_proj+v_proj), same optimizer step, bf16 where the CPU
-runs it. The methods are interleaved round by round so background load hits them alike; the
-median round is reported.
+runs it. The methods are interleaved round by round, in an order that rotates each round, so
+background load and cache warmth hit them alike; the median round is reported.
 
     python bench/bench_train_kd.py [--rounds 5] [--models smollm2,gemma] [--topk 20]
 
@@ -61,10 +61,13 @@ def bench_model(name, path, rounds, topk):
                                                 Distill(weight=1.0, temperature=1.0, only=True)),
     }
     times = {m: [] for m in methods}
+    names = list(methods)
     for r, examples in enumerate(batches):
-        for method, run in methods.items():
+        # the order rotates each round: a method that always ran last (after the others warmed
+        # caches, or under a load that grows through a round) would carry that in its median
+        for method in names[r % len(names):] + names[:r % len(names)]:
             started = time.perf_counter()
-            run(examples)
+            methods[method](examples)
             if r > 0:   # round 0 warms up (allocator, kernels)
                 times[method].append(time.perf_counter() - started)
     medians = {m: statistics.median(t) for m, t in times.items()}
