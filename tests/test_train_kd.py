@@ -90,7 +90,8 @@ def reference_loss(model, tokenizer, records, field, distill):
     return (0.0 if distill.only else nll / norm) + distill.weight * kl / kd_norm
 
 
-@pytest.mark.parametrize("distill", [Distill(0.7, 2.0), Distill(1.5, 0.5, only=True), Distill(1.0, 1.0)])
+@pytest.mark.parametrize("distill", [Distill(0.7, 2.0), Distill(1.5, 0.5, only=True), Distill(1.0, 1.0),
+                                     Distill(1.0, 1.0, only=True)])  # T = 1 shares one log-softmax
 def test_kl_term_is_the_hand_computed_kl(tiny, distill):
     """Fractional mask weights, null entries, widths N' that differ per token (target side), one
     record with no distribution at all: the trainer's loss of one batch is the formula's."""
