@@ -104,8 +104,8 @@ def test_real_queries_count_dedup_and_labels(real_runs):
     for r in records:
         meta = r["titok_gen"]
         assert meta["adapter"] == real_runs["adapter"] and meta["seed"] == 7
-        assert len(meta["shots"]) == 3 and len(set(meta["shots"])) == 3
-        assert set(meta["shots"]) <= {f"s{i}" for i in range(6)}
+        # --shots' default with fewer than 8 seed examples: every one of them, in a drawn order
+        assert sorted(meta["shots"]) == [f"s{i}" for i in range(6)]
     assert re.search(r"kept 6 queries; on-format \d+% of the \d+ read \('following sentence plausible\?'", real_runs["log"])
 
 
@@ -228,7 +228,7 @@ def canned_gen(monkeypatch, tiny_llama, seed_file, tmp_path, *extra):
 def test_sampling_defaults_are_the_spec(tiny_llama, seed_file, tmp_path, monkeypatch):
     # docs/design.md, Generation, with no sampling option given: queries sampled at temperature 1.0, top-p 0.9, as
     # many new tokens as the longest seed query and a quarter more, + 16; labels greedy, 200 new tokens; ROUGE-L
-    # threshold 0.7; 3 exemplars per query prompt.
+    # threshold 0.7; 8 exemplars per query prompt, or every seed example when there are fewer (6 here).
     calls, thresholds = canned_gen(monkeypatch, tiny_llama, seed_file, tmp_path)
     queries, labels = calls
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
@@ -236,18 +236,33 @@ def test_sampling_defaults_are_the_spec(tiny_llama, seed_file, tmp_path, monkeyp
     assert len(queries["prompts"]) == 8 and queries["settings"] == (-(-5 * longest // 4) + 16, 1.0, 0.9)
     assert labels["settings"][:2] == (200, 0.0)
     assert thresholds and set(thresholds) == {0.7}
-    assert all(sum(s in p for s in SPORTS) == 3 for p in queries["prompts"])
-    assert len(read_jsonl(tmp_path / "o.jsonl")[0]["titok_gen"]["shots"]) == 3
+    assert all(sum(s in p for s in SPORTS) == 6 for p in queries["prompts"])
+    assert len(read_jsonl(tmp_path / "o.jsonl")[0]["titok_gen"]["shots"]) == 6
     # the continuation template: query prompts are plain documents, labels chat turns
     assert queries["plain"] and not labels["plain"]
 
 
+def test_default_shots_are_8_of_a_larger_seed_file(tiny_llama, tmp_path, monkeypatch):
+    # docs/design.md, Generation: 8 distinct exemplars per prompt when the seed file has more; --shots overrides.
+    sentences = SPORTS + [f'Is the following sentence plausible? "{who} {did}."' for who, did in (
+        ("Mookie Betts", "caught the screen pass"), ("Neymar", "drew a foul in the box"), ("Joe Burrow", "hit a triple"),
+        ("Sidney Crosby", "served a penalty"), ("Steph Curry", "made a three-pointer"), ("Max Scherzer", "was offside"))]
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", [{"id": f"s{i}", "prompt": p, "completion": "yes"}
+                                                   for i, p in enumerate(sentences)])
+    for extra, shown in (((), 8), (("--shots", 5), 5)):
+        (tmp_path / str(shown)).mkdir()
+        calls, _ = canned_gen(monkeypatch, tiny_llama, seeds, tmp_path / str(shown), *extra)
+        assert [sum(s in p for s in sentences) for p in calls[0]["prompts"]] == [shown] * len(calls[0]["prompts"])
+        meta = read_jsonl(tmp_path / str(shown) / "o.jsonl")[0]["titok_gen"]
+        assert len(set(meta["shots"])) == shown and set(meta["shots"]) <= {f"s{i}" for i in range(len(sentences))}
+
+
 def test_seed_chooses_the_exemplars(tiny_llama, seed_file, tmp_path, monkeypatch):
-    # The replies are fixed, so only the exemplar draw can differ between seeds.
+    # The replies are fixed, so only the exemplar draw (which seeds, in which order) can differ between seeds.
     shown = {}
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         calls, _ = canned_gen(monkeypatch, tiny_llama, seed_file, tmp_path, "--seed", seed)
-        shown[name] = [tuple(s for s in SPORTS if s in p) for p in calls[0]["prompts"]]
+        shown[name] = [tuple(sorted((s for s in SPORTS if s in p), key=p.index)) for p in calls[0]["prompts"]]
     assert shown["a"] == shown["b"]
     assert shown["a"] != shown["c"]
 
@@ -366,7 +381,7 @@ def test_bad_seed_files(case, message, tiny_llama, tmp_path):
         write_jsonl(path, [{"prompt": "a b c", "completion": "x"}, {"prompt": "d e f", "completion": "y"}])
     elif case == "no_user":
         write_jsonl(path, [{"messages": [{"role": "assistant", "content": "hi"}]}])
-    result = invoke(["--model", tiny_llama, "--seed-examples", path, "--num", 2, "-o", tmp_path / "o.jsonl"], 1)
+    result = invoke(["--model", tiny_llama, "--seed-examples", path, "--num", 2, "--shots", 3, "-o", tmp_path / "o.jsonl"], 1)
     assert message in result.output
     assert not (tmp_path / "o.jsonl").exists()
 
@@ -732,7 +747,7 @@ def test_the_continuation_template_is_a_plain_document_read_up_to_the_next_input
                                     {"model": "m", "adapter": "a"}))
     assert records[0]["prompt"] == 'Is the following sentence plausible? "Kylian Mbappe hit a three pointer."'
     assert asked == [True, False]
-    assert backend.prompts[0].endswith("\n\nInput:") and backend.prompts[0].count("Input: Is the following") == 3
+    assert backend.prompts[0].endswith("\n\nInput:") and backend.prompts[0].count("Input: Is the following") == 6  # all 6 seeds: fewer than 8
 
 
 def test_a_template_turn_must_be_chat_or_none(tmp_path):

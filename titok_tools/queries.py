@@ -202,7 +202,7 @@ def load_seeds(path, shots, task_description=None, tokenizer=None):
         systems.add(json.dumps(system, sort_keys=True))
     if not texts:
         raise TitokError(f"{path}: no seed examples (the file is empty)")
-    if len(texts) < shots:
+    if shots is not None and len(texts) < shots:
         raise TitokError(f"{path}: {len(texts)} seed examples, fewer than --shots {shots}")
     system = json.loads(systems.pop()) if len(systems) == 1 else []
     if task_description is None:
