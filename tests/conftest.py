@@ -4,6 +4,7 @@ Real models are converted once into the repo's models/ cache (git-ignored), whic
 session and `make demo` reuse.
 """
 import os
+import signal
 import subprocess
 
 import pytest
@@ -176,8 +177,11 @@ def interrupt(command, files, lines, signum, timeout=120):
         return sum(open(f, "rb").read().count(b"\n") for f in files if os.path.exists(f))
 
     with tempfile.TemporaryFile() as stderr:
+        # SIGINT back to its default in the child: a shell without job control (a CI job started
+        # with `&`) ignores it in its background commands, and the child would inherit that.
         proc = subprocess.Popen([str(a) for a in command], stdout=subprocess.DEVNULL, stderr=stderr,
-                                env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+                                env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + timeout
         while proc.poll() is None and time.time() < deadline and complete_lines() < lines:
             time.sleep(0.01)
