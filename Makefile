@@ -120,7 +120,7 @@ EVALS := source-base source-expert target-vanilla target-kd target-titok $(EXTRA
 $(OUT)/report.md: $(foreach e,$(EVALS),$(OUT)/eval/$(e).json)
 	$(PYTHON) -m titok_tools.report -o $@ --title "TiTok transfer on $(TASK)" \
 	  --setting source="$(SOURCE_MODEL)" --setting target="$(TARGET_MODEL)" --setting M=$(M) --setting K=$(K) \
-	  --setting scope=$(SCOPE) --setting seed=$(SEED) --setting train_args="$(TRAIN_ARGS)" \
+	  --setting scope=$(SCOPE) --setting seed=$(SEED) --setting dtype=$(DTYPE) --setting train_args="$(TRAIN_ARGS)" \
 	  --setting sft_args="$(SFT_ARGS)" --setting gen_args="$(GEN_ARGS)" --setting eval_args="$(EVAL_ARGS)" \
 	  $(if $(SCORE_ARGS),--setting score_args="$(SCORE_ARGS)") $(if $(ALIGN_ARGS),--setting align_args="$(ALIGN_ARGS)") \
 	  $(foreach e,$(EVALS),$(e)=$(OUT)/eval/$(e).json)
@@ -136,7 +136,7 @@ DEMO_OUT ?= work/demo
 DEMO_DATA ?= $(DEMO_OUT)/data/$(DEMO_TASK)
 DEMO_EXTRA_EVALS ?= target-titok-no-closing#  add target-kdlogit target-titok-kd for the logit-KD rows
 DEMO := OUT=$(DEMO_OUT) TASK=$(DEMO_TASK) DATA=$(DEMO_DATA) BIGBENCH_ARGS="--train-size 400" \
-	M=250 K=0.3 DTYPE=bfloat16 DEVICE=cpu TEST_SIZE=200 EXTRA_EVALS="$(DEMO_EXTRA_EVALS)" \
+	M=250 K=0.3 DTYPE=auto DEVICE=cpu TEST_SIZE=200 EXTRA_EVALS="$(DEMO_EXTRA_EVALS)" \
 	TARGET_TEMPLATE=data/templates/gemma3-chat.jinja \
 	SFT_ARGS="$(DEMO_TRAIN)" TRAIN_ARGS="$(DEMO_TRAIN)" \
 	GEN_ARGS="--queries-from base --label-max-new-tokens 16 --batch-size 16" \

@@ -28,7 +28,7 @@ def measure(args, task, template, adapter, queries_from, shots, top_p, out):
     command = ["titok-gen", "--model", args.model, "--seed-examples", os.path.join(args.data, task, "train.jsonl"),
                "--template", template, "--num", str(args.num), "--shots", shots, "--top-p", top_p,
                "--no-shape-check", "--seed", str(args.seed),
-               "--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", args.max_new_tokens, "--label-max-new-tokens", "16",
+               "--dtype", "auto", "--device", "cpu", "--max-new-tokens", args.max_new_tokens, "--label-max-new-tokens", "16",
                "--batch-size", "16", "-o", out]
     if adapter:
         command += ["--adapter", adapter, "--queries-from", queries_from]

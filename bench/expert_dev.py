@@ -20,9 +20,9 @@ sys.path.insert(0, ROOT)
 from titok_tools import bundled  # noqa: E402
 from titok_tools.bigbench import split as held_out  # noqa: E402
 
-RECIPE = ["--dtype", "bfloat16", "--device", "cpu", "--lora-r", "16", "--lora-alpha", "16",
+RECIPE = ["--dtype", "auto", "--device", "cpu", "--lora-r", "16", "--lora-alpha", "16",
           "--target-modules", "all-linear", "--epochs", "2", "--batch-size", "8", "--all-tokens", "--seed", "0"]
-EVAL = ["--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", "16", "--batch-size", "16"]
+EVAL = ["--dtype", "auto", "--device", "cpu", "--max-new-tokens", "16", "--batch-size", "16"]
 
 
 def split(train, out, dev_size, seed):

@@ -155,3 +155,19 @@ def test_log_probs_of_a_bfloat16_model_are_a_float32_log_softmax(tiny_llama):
     assert ours.dtype == torch.float32
     assert torch.allclose(ours, reference, atol=1e-4)
     assert not torch.equal(ours, ours.bfloat16().float())  # not bf16 numbers widened afterwards
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_dtype_follows_native_bf16_and_an_emulated_bf16_warns_once(native, monkeypatch, caplog):
+    """auto is bfloat16 only on a CPU that runs it natively; an explicit bfloat16 on one that emulates it
+    (about 30x slower to train here, README) is honoured, with one warning per process."""
+    monkeypatch.setattr(models, "cpu_runs_bf16", lambda: native)
+    models._warn_emulated_bf16.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="titok"):
+        assert models.resolve_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+        assert models.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+        assert models.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+        assert models.resolve_dtype("float32", "cpu") == torch.float32
+    warnings = [r for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(warnings) == (0 if native else 1)
+    models._warn_emulated_bf16.cache_clear()

@@ -5,6 +5,7 @@ transformers (slow: 12-33 s for the small models here), so it is converted once 
 safetensors model directory under the cache (`$TITOK_CACHE`, default ~/.cache/titok-tools) and
 that directory is used from then on.
 """
+import functools
 import hashlib
 import json
 import logging
@@ -127,14 +128,30 @@ def resolve_device(device):
     return device
 
 
+def cpu_runs_bf16():
+    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX), as oneDNN reports it."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@functools.cache  # once per process, however often the dtype is resolved
+def _warn_emulated_bf16():
+    log.warning("--dtype bfloat16: this CPU has no native bf16 (AVX512-BF16/AMX), so torch emulates it "
+                "and runs many times slower than float32; --dtype auto picks float32 here")
+
+
 def resolve_dtype(dtype, device):
     """auto: bfloat16 where the hardware runs it natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX,
-    about 2x as fast as float32 on the CPUs here: README), float16 on CUDA without bf16, else float32."""
+    about 2x as fast as float32 there: README), float16 on CUDA without bf16, else float32.
+
+    An explicit bfloat16 on a CPU without it is honoured with a warning: torch emulates it, and the
+    demo's training step ran about 30x slower than in float32 on such a CPU (bench/bench_dtype.py)."""
     if dtype != "auto":
+        if dtype == "bfloat16" and device == "cpu" and not cpu_runs_bf16():
+            _warn_emulated_bf16()
         return DTYPES[dtype]
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_runs_bf16() else torch.float32
 
 
 def load_model(model, adapter=None, dtype="auto", device="auto", trust_remote_code=False, trainable=False,
