@@ -160,7 +160,7 @@ def test_log_probs_of_a_bfloat16_model_are_a_float32_log_softmax(tiny_llama):
 @pytest.mark.parametrize("native", [True, False])
 def test_cpu_dtype_follows_native_bf16_and_an_emulated_bf16_warns_once(native, monkeypatch, caplog):
     """auto is bfloat16 only on a CPU that runs it natively; an explicit bfloat16 on one that emulates it
-    (about 30x slower to train here, README) is honoured, with one warning per process."""
+    (about 20x slower to train here: bench/bench_dtype.py, README) is honoured, with one warning per process."""
     monkeypatch.setattr(models, "cpu_runs_bf16", lambda: native)
     models._warn_emulated_bf16.cache_clear()
     with caplog.at_level(logging.WARNING, logger="titok"):
