@@ -139,7 +139,7 @@ DEMO := OUT=$(DEMO_OUT) TASK=$(DEMO_TASK) DATA=$(DEMO_DATA) BIGBENCH_ARGS="--tra
 	M=250 K=0.3 DTYPE=auto DEVICE=cpu TEST_SIZE=200 EXTRA_EVALS="$(DEMO_EXTRA_EVALS)" \
 	TARGET_TEMPLATE=data/templates/gemma3-chat.jinja \
 	SFT_ARGS="$(DEMO_TRAIN)" TRAIN_ARGS="$(DEMO_TRAIN)" \
-	GEN_ARGS="--queries-from base --label-max-new-tokens 16 --batch-size 16" \
+	GEN_ARGS="--queries-from base --label-max-new-tokens 16 --batch-size 16 --queries-per-prompt 16" \
 	EVAL_ARGS="--max-new-tokens 16 --batch-size 16 --limit 100"
 
 # The sub-make runs on its own line: `make -n demo` then prints the pipeline without running it.

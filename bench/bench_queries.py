@@ -1,9 +1,10 @@
 """How often does each query writer produce task-shaped queries? (issue 21, docs/design.md, Query shape)
 
 For each task directory (train.jsonl: the seed examples; never a test split), each --template and
-each writer (the base model, or the expert with --adapter-dir), each --shots and each --top-p,
-runs titok-gen with --no-shape-check for --num queries and prints the share of the queries it read
-that have the seeds' shape, the share it rejected as near-duplicates, and the seconds it took:
+each writer (the base model, or the expert with --adapter-dir), each --shots, --top-p and
+--queries-per-prompt, runs titok-gen with --no-shape-check for --num queries and prints the share
+of the queries it read that have the seeds' shape, the share it rejected as near-duplicates, and
+the seconds it took:
 
     python bench/bench_queries.py --data work/demo/data --tasks object_counting \\
         --model $(python -m titok_tools.bundled smollm2) --templates default,continuation --num 32
@@ -24,9 +25,10 @@ import time
 SUMMARY = re.compile(r"on-format (\S+) of the (\d+) read.*?rejected \d+ \(format\), (\d+) \(duplicate\)")
 
 
-def measure(args, task, template, adapter, queries_from, shots, top_p, out):
+def measure(args, task, template, adapter, queries_from, shots, top_p, per_prompt, out):
     command = ["titok-gen", "--model", args.model, "--seed-examples", os.path.join(args.data, task, "train.jsonl"),
                "--template", template, "--num", str(args.num), "--shots", shots, "--top-p", top_p,
+               "--queries-per-prompt", per_prompt,
                "--no-shape-check", "--seed", str(args.seed),
                "--dtype", "auto", "--device", "cpu", "--max-new-tokens", args.max_new_tokens, "--label-max-new-tokens", "16",
                "--batch-size", "16", "-o", out]
@@ -51,6 +53,7 @@ def main(argv=None):
     parser.add_argument("--num", type=int, default=32, help="queries per cell")
     parser.add_argument("--shots", default="3", help="comma-separated titok-gen --shots values")
     parser.add_argument("--top-p", default="0.9", help="comma-separated titok-gen --top-p values")
+    parser.add_argument("--queries-per-prompt", default="1", help="comma-separated titok-gen --queries-per-prompt values")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", default="auto", help="titok-gen's query budget: a number or auto")
     parser.add_argument("--out", default=os.path.join("work", "bench-queries"), help="where the queries are written")
@@ -58,16 +61,17 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     writers = [("base", None, "base")] + ([("expert", args.adapter_dir, "expert")] if args.adapter_dir else [])
     print(f"query budget: --max-new-tokens {args.max_new_tokens}", file=sys.stderr)
-    print("| task | template | writer | shots | top-p | on-format | duplicates | queries read | seconds |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| task | template | writer | shots | top-p | queries per prompt | on-format | duplicates | queries read | seconds |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for task in args.tasks.split(","):
         for template in args.templates.split(","):
-            for (name, adapter_dir, queries_from), shots, top_p in itertools.product(
-                    writers, args.shots.split(","), args.top_p.split(",")):
+            for (name, adapter_dir, queries_from), shots, top_p, per_prompt in itertools.product(
+                    writers, args.shots.split(","), args.top_p.split(","), args.queries_per_prompt.split(",")):
                 adapter = os.path.join(adapter_dir, task) if adapter_dir else None
-                out = os.path.join(args.out, f"{task}-{os.path.basename(template)}-{name}-s{shots}-p{top_p}.jsonl")
-                rate, read, duplicates, seconds = measure(args, task, template, adapter, queries_from, shots, top_p, out)
-                print(f"| {task} | {template} | {name} | {shots} | {top_p} | {rate} | {duplicates:.0%} | {read} | "
+                out = os.path.join(args.out, f"{task}-{os.path.basename(template)}-{name}-s{shots}-p{top_p}-q{per_prompt}.jsonl")
+                rate, read, duplicates, seconds = measure(args, task, template, adapter, queries_from, shots, top_p,
+                                                          per_prompt, out)
+                print(f"| {task} | {template} | {name} | {shots} | {top_p} | {per_prompt} | {rate} | {duplicates:.0%} | {read} | "
                       f"{seconds:.0f} |", flush=True)
 
 

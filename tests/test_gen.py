@@ -190,9 +190,9 @@ def test_options_reach_the_generator(tiny_llama, seed_file, loose_template, tmp_
     calls = []
     real = gen.HfBackend.complete
 
-    def spy(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False):
+    def spy(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False, stop=None):
         calls.append((len(prompts), max_new_tokens, temperature, top_p))
-        return real(self, prompts, max_new_tokens, temperature, top_p, seed, plain)
+        return real(self, prompts, max_new_tokens, temperature, top_p, seed, plain, stop)
 
     monkeypatch.setattr(gen.HfBackend, "complete", spy)
     invoke([*tiny_gen(tiny_llama, seed_file, loose_template, "--num", 3, "--batch-size", 4, "--temperature", 0.8,
@@ -208,9 +208,9 @@ def canned_gen(monkeypatch, tiny_llama, seed_file, tmp_path, *extra):
     the backend calls (their prompts and sampling settings) and the dedup thresholds used."""
     calls, thresholds = [], []
 
-    def complete(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False):
+    def complete(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False, stop=None):
         calls.append({"prompts": [p[-1]["content"] for p in prompts], "settings": (max_new_tokens, temperature, top_p),
-                      "plain": plain})
+                      "plain": plain, "stop": stop})
         return ['Is the following sentence plausible? "Zinedine Zidane won the 1998 World Cup final."'] * len(prompts)
 
     class Recording(RougeDedup):
@@ -238,8 +238,10 @@ def test_sampling_defaults_are_the_spec(tiny_llama, seed_file, tmp_path, monkeyp
     assert thresholds and set(thresholds) == {0.7}
     assert all(sum(s in p for s in SPORTS) == 6 for p in queries["prompts"])
     assert len(read_jsonl(tmp_path / "o.jsonl")[0]["titok_gen"]["shots"]) == 6
-    # the continuation template: query prompts are plain documents, labels chat turns
+    # the continuation template: query prompts are plain documents, labels chat turns; a query reply stops
+    # where the document's next example begins
     assert queries["plain"] and not labels["plain"]
+    assert queries["stop"] == ["\nInput:"] and labels["stop"] is None
 
 
 def test_default_shots_are_8_of_a_larger_seed_file(tiny_llama, tmp_path, monkeypatch):
@@ -489,7 +491,7 @@ class Scripted:
     def __init__(self, replies, label="an answer"):
         self.replies, self.label, self.prompts = list(replies), label, []
 
-    def complete(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False):
+    def complete(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False, stop=None):
         if temperature > 0:  # query calls sample; label calls are greedy
             self.prompts.extend(p[-1]["content"] for p in prompts)
             return [self.replies.pop(0) if self.replies else "" for _ in prompts]
@@ -738,7 +740,7 @@ def test_the_continuation_template_is_a_plain_document_read_up_to_the_next_input
     asked = []
 
     class Recording(Scripted):
-        def complete(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False):
+        def complete(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False, stop=None):
             asked.append(plain)
             return super().complete(prompts, max_new_tokens, temperature, top_p, seed)
 
@@ -755,3 +757,74 @@ def test_a_template_turn_must_be_chat_or_none(tmp_path):
     path.write_text("turn: maybe\n---\n{examples}")
     with pytest.raises(TitokError, match="turn must be chat or none"):
         load_template(str(path))
+
+
+# --- several queries per prompt: one prompt pass, stop at the next example ------------------------
+
+@pytest.mark.parametrize("family, adapter", [("tiny_llama", None), ("tiny_llama", "tiny_llama_lora"), ("tiny_gemma", None)])
+def test_identical_prompts_share_one_prompt_pass_and_answer_the_same(family, adapter, request, monkeypatch):
+    """backends.generate runs each distinct prompt of a batch through the model once and hands
+    generate() the cache: the texts equal those of a run without sharing, greedy and sampled,
+    with left padding (prompts of different lengths), an adapter, and Gemma's sliding-window layers."""
+    from titok_tools import backends
+    from titok_tools.models import load_model
+    path = request.getfixturevalue(family)
+    model = load_model(path, adapter and request.getfixturevalue(adapter), "float32", "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompts = [[{"role": "user", "content": t}] for t in
+               ["Name a sport.", "Write one long sentence about tennis players and their rackets.", "Name a sport.",
+                "Name a sport."]]
+    widths = []
+    embed = model.get_input_embeddings()
+    hook = embed.register_forward_hook(lambda m, args, out: widths.append(tuple(args[0].shape)))
+    run = lambda **kw: backends.generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=4, seed=3, **kw)
+    shared = [run(), run(temperature=1.0, top_p=0.9)]
+    longest = max(len(backends.prompt_ids(tokenizer, p)) for p in prompts)
+    assert widths[0] == (2, longest - 1)   # two distinct prompts, all but their last token
+    assert widths[1] == (4, 1)             # then generate() starts at the last prompt token
+    hook.remove()
+    monkeypatch.setattr(backends, "shared_prompt_cache", lambda *a: None)
+    assert [run(), run(temperature=1.0, top_p=0.9)] == shared
+    assert shared[0][0] == shared[0][2] == shared[0][3]
+    monkeypatch.undo()  # a one-token prompt has nothing to share: generate() runs it whole
+    one_token = [[{"role": "user", "content": "Hi"}]] * 2
+    if family == "tiny_gemma":
+        return  # its tokenizer adds <bos>: no plain prompt is one token
+    assert len(backends.prompt_ids(tokenizer, one_token[0], False)) == 1
+    assert backends.generate(model, tokenizer, one_token, chat_template=False, max_new_tokens=3) == \
+        backends.generate(model, tokenizer, one_token[:1], chat_template=False, max_new_tokens=3) * 2
+
+
+def test_a_reply_stops_after_a_stop_string(tiny_llama):
+    from titok_tools import backends
+    from titok_tools.models import load_model
+    model, tokenizer = load_model(tiny_llama, None, "float32", "cpu"), AutoTokenizer.from_pretrained(tiny_llama)
+    run = lambda **kw: backends.generate(model, tokenizer, [[{"role": "user", "content": "Hello"}]], chat_template=False,
+                                         max_new_tokens=24, temperature=1.0, seed=1, **kw)[0]
+    full = run()
+    words = full.split()
+    stop = words[len(words) // 2]  # a word of the reply's middle, which it does not write earlier
+    assert full.index(stop) > len(full) // 3
+    # the same draws up to the stop string, which ends the reply (and stays in its text)
+    assert run(stop_strings=[stop]) == full[:full.index(stop) + len(stop)]
+    # titok-gen's stop: a document template's next example; a chat turn ends by itself
+    assert load_template("continuation").stop_strings() == ["\nInput:"]
+    assert load_template("default").stop_strings() is None
+
+
+def test_queries_per_prompt_share_an_exemplar_draw(seed_file, tiny_llama):
+    seeds = load_seeds(seed_file, 2)
+    replies = ["Input: " + q for q in ["Who won the 1998 World Cup?", "How long is a marathon race?",
+                                       "What colour is a tennis ball usually?", "Name a famous cricket stadium in India.",
+                                       "Can a goalkeeper score in ice hockey?", "Which country hosts the Tour de France?"]]
+    records, _, backend = run_scripted(replies, seeds, 6, shots=2, batch_size=6, queries_per_prompt=4)
+    assert backend.prompts[0] == backend.prompts[1] == backend.prompts[2] == backend.prompts[3] != backend.prompts[4]
+    assert backend.prompts[4] == backend.prompts[5]
+    assert [r["titok_gen"]["shots"] for r in records[:4]] == [records[0]["titok_gen"]["shots"]] * 4
+    # one per prompt is the paper's (and the default's) draw per slot
+    one, _, _ = run_scripted(replies, seeds, 6, shots=2, batch_size=6, queries_per_prompt=1)
+    default, _, _ = run_scripted(replies, seeds, 6, shots=2, batch_size=6)
+    assert [r["titok_gen"]["shots"] for r in one] == [r["titok_gen"]["shots"] for r in default]
+    assert one[0]["titok_gen"]["shots"] == records[0]["titok_gen"]["shots"]
+    result = CliRunner().invoke(main, ["--model", tiny_llama, "--label", seed_file, "--queries-per-prompt", "2"])
+    assert result.exit_code != 0 and "--queries-per-prompt goes with --seed-examples" in result.output

@@ -7,10 +7,11 @@ left-padded, and generation stops at EOS or the template's end-of-turn token (Ge
 """
 import contextlib
 import hashlib
+import inspect
 import os
 
 import torch
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
 
 from .errors import TitokError
 from .formatting import prompt_ids, stop_token_ids
@@ -51,13 +52,47 @@ def only_these_settings(model):
         inner.generation_config = saved
 
 
+def shared_prompt_cache(model, input_ids, attention):
+    """The KV cache of every row's prompt but its last token, with each distinct prompt run
+    through the model once; None when the rows are all different.
+
+    titok-gen samples several queries from one prompt of eight exemplars, and on a CPU that
+    prompt's forward pass is a large share of writing them (docs/design.md, Generation).
+    generate() given this cache only runs the last prompt token. The positions are those
+    generate() derives from the attention mask, so the rows continue exactly as without it.
+    """
+    distinct, keep, owner = {}, [], []  # keep: one row per distinct prompt; owner: each row's index into keep
+    for i, row in enumerate(map(tuple, input_ids.tolist())):
+        if row not in distinct:
+            distinct[row] = len(keep)
+            keep.append(i)
+        owner.append(distinct[row])
+    if len(keep) == len(owner) or input_ids.shape[1] < 2:
+        return None
+    ids, mask = input_ids[keep, :-1], attention[keep, :-1]
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+          **{cache_argument(model): cache})
+    cache.reorder_cache(torch.tensor(owner, device=input_ids.device))
+    return cache
+
+
+def cache_argument(model):
+    """The name a model's forward (and generate) takes a KV cache by: transformers 5.x renamed
+    past_key_values to cache; setup.py admits 4.56 too."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, *, chat_template=True, max_new_tokens=200, temperature=0.0, top_p=1.0,
-             batch_size=8, seed=0, max_length=768):
+             batch_size=8, seed=0, max_length=768, stop_strings=None):
     """Complete each prompt (a list of messages); return the completions' texts, in order.
 
     temperature 0 is greedy; otherwise sampling with temperature and top_p, seeded with `seed`
-    per call, so the same call gives the same texts.
+    per call, so the same call gives the same texts. A row also ends after it writes one of
+    `stop_strings` (kept in its text). Identical prompts in a batch share one prompt pass.
     """
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer, chat_template)
@@ -71,9 +106,12 @@ def generate(model, tokenizer, prompts, *, chat_template=True, max_new_tokens=20
         width = max(len(ids) for ids in batch)
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+        stopping = {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
         with contiguous_head_input(model), only_these_settings(model):
+            cache = shared_prompt_cache(model, input_ids, attention)
             out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                 eos_token_id=stops, pad_token_id=pad, top_k=None, **sampling)
+                                 eos_token_id=stops, pad_token_id=pad, top_k=None, **{cache_argument(model): cache},
+                                 **stopping, **sampling)
         for row in out[:, width:].tolist():
             end = next((i for i, t in enumerate(row) if t in stops), len(row))
             texts.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
@@ -101,12 +139,13 @@ class HfBackend:
         """The base model alone (the same weights, adapter switched off) inside the block."""
         return self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
 
-    def complete(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False):
-        """plain: the prompts are documents to continue, rendered without the chat template."""
+    def complete(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False, stop=None):
+        """plain: the prompts are documents to continue, rendered without the chat template;
+        stop: strings after which a completion ends (kept in its text)."""
         return generate(self.lm, self.tokenizer, prompts, chat_template=self.chat_template and not plain,
                         max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, batch_size=self.batch_size, seed=seed,
-                        max_length=self.max_length)
+                        max_length=self.max_length, stop_strings=stop)
 
 
 class VllmBackend:
@@ -141,7 +180,7 @@ class VllmBackend:
         finally:
             self.base_only = False
 
-    def complete(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False):
+    def complete(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False, stop=None):
         from vllm import SamplingParams
 
         from .formatting import prompt_ids, stop_token_ids
@@ -149,7 +188,8 @@ class VllmBackend:
         chat_template = self.chat_template and not plain
         stops = self.stops if chat_template else stop_token_ids(self.tokenizer, False)
         params = [SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
-                                 seed=derive_seed(seed, i), stop_token_ids=stops, skip_special_tokens=True)
+                                 seed=derive_seed(seed, i), stop_token_ids=stops, skip_special_tokens=True,
+                                 stop=stop, include_stop_str_in_output=True)
                   for i in range(len(prompts))]
         inputs = [{"prompt_token_ids": prompt_ids(self.tokenizer, m, chat_template, self.max_length)} for m in prompts]
         outputs = self.llm.generate(inputs, params, lora_request=None if self.base_only else self.lora, use_tqdm=False)

@@ -62,6 +62,7 @@ class GenSettings:
     seed: int = 0
     queries_from: str = "expert"
     shape_check: bool = True
+    queries_per_prompt: int = 1
 
     def rounds(self):
         # Default cap: 20 times the rounds --num needs if every reply were kept.
@@ -115,15 +116,18 @@ def generate_records(backend, tokenizer, template, seeds, settings, meta, existi
     for round_ in range(start_round, settings.rounds()):
         if kept >= settings.num:
             return
-        picks = [random.Random(derive_seed(settings.seed, "shots", round_, slot)).sample(range(len(seeds.texts)), shots)
-                 for slot in range(settings.batch_size)]
+        # One exemplar draw per --queries-per-prompt slots: those slots sample from the same prompt.
+        draws = [random.Random(derive_seed(settings.seed, "shots", round_, group)).sample(range(len(seeds.texts)), shots)
+                 for group in range(math.ceil(settings.batch_size / settings.queries_per_prompt))]
+        picks = [draws[slot // settings.queries_per_prompt] for slot in range(settings.batch_size)]
         prompts = [[{"role": "user", "content": template.prompt(seeds.task_description, [seeds.texts[i] for i in pick])}]
                    for pick in picks]
         # The paper writes queries with the expert; a small expert tuned on short answers may
         # answer the query prompt instead of writing a query: --queries-from base avoids that.
         with backend.without_adapter() if settings.queries_from == "base" else contextlib.nullcontext():
             replies = backend.complete(prompts, budget, settings.temperature, settings.top_p,
-                                       derive_seed(settings.seed, "queries", round_), plain=template.turn == "none")
+                                       derive_seed(settings.seed, "queries", round_), plain=template.turn == "none",
+                                       stop=template.stop_strings())
         new = []
         for pick, reply in zip(picks, replies):
             whole = len(tokenizer(reply, add_special_tokens=False)["input_ids"]) >= budget - 3
@@ -270,6 +274,10 @@ def label_records(pairs, backend, settings, meta, counts=None, progress=None, do
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Prompts per generate call; a round of query synthesis is one batch, and --label answers blocks of this "
                    "many consecutive prompts (with --shard, of the shard's prompts).")
+@click.option("--queries-per-prompt", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Queries sampled from each exemplar draw: this many slots of a round share one prompt, whose "
+                   "forward pass the hf backend then runs once (vLLM caches it itself). 1: every query prompt has its "
+                   "own exemplars.")
 @click.option("--rouge-threshold", default=0.7, show_default=True, type=cli.Finite(0, 1, min_open=True),
               help="Reject a query whose ROUGE-L F with a seed example or a kept query is at least this.")
 @click.option("--no-dedup", is_flag=True, help="Keep near-duplicate queries (the paper does for history tasks).")
@@ -291,7 +299,8 @@ def label_records(pairs, backend, settings, meta, counts=None, progress=None, do
 @cli.command
 def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_chat_template, max_length, seed_examples,
          label_file, num, task_description, shots, template, temperature, top_p, max_new_tokens, label_temperature,
-         label_max_new_tokens, batch_size, rouge_threshold, no_dedup, max_rounds, queries_from, shape_check, backend, tensor_parallel_size, output,
+         label_max_new_tokens, batch_size, queries_per_prompt, rouge_threshold, no_dedup, max_rounds, queries_from,
+         shape_check, backend, tensor_parallel_size, output,
          resume, seed, shard, skip_invalid):
     """Make task data with the source expert (--model + --adapter): new queries from a few
     real examples and the expert's answers, or answers to given prompts (--label).
@@ -320,13 +329,16 @@ def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_cha
         raise click.UsageError("--num goes with --seed-examples; --label answers every prompt of its file")
     if shard is not None and label_file is None:
         raise click.UsageError("--shard splits --label work; query synthesis is sequential (dedup sees every query)")
+    if queries_per_prompt != 1 and label_file is not None:
+        raise click.UsageError("--queries-per-prompt goes with --seed-examples; --label answers each prompt once")
     if skip_invalid and label_file is None:
         raise click.UsageError("--skip-invalid goes with --label; seed examples must all be valid")
     cli.check_resume(output, resume)
     settings = GenSettings(num=num or 0, shots=shots, batch_size=batch_size, max_rounds=max_rounds, temperature=temperature,
                            top_p=top_p, max_new_tokens=max_new_tokens, label_temperature=label_temperature,
                            label_max_new_tokens=label_max_new_tokens, rouge_threshold=rouge_threshold, dedup=not no_dedup,
-                           seed=seed, queries_from=queries_from, shape_check=shape_check)
+                           seed=seed, queries_from=queries_from, shape_check=shape_check,
+                           queries_per_prompt=queries_per_prompt)
     tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
     if seed_examples is not None:
         query_template = load_template(template)

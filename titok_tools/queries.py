@@ -97,6 +97,14 @@ class QueryTemplate:
             return None, f"fewer than {self.min_words} words"
         return query, None
 
+    def stop_strings(self):
+        """Where a reply can stop early: a document template's next example (its label at the start
+        of a line; parse reads only what comes before it). None for a chat turn, which ends itself."""
+        label = self.example.split("{text}")[0].strip()
+        if self.turn != "none" or not label or "{" in label:
+            return None
+        return ["\n" + label]
+
     def dedup_key(self, query):
         """What dedup compares: the whole query, or (compare: stem) the question before its options."""
         if self.compare == "stem":
