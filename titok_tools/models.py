@@ -129,19 +129,22 @@ def resolve_device(device):
 
 
 def cpu_runs_bf16():
-    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX), as oneDNN reports it."""
+    """Whether oneDNN runs bf16 on this CPU: natively (AVX512-BF16, AMX), or through AVX512 without
+    them (2026-12-07's Intel Xeon: as fast as float32, bench/bench_dtype.py). An AVX2-only CPU
+    emulates it instead, about 20x slower to train."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 @functools.cache  # once per process, however often the dtype is resolved
 def _warn_emulated_bf16():
-    log.warning("--dtype bfloat16: this CPU has no native bf16 (AVX512-BF16/AMX), so torch emulates it "
+    log.warning("--dtype bfloat16: this CPU has no native bf16 nor AVX512, so torch emulates it "
                 "and runs many times slower than float32; --dtype auto picks float32 here")
 
 
 def resolve_dtype(dtype, device):
-    """auto: bfloat16 where the hardware runs it natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX,
-    about 2x as fast as float32 there: README), float16 on CUDA without bf16, else float32.
+    """auto: bfloat16 where the hardware runs it (CUDA with bf16, or a CPU where oneDNN has bf16: about
+    2x as fast as float32 with AVX512-BF16/AMX, as fast with AVX512 alone: README), float16 on CUDA
+    without bf16, else float32.
 
     An explicit bfloat16 on a CPU without it is honoured with a warning: torch emulates it, and the
     demo's training step ran about 20x slower than in float32 on such a CPU (bench/bench_dtype.py: 111.0 vs 5.0 s)."""
