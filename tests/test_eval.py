@@ -63,7 +63,7 @@ def test_predictions_are_the_shared_generation_and_metrics_are_recomputable(tiny
     references = [r.get("completion") or r["messages"][-1]["content"] for r in records]
     metrics = json.load(open(tmp_path / "m.json"))
     n = len(records)
-    assert metrics["records"] == n and metrics["adapter"] == tiny_llama_lora
+    assert metrics["records"] == n and metrics["adapter"] == tiny_llama_lora and metrics["dtype"] == "float32"
     assert metrics["exact_match"] == pytest.approx(sum(exact_match(r["prediction"], ref) for r, ref in zip(out, references)) / n)
     assert metrics["rouge1"] == pytest.approx(sum(scorer.score(ref, r["prediction"])["rouge1"].fmeasure
                                                   for r, ref in zip(out, references)) / n)

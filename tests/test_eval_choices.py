@@ -186,3 +186,22 @@ def test_report_shows_choice_columns_when_a_run_has_them(tmp_path):
     assert "| plain | 4 | 25.0% | 0.500 | 0.500 | n/a | n/a |" in text
     result = CliRunner().invoke(report_main, ["-o", str(out), f"plain={tmp_path / 'plain.json'}"])
     assert result.exit_code == 0 and "choice" not in out.read_text()
+
+
+def test_report_lists_the_dtype_each_run_resolved(tmp_path):
+    plain = {"records": 4, "exact_match": 0.25, "rouge1": 0.5, "rougeL": 0.5}
+    for name, dtype in [("a", "bfloat16"), ("b", "bfloat16"), ("c", "float32")]:
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(plain, dtype=dtype)))
+    (tmp_path / "old.json").write_text(json.dumps(plain))  # a metrics file from before dtype was recorded
+    out = tmp_path / "report.md"
+
+    def report(*names):
+        result = CliRunner().invoke(report_main, ["-o", str(out), "--setting", "dtype=auto",
+                                                  *[f"{n}={tmp_path / n}.json" for n in names]])
+        assert result.exit_code == 0, result.output
+        return out.read_text()
+
+    assert "- dtype: `auto`\n- dtype as run: `bfloat16`\n" in report("a", "b")
+    assert "- dtype as run: a `bfloat16`, c `float32`\n" in report("a", "c")
+    assert "- dtype as run: a `bfloat16`\n" in report("a", "old")
+    assert "dtype as run" not in report("old")

@@ -290,6 +290,8 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
             writer.write(record)
             writer.flush()
     result = dict(metrics.result(), model=model, adapter=adapter, invalid=counts.get("invalid", 0))
+    if lm is not None:  # what --dtype auto resolved to on this machine (vLLM resolves its own)
+        result["dtype"] = str(lm.dtype).removeprefix("torch.")
     log.info("%s%s", summary(result), f", {counts['invalid']} invalid records skipped" if counts.get("invalid") else "")
     if metrics.unreachable:
         log.warning("%d records with options have no reference among them: their choice is never counted right "

@@ -35,6 +35,15 @@ def table(rows):
     return "\n".join(lines)
 
 
+def dtypes_as_run(rows):
+    """The dtype the runs resolved (titok-eval records it; --dtype auto differs between machines):
+    one name when all rows agree, else each row's."""
+    named = [(name, m["dtype"]) for name, m in rows if m.get("dtype")]
+    if len({dtype for _, dtype in named}) == 1 and len(named) == len(rows):
+        return f"`{named[0][1]}`"
+    return ", ".join(f"{name} `{dtype}`" for name, dtype in named)
+
+
 def _number(value, spec):
     # titok-eval writes null for 0 records (and a run without --choices has no choice numbers)
     return "n/a" if value is None else format(value, spec)
@@ -59,6 +68,9 @@ def main(results, output, title, settings):
         except (OSError, ValueError) as e:
             raise TitokError(f"{path}: cannot read metrics: {e}")
     setting_lines = [f"- {s.partition('=')[0]}: `{s.partition('=')[2]}`" for s in settings]
+    ran_in = dtypes_as_run(rows)
+    if ran_in:
+        setting_lines.append(f"- dtype as run: {ran_in}")
     setting_lines.append(f"- machine: {platform.machine()}, {os.cpu_count()} CPU threads, {platform.python_version()}")
     setting_lines.append(f"- written: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     text = f"# {title}\n\n{table(rows)}\n\nSettings:\n" + "\n".join(setting_lines) + "\n"
