@@ -828,3 +828,36 @@ def test_queries_per_prompt_share_an_exemplar_draw(seed_file, tiny_llama):
     assert one[0]["titok_gen"]["shots"] == records[0]["titok_gen"]["shots"]
     result = CliRunner().invoke(main, ["--model", tiny_llama, "--label", seed_file, "--queries-per-prompt", "2"])
     assert result.exit_code != 0 and "--queries-per-prompt goes with --seed-examples" in result.output
+
+
+def test_the_backend_merges_the_expert_and_keeps_the_exact_base_only_when_asked(tiny_llama, tiny_llama_lora):
+    from titok_tools.backends import HfBackend, generate
+    from titok_tools.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_llama)
+    prompts = [[{"role": "user", "content": text}] for text in ("Count the apples", "Name a river", "Say hi")]
+    unmerged = load_model(tiny_llama, tiny_llama_lora, "float32", "cpu", check_logits=False)
+    plain = load_model(tiny_llama, None, "float32", "cpu", check_logits=False)
+    backend = HfBackend(tiny_llama, tiny_llama_lora, "float32", "cpu", False, tokenizer, True, 2, 256, keep_base=True)
+    assert not any("lora" in name for name, _ in backend.expert.named_modules())  # the LoRA is in the weights
+    ids = torch.tensor([tokenizer("Count the apples and the pears")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(backend.expert(ids).logits, unmerged(ids).logits, rtol=0, atol=1e-5)
+        assert not torch.allclose(backend.expert(ids).logits, plain(ids).logits, rtol=0, atol=1e-3)
+    complete = lambda: backend.complete(prompts, 6, 0.0, 1.0, seed=0)  # noqa: E731
+    assert complete() == generate(unmerged, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    with backend.without_adapter():
+        assert complete() == generate(plain, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+        base_weights = backend.lm.state_dict()
+    assert base_weights.keys() == plain.state_dict().keys()
+    assert all(torch.equal(base_weights[k], v) for k, v in plain.state_dict().items())  # unload() is exact
+    assert backend.lm is backend.expert  # the block restores the expert
+
+    expert_only = HfBackend(tiny_llama, tiny_llama_lora, "float32", "cpu", False, tokenizer, True, 2, 256)
+    assert expert_only.base is None  # no second copy of the weights
+    with pytest.raises(TitokError, match="keep_base"):
+        with expert_only.without_adapter():
+            pass
+    no_adapter = HfBackend(tiny_llama, None, "float32", "cpu", False, tokenizer, True, 2, 256)
+    with no_adapter.without_adapter():
+        assert no_adapter.lm is no_adapter.expert

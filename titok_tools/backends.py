@@ -6,6 +6,7 @@ left-padded, and generation stops at EOS or the template's end-of-turn token (Ge
 <end_of_turn>, not only <eos>), or a model runs on past its answer.
 """
 import contextlib
+import copy
 import hashlib
 import inspect
 import os
@@ -129,15 +130,28 @@ def derive_seed(*parts):
 class HfBackend:
     """transformers generate via the shared generation.generate (CPU or one GPU)."""
 
-    def __init__(self, model, adapter, dtype, device, trust_remote_code, tokenizer, chat_template, batch_size, max_length):
-        from .models import load_model
+    def __init__(self, model, adapter, dtype, device, trust_remote_code, tokenizer, chat_template, batch_size, max_length,
+                 keep_base=False):
+        """keep_base: without_adapter() is wanted, so the base stays beside the merged expert (a
+        second copy of the weights)."""
+        from .models import load_model, merged
 
-        self.lm = load_model(model, adapter, dtype, device, trust_remote_code, check_logits=False)  # generates only
+        lm = load_model(model, adapter, dtype, device, trust_remote_code, check_logits=False)  # generates only
+        # unload() drops the LoRA layers without touching the base weights: exactly the base
+        self.base = lm if adapter is None else copy.deepcopy(lm).unload() if keep_base else None
+        self.lm = self.expert = merged(lm)
         self.tokenizer, self.chat_template, self.batch_size, self.max_length = tokenizer, chat_template, batch_size, max_length
 
+    @contextlib.contextmanager
     def without_adapter(self):
-        """The base model alone (the same weights, adapter switched off) inside the block."""
-        return self.lm.disable_adapter() if hasattr(self.lm, "disable_adapter") else contextlib.nullcontext()
+        """The base model alone inside the block (the model itself when no adapter was loaded)."""
+        if self.base is None:
+            raise TitokError("internal: without_adapter() needs HfBackend(keep_base=True)")
+        self.lm = self.base
+        try:
+            yield
+        finally:
+            self.lm = self.expert
 
     def complete(self, prompts, max_new_tokens, temperature, top_p, seed, plain=False, stop=None):
         """plain: the prompts are documents to continue, rendered without the chat template;

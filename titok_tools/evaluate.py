@@ -26,7 +26,7 @@ from . import cli
 from .answers import exact_match, references
 from .formatting import FormatError, check_prompt, encode_many
 from .backends import VllmBackend, generate
-from .models import completion_logprobs, decoder_and_head, load_model, load_tokenizer
+from .models import completion_logprobs, decoder_and_head, load_model, load_tokenizer, merged
 from .records import (RecordError, check_numbers, checked, in_shard, is_done, prompt_and_completion, read_records,
                       record_writer, text_output, unique_ids)
 
@@ -263,7 +263,7 @@ def main(input, model, dtype, device, trust_remote_code, adapter, chat_template,
         engine = VllmBackend(model, adapter, dtype, trust_remote_code, tokenizer, not no_chat_template, max_length,
                              tensor_parallel_size, seed=0)
     else:  # without --choices it only generates; --choices projects hidden states to log-probs itself
-        lm = load_model(model, adapter, dtype, device, trust_remote_code, check_logits=choices)
+        lm = merged(load_model(model, adapter, dtype, device, trust_remote_code, check_logits=choices))
     counts, metrics = {}, Metrics(choices)
     with (record_writer(output, resume, keep_partial=True) as writer,
           tqdm(desc="titok-eval", unit="rec", mininterval=1) as progress):

@@ -351,7 +351,8 @@ def main(model, dtype, device, trust_remote_code, adapter, chat_template, no_cha
         engine = VllmBackend(model, adapter, vllm_dtype, trust_remote_code, tokenizer, use_template, max_length,
                              tensor_parallel_size, seed)
     else:
-        engine = HfBackend(model, adapter, dtype, device, trust_remote_code, tokenizer, use_template, batch_size, max_length)
+        engine = HfBackend(model, adapter, dtype, device, trust_remote_code, tokenizer, use_template, batch_size, max_length,
+                           keep_base=queries_from == "base" and label_file is None)
         log.info("hf backend on %s in %s", resolve_device(device), str(resolve_dtype(dtype, resolve_device(device))).split(".")[-1])
     meta = {"model": model, "adapter": adapter}
     if queries_from != "expert":

@@ -185,6 +185,15 @@ def load_model(model, adapter=None, dtype="auto", device="auto", trust_remote_co
     return base
 
 
+def merged(lm):
+    """`lm` with its adapter folded into the weights, for a command that only runs the expert
+    (generation, evaluation): unmerged, a LoRA on every linear layer adds two small matrix
+    products each, which made SmolLM2's answers 1.4x slower on a CPU (bench/bench_merge.py). In
+    float32 the merged model's numbers are the unmerged one's up to rounding; in bfloat16 the
+    weights round once more, so a near-tie can go the other way."""
+    return lm.merge_and_unload() if hasattr(lm, "merge_and_unload") else lm
+
+
 def base_model_name(model):
     """What an adapter records as its base (base_model_name_or_path), so that PEFT can load it from
     anywhere: a local dir as an absolute path, a .gguf as the converted dir it was loaded from
