@@ -2,7 +2,9 @@
 
 Holds out --dev-size of each task's train.jsonl (a seeded random choice), trains the demo's expert
 recipe (SmolLM2-135M-Instruct, LoRA r 16 on all linear layers, 2 epochs, batch 8: the Makefile's
-DEMO_TRAIN) on the rest at each --lrs value, and prints exact match on the held-out examples:
+DEMO_TRAIN) on the rest at each --lrs value, and prints exact match on the held-out examples,
+beside the floor of always giving the fit part's most common answer (what an expert that learned
+only the answer prior scores):
 
     python bench/expert_dev.py --data work/bbh --tasks object_counting,sports_understanding --lrs 3e-4,1e-3
 
@@ -19,6 +21,7 @@ os.environ.setdefault("TITOK_CACHE", os.path.join(ROOT, "models"))  # as the Mak
 sys.path.insert(0, ROOT)
 from titok_tools import bundled  # noqa: E402
 from titok_tools.bigbench import split as held_out  # noqa: E402
+from study import majority_floor  # noqa: E402  (bench/ is this script's own directory)
 
 RECIPE = ["--dtype", "auto", "--device", "cpu", "--lora-r", "16", "--lora-alpha", "16",
           "--target-modules", "all-linear", "--epochs", "2", "--batch-size", "8", "--all-tokens", "--seed", "0"]
@@ -50,6 +53,7 @@ def main(argv=None):
     for task in args.tasks.split(","):
         fit, dev = split(os.path.join(args.data, task, "train.jsonl"), os.path.join(args.out, task),
                          args.dev_size, args.seed)
+        rows.append((task, "none: the fit part's most common answer, always", majority_floor(fit, dev)))
         for lr in args.lrs.split(","):
             adapter = os.path.join(args.out, task, f"lr{lr}")
             metrics = adapter + ".json"
@@ -62,7 +66,7 @@ def main(argv=None):
                 rows.append((task, lr, json.load(f)["exact_match"]))
     print("| task | lr | dev exact match |\n|---|---:|---:|")
     for task, lr, em in rows:
-        print(f"| {task} | {lr} | {100 * em:.1f}% |")
+        print(f"| {task} | {lr} | {'n/a' if em is None else f'{100 * em:.1f}%'} |")
 
 
 if __name__ == "__main__":

@@ -339,7 +339,13 @@ def majority_answer(data, task):
     """Exact match on the test split of always giving the train split's most common completion
     (ties: the first seen), or None without the split: what a model that learned only the answer
     prior scores, the floor a transfer has to clear (chosen on train, never on test)."""
-    paths = [os.path.join(data, task, f"{name}.jsonl") for name in ("train", "test")]
+    return majority_floor(*(os.path.join(data, task, f"{name}.jsonl") for name in ("train", "test")))
+
+
+def majority_floor(train_path, test_path):
+    """majority_answer for any two record files: the first's most common completion, scored on the
+    second (None when either is missing or empty)."""
+    paths = [train_path, test_path]
     if not all(os.path.exists(p) for p in paths):
         return None
     train, test = ([(r, prompt_and_completion(r, where)[1]) for where, r in read_records(p)] for p in paths)

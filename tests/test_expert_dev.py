@@ -21,3 +21,15 @@ def test_dev_split_is_a_seeded_disjoint_part_of_train(tmp_path):
     again = expert_dev.split(str(train), str(tmp_path / "b"), 10, seed=0)[1]
     other = expert_dev.split(str(train), str(tmp_path / "c"), 10, seed=1)[1]
     assert open(again).read() == open(dev).read() != open(other).read()
+
+
+def test_the_floor_is_the_fit_parts_most_common_answer_scored_on_dev(tmp_path):
+    def records(name, answers):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": a}) + "\n" for i, a in enumerate(answers)))
+        return str(path)
+
+    fit = records("fit", ["11", "3", "11", "(B)", "3", "11"])
+    assert expert_dev.majority_floor(fit, records("dev", ["11", "11.", "4", "3"])) == 0.5  # "11." normalizes to 11
+    assert expert_dev.majority_floor(records("tie", ["3", "11", "11", "3"]), records("d", ["3", "11", "3"])) == 2 / 3
+    assert expert_dev.majority_floor(fit, str(tmp_path / "missing.jsonl")) is None
