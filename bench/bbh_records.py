@@ -3,18 +3,39 @@ train/test records, for machines where the bigbench sdist that titok-bigbench re
 
 BBH keeps 250 examples of each of its BIG-bench tasks, in BIG-bench's wording (multiple-choice
 inputs carry their "Options:" block, and the target is the option's letter). The split is a seeded
-random choice of --test-size test records, as titok-bigbench makes it:
+random choice of --test-size test records, as titok-bigbench makes it.
+
+Records get "options" for `titok-eval --choices` where the answer is one of a closed set: the
+letters of an input's "Options:" block ("(A)", "(B)", ...: the targets are letters, so the letters
+are what is scored; a block of unlabelled "- text" lines, as navigate's, offers its texts), or, for a task with exactly two distinct targets (yes/no, True/False,
+valid/invalid, not option letters), those two. Tasks with open answers (object_counting's numbers) get none.
 
     python bench/bbh_records.py bbh/object_counting.jsonl --out work/bbh --test-size 100 --seed 0
 """
 import argparse
 import json
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from titok_tools.answers import choice_letter  # noqa: E402
 from titok_tools.bigbench import split  # noqa: E402
+
+
+OPTION_LABEL = re.compile(r"^(\([A-Z]\)) ", re.MULTILINE)
+OPTION_TEXT = re.compile(r"^- (.+)$", re.MULTILINE)  # navigate's block: "- Yes", "- No"
+
+
+def options(text, task_targets):
+    """The closed set a record's answer is chosen from (see the docstring), or None."""
+    if "\nOptions:\n" in text:
+        block = text.rsplit("\nOptions:\n", 1)[1]
+        return OPTION_LABEL.findall(block) or [o.strip() for o in OPTION_TEXT.findall(block)] or None
+    distinct = sorted(set(task_targets))
+    # letters without an options block to label them are no answers of their own
+    return distinct if len(distinct) == 2 and not any(map(choice_letter, distinct)) else None
 
 
 def main(argv=None):
@@ -30,6 +51,11 @@ def main(argv=None):
             examples = [json.loads(line) for line in f if line.strip()]
         records = [{"id": f"{task}:{i}", "task": task, "prompt": e["input"].strip(), "completion": e["target"].strip(),
                     "references": [e["target"].strip()]} for i, e in enumerate(examples)]
+        targets = [r["completion"] for r in records]
+        for record in records:
+            closed = options(record["prompt"], targets)
+            if closed and record["completion"] in closed:
+                record["options"] = closed
         if args.test_size >= len(records):
             sys.exit(f"{path}: --test-size {args.test_size} leaves no training examples of {len(records)}")
         os.makedirs(os.path.join(args.out, task), exist_ok=True)
