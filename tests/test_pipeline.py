@@ -121,6 +121,19 @@ def test_make_demo_runs_on_another_task_and_data():
     assert '--title "TiTok transfer on sports_understanding"' in out
     assert "cp /tmp/titok-demo-n/report.md results/titok-demo-n.md" in out
     assert "target-titok-no-closing=/tmp/titok-demo-n/eval/target-titok-no-closing.json" in out
+    evals = [line for line in out.split("\n") if line.startswith("titok-eval ")]
+    assert len(evals) == 7 and all("--choices" in line for line in evals)  # options scored where records have them
+    lora = "--lora-r 16 --lora-alpha 16 --target-modules all-linear --lr 3e-4"
+    assert f"--all-tokens {lora} --epochs 2 --batch-size 8 /tmp/titok-demo-n-data/train.jsonl" in out  # the expert
+
+
+def test_make_demo_takes_its_own_expert_recipe():
+    out = subprocess.run(["make", "-n", "-C", ROOT, "demo", "DEMO_OUT=/tmp/titok-demo-n", "DEMO_DATA=/tmp/titok-demo-n-data",
+                          "DEMO_SFT_ARGS=--lr 3e-4 --epochs 5"], capture_output=True, text=True, check=True).stdout
+    expert = next(line for line in out.split("\n") if "--output /tmp/titok-demo-n/source-expert " in line)
+    assert expert.endswith("--all-tokens --lr 3e-4 --epochs 5 /tmp/titok-demo-n-data/train.jsonl")
+    titok = next(line for line in out.split("\n") if "--output /tmp/titok-demo-n/target-titok " in line)
+    assert "--epochs 2" in titok and "--epochs 5" not in titok  # the targets keep the demo's budget
 
 
 def test_make_logit_kd_rows():
