@@ -136,11 +136,12 @@ DEMO_OUT ?= work/demo
 DEMO_DATA ?= $(DEMO_OUT)/data/$(DEMO_TASK)
 DEMO_EXTRA_EVALS ?= target-titok-no-closing#  add target-kdlogit target-titok-kd for the logit-KD rows
 DEMO_SFT_ARGS ?= $(DEMO_TRAIN)#      the source expert's recipe (bench/expert_dev.py compares recipes on a dev split)
+DEMO_GEN_ARGS ?=#                    more titok-gen arguments, e.g. --rouge-threshold 1 for a task of a few words
 DEMO := OUT=$(DEMO_OUT) TASK=$(DEMO_TASK) DATA=$(DEMO_DATA) BIGBENCH_ARGS="--train-size 400" \
 	M=250 K=0.3 DTYPE=auto DEVICE=cpu TEST_SIZE=200 EXTRA_EVALS="$(DEMO_EXTRA_EVALS)" \
 	TARGET_TEMPLATE=data/templates/gemma3-chat.jinja \
 	SFT_ARGS="$(DEMO_SFT_ARGS)" TRAIN_ARGS="$(DEMO_TRAIN)" \
-	GEN_ARGS="--queries-from base --label-max-new-tokens 16 --batch-size 16 --queries-per-prompt 16" \
+	GEN_ARGS="--queries-from base --label-max-new-tokens 16 --batch-size 16 --queries-per-prompt 16 $(DEMO_GEN_ARGS)" \
 	EVAL_ARGS="--max-new-tokens 16 --batch-size 16 --limit 100 --choices"
 
 # The sub-make runs on its own line: `make -n demo` then prints the pipeline without running it.

@@ -127,9 +127,12 @@ def test_make_demo_runs_on_another_task_and_data():
     assert f"--all-tokens {lora} --epochs 2 --batch-size 8 /tmp/titok-demo-n-data/train.jsonl" in out  # the expert
 
 
-def test_make_demo_takes_its_own_expert_recipe():
+def test_make_demo_takes_its_own_expert_recipe_and_gen_arguments():
     out = subprocess.run(["make", "-n", "-C", ROOT, "demo", "DEMO_OUT=/tmp/titok-demo-n", "DEMO_DATA=/tmp/titok-demo-n-data",
-                          "DEMO_SFT_ARGS=--lr 3e-4 --epochs 5"], capture_output=True, text=True, check=True).stdout
+                          "DEMO_SFT_ARGS=--lr 3e-4 --epochs 5", "DEMO_GEN_ARGS=--rouge-threshold 1"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--resume -o /tmp/titok-demo-n/synthetic.jsonl --queries-from base" in out  # titok-gen's GEN_ARGS ...
+    assert "--queries-per-prompt 16 --rouge-threshold 1\n" in out  # ... end with DEMO_GEN_ARGS
     expert = next(line for line in out.split("\n") if "--output /tmp/titok-demo-n/source-expert " in line)
     assert expert.endswith("--all-tokens --lr 3e-4 --epochs 5 /tmp/titok-demo-n-data/train.jsonl")
     titok = next(line for line in out.split("\n") if "--output /tmp/titok-demo-n/target-titok " in line)

@@ -1,0 +1,34 @@
+"""bench/bool_labels.py checks a pool's labels against the value of each boolean expression:
+BBH's own answers are all right by it, and malformed queries are set aside, never evaluated."""
+import json
+import os
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import bool_labels  # noqa: E402
+
+# Five of BIG-Bench Hard's boolean_expressions examples with their targets (suzgunmirac/BIG-Bench-Hard).
+BBH = [("not ( True ) and ( True ) is", "False"), ("True and not not ( not False ) is", "True"),
+       ("not True or False or ( False ) is", "False"), ("not not not not not not not False is", "True"),
+       ("( ( not ( True ) ) ) is", "False")]
+
+
+def test_bbh_answers_are_the_expressions_values():
+    assert [bool_labels.value(q) for q, _ in BBH] == [t == "True" for _, t in BBH]
+    records = [{"prompt": q, "completion": t} for q, t in BBH]
+    assert bool_labels.label_accuracy(records) == (5, 5, 5)
+    flipped = [{"prompt": q, "completion": "True" if t == "False" else "False"} for q, t in BBH[:2]]
+    assert bool_labels.label_accuracy(records + flipped) == (7, 7, 5)
+
+
+def test_malformed_queries_are_set_aside_unevaluated(tmp_path, capsys):
+    malformed = ["True or True, False is", "False is False is", "(not None) and True is", "__import__('os') is",
+                 "True and", "( True is", "True ( False ) is", " is", "not ( True ) and ( True )"]
+    assert [bool_labels.value(q) for q in malformed] == [None] * len(malformed)
+    path = tmp_path / "pool.jsonl"
+    path.write_text("".join(json.dumps({"prompt": q, "completion": "True"}) + "\n"
+                            for q in malformed + ["True or False is", "not True is"]))
+    bool_labels.main([str(path)])
+    assert capsys.readouterr().out.splitlines()[-1] == f"| {path} | {len(malformed) + 2} | 2 | 1 (50.0%) |"
