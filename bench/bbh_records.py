@@ -7,8 +7,9 @@ random choice of --test-size test records, as titok-bigbench makes it.
 
 Records get "options" for `titok-eval --choices` where the answer is one of a closed set: the
 letters of an input's "Options:" block ("(A)", "(B)", ...: the targets are letters, so the letters
-are what is scored; a block of unlabelled "- text" lines, as navigate's, offers its texts), or, for a task with exactly two distinct targets (yes/no, True/False,
-valid/invalid, not option letters), those two. Tasks with open answers (object_counting's numbers) get none.
+are what is scored; a block of unlabelled "- text" lines, as navigate's, offers its texts), or,
+for a task with exactly two distinct targets that are not option letters (yes/no, True/False,
+valid/invalid), those two. Tasks with open answers (object_counting's numbers) get none.
 
     python bench/bbh_records.py bbh/object_counting.jsonl --out work/bbh --test-size 100 --seed 0
 """
