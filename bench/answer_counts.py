@@ -14,6 +14,7 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from titok_tools.answers import normalize  # noqa: E402
+from titok_tools.records import read_records  # noqa: E402
 
 
 def answer_counts(predictions, top):
@@ -34,8 +35,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print("| file | records | most common answers |\n|---|---:|---|")
     for path in args.files:
-        with open(path, encoding="utf-8") as f:
-            predictions = [json.loads(line)["prediction"] for line in f if line.strip()]
+        predictions = [record["prediction"] for _, record in read_records(path)]
         top = ", ".join(f"{json.dumps(answer)} {n}" for answer, n in answer_counts(predictions, args.top))
         print(f"| {path} | {len(predictions)} | {top} |")
 

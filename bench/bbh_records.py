@@ -29,14 +29,20 @@ OPTION_LABEL = re.compile(r"^(\([A-Z]\)) ", re.MULTILINE)
 OPTION_TEXT = re.compile(r"^- (.+)$", re.MULTILINE)  # navigate's block: "- Yes", "- No"
 
 
-def options(text, task_targets):
-    """The closed set a record's answer is chosen from (see the docstring), or None."""
+def two_answers(targets):
+    """A task's two answers when it has exactly two that are not option letters (letters without
+    an options block to label them are no answers of their own), else None."""
+    distinct = sorted(set(targets))
+    return distinct if len(distinct) == 2 and not any(map(choice_letter, distinct)) else None
+
+
+def options(text, task_answers):
+    """The closed set a record's answer is chosen from (see the docstring), or None; task_answers
+    is two_answers() of the task's targets."""
     if "\nOptions:\n" in text:
         block = text.rsplit("\nOptions:\n", 1)[1]
         return OPTION_LABEL.findall(block) or [o.strip() for o in OPTION_TEXT.findall(block)] or None
-    distinct = sorted(set(task_targets))
-    # letters without an options block to label them are no answers of their own
-    return distinct if len(distinct) == 2 and not any(map(choice_letter, distinct)) else None
+    return task_answers
 
 
 def main(argv=None):
@@ -52,9 +58,9 @@ def main(argv=None):
             examples = [json.loads(line) for line in f if line.strip()]
         records = [{"id": f"{task}:{i}", "task": task, "prompt": e["input"].strip(), "completion": e["target"].strip(),
                     "references": [e["target"].strip()]} for i, e in enumerate(examples)]
-        targets = [r["completion"] for r in records]
+        task_answers = two_answers(r["completion"] for r in records)
         for record in records:
-            closed = options(record["prompt"], targets)
+            closed = options(record["prompt"], task_answers)
             if closed and record["completion"] in closed:
                 record["options"] = closed
         if args.test_size >= len(records):

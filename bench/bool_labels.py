@@ -10,10 +10,13 @@ ones KD trains on (random.jsonl) says whether ranking by the expert's excess ove
 right labels, without a test question.
 """
 import argparse
-import json
+import os
 import re
 import sys
 import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from titok_tools.records import read_records  # noqa: E402
 
 WORDS = re.compile(r"\(|\)|True|False|not|and|or")
 
@@ -52,11 +55,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print("| file | records | well-formed | labels right |\n|---|---:|---:|---:|")
     for path in args.files:
-        with open(path, encoding="utf-8") as f:
-            n, formed, right = label_accuracy(json.loads(line) for line in f if line.strip())
+        n, formed, right = label_accuracy(record for _, record in read_records(path))
         share = f"{100 * right / formed:.1f}%" if formed else "n/a"
         print(f"| {path} | {n} | {formed} | {right} ({share}) |")
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":
