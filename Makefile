@@ -51,7 +51,7 @@ SRC_ADAPTER := $(or $(SOURCE_ADAPTER),$(OUT)/source-expert)
 TRAIN = titok-train --output $(@D) --overwrite --seed $(SEED)
 EVAL = titok-eval $(EVAL_ARGS) -o $(basename $@).jsonl --metrics $@ $(DATA)/test.jsonl
 
-.PHONY: install test test-latest demo pipeline clean-demo study
+.PHONY: install test test-latest demo demo-seeds pipeline clean-demo study
 .SECONDARY:
 
 pipeline: $(OUT)/report.md
@@ -132,13 +132,15 @@ DEMO_TRAIN := --lora-r 16 --lora-alpha 16 --target-modules all-linear --lr 3e-4 
 # makes one from BBH's copy of a task where the bigbench sdist is not at hand); DEMO_OUT: where its
 # files and results go.
 DEMO_TASK ?= object_counting
+DEMO_M := 250#                       the paper's pool: 2M = 500 written, M kept
+DEMO_K := 0.3
 DEMO_OUT ?= work/demo
 DEMO_DATA ?= $(DEMO_OUT)/data/$(DEMO_TASK)
 DEMO_EXTRA_EVALS ?= target-titok-no-closing#  add target-kdlogit target-titok-kd for the logit-KD rows
 DEMO_SFT_ARGS ?= $(DEMO_TRAIN)#      the source expert's recipe (bench/expert_dev.py compares recipes on a dev split)
 DEMO_GEN_ARGS ?=#                    more titok-gen arguments, e.g. --rouge-threshold 1 for a task of a few words
 DEMO := OUT=$(DEMO_OUT) TASK=$(DEMO_TASK) DATA=$(DEMO_DATA) BIGBENCH_ARGS="--train-size 400" \
-	M=250 K=0.3 DTYPE=auto DEVICE=cpu TEST_SIZE=200 EXTRA_EVALS="$(DEMO_EXTRA_EVALS)" \
+	M=$(DEMO_M) K=$(DEMO_K) DTYPE=auto DEVICE=cpu TEST_SIZE=200 EXTRA_EVALS="$(DEMO_EXTRA_EVALS)" \
 	TARGET_TEMPLATE=data/templates/gemma3-chat.jinja \
 	SFT_ARGS="$(DEMO_SFT_ARGS)" TRAIN_ARGS="$(DEMO_TRAIN)" \
 	GEN_ARGS="--queries-from base --label-max-new-tokens 16 --batch-size 16 --queries-per-prompt 16 $(DEMO_GEN_ARGS)" \
@@ -151,6 +153,33 @@ demo: install
 	  SOURCE_MODEL=$$($(PYTHON) -m titok_tools.bundled smollm2) TARGET_MODEL=$$($(PYTHON) -m titok_tools.bundled gemma)
 	mkdir -p results && cp $(DEMO_OUT)/report.md results/$(notdir $(DEMO_OUT)).md
 	@echo "make demo took $$(( $$(date +%s) - $$(cat .make/demo-started) )) s; the table is in results/$(notdir $(DEMO_OUT)).md" >&2
+
+# More seeds of the demo's target rows on the demo's own pool (the expert, its queries and their
+# scores are not drawn again): the spread that says whether TiTok's lead over KD is more than noise.
+# Seed s runs in $(DEMO_OUT)/seed<s>; the table, each row the mean ± sd over the seeds, goes to
+# results/<demo>-seeds.md. Run `make demo` first (with the same DEMO_* variables).
+DEMO_SEEDS ?= 1 2
+space := $() $()
+commas = $(subst $(space),$(comma),$(strip $(1)))
+comma := ,
+SEEDED_ROWS := target-kd target-titok $(DEMO_EXTRA_EVALS) target-ceiling
+# The copies keep their times, so the seed's make takes them as done.
+$(DEMO_OUT)/seed%/scored.jsonl: $(DEMO_OUT)/scored.jsonl
+	mkdir -p $(@D)/eval
+	cp -rp $(DEMO_OUT)/synthetic.jsonl $(DEMO_OUT)/scored.jsonl $(DEMO_OUT)/source-expert $(@D)/
+	cp -p $(DEMO_OUT)/eval/source-*.json* $(DEMO_OUT)/eval/target-vanilla.json* $(@D)/eval/
+demo-seeds: install $(foreach s,$(DEMO_SEEDS),$(DEMO_OUT)/seed$(s)/scored.jsonl)
+	for s in $(DEMO_SEEDS); do \
+	  $(MAKE) --no-print-directory pipeline $(DEMO) OUT=$(DEMO_OUT)/seed$$s SEED=$$s \
+	    SOURCE_MODEL=$$($(PYTHON) -m titok_tools.bundled smollm2) TARGET_MODEL=$$($(PYTHON) -m titok_tools.bundled gemma); \
+	done
+	$(PYTHON) -m titok_tools.report -o results/$(notdir $(DEMO_OUT))-seeds.md \
+	  --title "TiTok transfer on $(DEMO_TASK), seeds 0 $(DEMO_SEEDS) on one pool" --setting seeds="0 $(DEMO_SEEDS)" \
+	  --setting pool="$(DEMO_OUT)/scored.jsonl" --setting M=$(DEMO_M) --setting K=$(DEMO_K) --setting train_args="$(DEMO_TRAIN)" \
+	  --setting sft_args="$(DEMO_SFT_ARGS)" --setting gen_args="$(DEMO_GEN_ARGS)" \
+	  $(foreach e,source-base source-expert target-vanilla,$(e)=$(DEMO_OUT)/eval/$(e).json) \
+	  $(foreach e,$(SEEDED_ROWS),$(e)=$(call commas,$(foreach d,$(DEMO_OUT) $(addprefix $(DEMO_OUT)/seed,$(DEMO_SEEDS)),$(d)/eval/$(e).json)))
+	@cat results/$(notdir $(DEMO_OUT))-seeds.md
 
 clean-demo:
 	rm -rf work/demo results/demo.md

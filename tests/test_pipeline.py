@@ -154,3 +154,23 @@ def test_make_logit_kd_rows():
     plain = subprocess.run(["make", "-n", "-C", ROOT, "pipeline", "OUT=/tmp/titok-make-kd", "DATA=/tmp/titok-make-kd/data"],
                            capture_output=True, text=True, check=True).stdout
     assert "--topk" not in plain and "random-aligned" not in plain  # without the rows, no distributions
+
+
+def test_make_demo_seeds_retrains_the_targets_on_the_demo_pool(tmp_path):
+    """make demo-seeds copies the demo's pool into a dir per seed, re-runs the pipeline there with
+    SEED=s (the expert and its pool are copies, so only the target rows train), and tabulates each
+    seeded row over the demo's seed 0 and the new seeds."""
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    for name in ("synthetic.jsonl", "scored.jsonl"):
+        (demo / name).write_text("")
+    out = subprocess.run(["make", "-n", "-C", ROOT, "demo-seeds", f"DEMO_OUT={demo}", f"DEMO_DATA={tmp_path}/data",
+                          "DEMO_SEEDS=1 2"], capture_output=True, text=True, check=True).stdout
+    for s in (1, 2):
+        assert f"cp -rp {demo}/synthetic.jsonl {demo}/scored.jsonl {demo}/source-expert {demo}/seed{s}/" in out
+        assert f"titok-filter --rank-by random --seed {s} -k 1 --keep 250 -o {demo}/seed{s}/random.jsonl" in out
+        assert f"titok-train --output {demo}/seed{s}/target-titok --overwrite --seed {s} " in out
+    seeds = ",".join(f"{d}/eval/target-kd.json" for d in (demo, f"{demo}/seed1", f"{demo}/seed2"))
+    assert f"target-kd={seeds} " in out
+    assert f"target-vanilla={demo}/eval/target-vanilla.json " in out  # seed-free rows: one run
+    assert "-o results/demo-seeds.md" in out

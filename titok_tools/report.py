@@ -4,11 +4,13 @@
         source-base=eval/source-base.json target-titok=eval/target-titok.json ...
 
 Writes a Markdown table (one row per NAME=FILE, in the order given) followed by the run's
-settings; every number comes from the metrics files of this run.
+settings; every number comes from the metrics files of this run. A row may name several files,
+NAME=FILE,FILE,... (one per seed): its cells are then the mean ± the standard deviation over them.
 """
 import json
 import os
 import platform
+import statistics
 import time
 
 import click
@@ -16,6 +18,30 @@ import click
 from . import cli
 from .errors import TitokError
 from .records import text_output
+
+
+COLUMNS = ("exact_match", "rouge1", "rougeL", "choice_accuracy", "choice_accuracy_norm")
+
+
+def pooled(runs):
+    """One row's metrics from its runs (seeds): each column's mean, with the standard deviation over
+    the runs under "<column>_std" when there are several. A column a run lacks stays missing."""
+    if len(runs) == 1:
+        return dict(runs[0])
+    merged = {"records": runs[0]["records"], "runs": len(runs)}
+    if len({m["records"] for m in runs}) > 1:
+        raise TitokError(f"the runs of one row have different record counts: {[m['records'] for m in runs]}")
+    for column in COLUMNS:
+        values = [m.get(column) for m in runs]
+        if all(v is not None for v in values):
+            merged[column] = statistics.fmean(values)
+            merged[column + "_std"] = statistics.stdev(values)
+        elif any(column in m for m in runs):
+            merged[column] = None
+    dtypes = {m.get("dtype") for m in runs}
+    if len(dtypes) == 1:
+        merged["dtype"] = dtypes.pop()
+    return merged
 
 
 def table(rows):
@@ -28,10 +54,12 @@ def table(rows):
         rule += "---:|---:|"
     lines = [header, rule]
     for name, m in rows:
-        cells = [_number(m["exact_match"], ".1%"), _number(m["rouge1"], ".3f"), _number(m["rougeL"], ".3f")]
+        specs = {"exact_match": ".1%", "rouge1": ".3f", "rougeL": ".3f"}
         if choices:
-            cells += [_number(m.get("choice_accuracy"), ".1%"), _number(m.get("choice_accuracy_norm"), ".1%")]
-        lines.append(f"| {name} | {m['records']} | {' | '.join(cells)} |")
+            specs.update(choice_accuracy=".1%", choice_accuracy_norm=".1%")
+        cells = [_number(m.get(column), spec, m.get(column + "_std")) for column, spec in specs.items()]
+        runs = f" (n={m['runs']})" if m.get("runs") else ""
+        lines.append(f"| {name}{runs} | {m['records']} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -44,9 +72,15 @@ def dtypes_as_run(rows):
     return ", ".join(f"{name} `{dtype}`" for name, dtype in named)
 
 
-def _number(value, spec):
+def _number(value, spec, std=None):
     # titok-eval writes null for 0 records (and a run without --choices has no choice numbers)
-    return "n/a" if value is None else format(value, spec)
+    if value is None:
+        return "n/a"
+    if std is None:
+        return format(value, spec)
+    if spec.endswith("%"):  # "69.3 ± 1.2%": the spread in the same points as the mean
+        return f"{100 * value:.1f} ± {100 * std:.1f}%"
+    return f"{format(value, spec)} ± {format(std, spec)}"
 
 
 @click.command()
@@ -56,17 +90,23 @@ def _number(value, spec):
 @click.option("--setting", "settings", multiple=True, metavar="KEY=VALUE", help="A setting of the run to list under the table.")
 @cli.command
 def main(results, output, title, settings):
-    """Tabulate NAME=METRICS.json results into a Markdown report."""
+    """Tabulate NAME=METRICS.json results into a Markdown report.
+
+    Give a row several files, NAME=A.json,B.json (a run per seed), to show their mean ± standard
+    deviation and the number of runs."""
     rows = []
     for item in results:
-        name, sep, path = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r}: use NAME=METRICS.json", param_hint="RESULTS")
-        try:
-            with open(path) as f:
-                rows.append((name, json.load(f)))
-        except (OSError, ValueError) as e:
-            raise TitokError(f"{path}: cannot read metrics: {e}")
+        name, sep, paths = item.partition("=")
+        if not sep or not paths:
+            raise click.BadParameter(f"{item!r}: use NAME=METRICS.json[,METRICS.json...]", param_hint="RESULTS")
+        runs = []
+        for path in paths.split(","):
+            try:
+                with open(path) as f:
+                    runs.append(json.load(f))
+            except (OSError, ValueError) as e:
+                raise TitokError(f"{path}: cannot read metrics: {e}")
+        rows.append((name, pooled(runs)))
     setting_lines = [f"- {s.partition('=')[0]}: `{s.partition('=')[2]}`" for s in settings]
     ran_in = dtypes_as_run(rows)
     if ran_in:
