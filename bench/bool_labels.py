@@ -8,6 +8,11 @@ made of True, False, not, and, or and parentheses only), and the share of those 
 is the expression's value. The top-M samples TiTok keeps (filtered.jsonl) against the M random
 ones KD trains on (random.jsonl) says whether ranking by the expert's excess over its base picks
 right labels, without a test question.
+
+    python bench/bool_labels.py --seeds work/bbh/boolean_expressions/train.jsonl FILE...
+
+adds how many of a file's queries have the seed examples' shape (titok-gen's check, docs/design.md,
+Query shape) and how many of those are well-formed: how well the check finds the task's inputs.
 """
 import argparse
 import os
@@ -16,6 +21,8 @@ import sys
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from titok_tools.queries import load_seeds  # noqa: E402
+from titok_tools.query_shape import QueryShape  # noqa: E402
 from titok_tools.records import read_records  # noqa: E402
 
 WORDS = re.compile(r"\(|\)|True|False|not|and|or")
@@ -37,27 +44,39 @@ def value(query):
     return result if isinstance(result, bool) else None
 
 
-def label_accuracy(records):
-    """(records, well-formed, right): how many records, how many well-formed, how many labelled right."""
-    n = formed = right = 0
+def label_accuracy(records, shape=None):
+    """(records, well-formed, right), and with a QueryShape (on shape, well-formed of those): how
+    many records, how many well-formed, how many labelled right."""
+    n = formed = right = fits = fits_formed = 0
     for record in records:
         n += 1
         truth = value(record["prompt"].strip())
         if truth is not None:
             formed += 1
             right += record["completion"].strip() == str(truth)
-    return n, formed, right
+        if shape is not None and shape.fits(record["prompt"]):
+            fits += 1
+            fits_formed += truth is not None
+    return (n, formed, right) if shape is None else (n, formed, right, fits, fits_formed)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", help="record files with prompt and completion")
+    parser.add_argument("--seeds", help="the seed examples (train.jsonl): add the queries with their shape")
     args = parser.parse_args(argv)
-    print("| file | records | well-formed | labels right |\n|---|---:|---:|---:|")
+    shape = QueryShape.from_seeds(load_seeds(args.seeds, None).texts) if args.seeds else None
+    if shape is None:
+        print("| file | records | well-formed | labels right |\n|---|---:|---:|---:|")
+    else:
+        print(f"seeds' shape: {shape.describe()}")
+        print("| file | records | on the seeds' shape | well-formed of those | well-formed | labels right |\n"
+              "|---|---:|---:|---:|---:|---:|")
     for path in args.files:
-        n, formed, right = label_accuracy(record for _, record in read_records(path))
+        n, formed, right, *on_shape = label_accuracy((record for _, record in read_records(path)), shape)
         share = f"{100 * right / formed:.1f}%" if formed else "n/a"
-        print(f"| {path} | {n} | {formed} | {right} ({share}) |")
+        fits = f" {on_shape[0]} ({100 * on_shape[0] / n:.0f}%) | {on_shape[1]} |" if on_shape else ""
+        print(f"| {path} | {n} |{fits} {formed} | {right} ({share}) |")
 
 
 if __name__ == "__main__":

@@ -32,3 +32,20 @@ def test_malformed_queries_are_set_aside_unevaluated(tmp_path, capsys):
                             for q in malformed + ["True or False is", "not True is"]))
     bool_labels.main([str(path)])
     assert capsys.readouterr().out.splitlines()[-1] == f"| {path} | {len(malformed) + 2} | 2 | 1 (50.0%) |"
+
+
+def test_seeds_add_the_queries_with_their_shape(tmp_path, capsys):
+    """--seeds: titok-gen's shape check, read off BBH's expressions (a closed set of word pairs),
+    passes the well-formed queries and the malformed ones made of the seeds' pairs only."""
+    seeds = tmp_path / "train.jsonl"
+    seeds.write_text("".join(json.dumps({"prompt": q, "completion": t}) + "\n" for q, t in BBH * 2))
+    pool = tmp_path / "pool.jsonl"
+    queries = ["not True is", "True or True, False is", "False is False is", "not ( True ) is", "( ( not False ) is"]
+    pool.write_text("".join(json.dumps({"prompt": q, "completion": "False"}) + "\n" for q in queries))
+    bool_labels.main(["--seeds", str(seeds), str(pool)])
+    out = capsys.readouterr().out.splitlines()
+    # 25 pairs, counted by hand: 8 in the first expression, then 7, 6, 1 ("False is") and 3 new ones
+    assert out[0] == "seeds' shape: no common wording, only the seeds' 25 word pairs"
+    # on shape: "not ( True ) is" and "( ( not False ) is" (pairs all seen, brackets unbalanced);
+    # "not True is" is well-formed, but no seed has "True is"
+    assert out[-1] == f"| {pool} | 5 | 2 (40%) | 1 | 2 | 2 (100.0%) |"

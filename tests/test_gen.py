@@ -711,6 +711,32 @@ def test_multiple_choice_seeds_need_an_options_block():
     assert not shape.fits("On the bed, there is a grey sock. What color is the sock?")
 
 
+BOOLEANS = ["True and not not ( not False ) is", "not True or False or ( False ) is",
+            "True or not False and True and False is", "not ( True ) and ( True ) is",
+            "False or ( True and not False ) is", "not not ( True or False ) and True is",
+            "not ( not True ) or False is", "False and ( False or True ) is", "True or ( True ) and not False is",
+            "( False ) or not True is", "( True ) or False is", "False and False or True is"]
+
+
+def test_seeds_of_a_closed_vocabulary_keep_queries_inside_it():
+    from titok_tools.query_shape import QueryShape, closed_vocabulary
+    n, pairs = closed_vocabulary(BOOLEANS)  # each of their word pairs is in two seeds or more
+    assert n == 2 and ("<s>", "not") in pairs and ("is", "</s>") in pairs and ("is", "and") not in pairs
+    shape = QueryShape.from_seeds(BOOLEANS)
+    assert shape.describe() == "no common wording, only the seeds' 31 word pairs"
+    assert shape.fits("not False and ( True ) is")
+    assert not shape.fits("False is and True is")           # "is and": a pair no seed has
+    assert not shape.fits("True and True, True or True is")  # "true," is not a word of the seeds
+    assert not shape.fits("not True or maybe False is")
+    # one seed's own pairs ("( (", ") )"), but every word in two seeds or more: the words are closed
+    words = QueryShape.from_seeds(BOOLEANS + ["( ( True ) ) is"])
+    assert words.closed_n == 1 and words.fits("False is and True is") and not words.fits("False nor True is")
+    # a word in one seed only ("nor"; free text has many): nothing is closed
+    assert closed_vocabulary(BOOLEANS + ["True nor ( False ) is"]) == (0, frozenset())
+    assert closed_vocabulary(COUNTING) == (0, frozenset())
+    assert QueryShape.from_seeds(COUNTING).fits("I have a zither. How many musical instruments do I have?")
+
+
 def test_off_shape_queries_are_counted_and_rejected_unless_no_shape_check(seed_file):
     seeds = load_seeds(seed_file, 3)
     replies = ["Input: What sport does Naomi Osaka play?",

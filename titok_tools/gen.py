@@ -288,8 +288,10 @@ def label_records(pairs, backend, settings, meta, counts=None, progress=None, do
                    "(for an expert so specialized that it answers the query prompt). Labels always come from the expert.")
 @click.option("--shape-check/--no-shape-check", default=True, show_default=True,
               help="Reject a query without the shape of the seed examples (counted as format): an Options: block when "
-                   "they are multiple choice, else the wording 90%% of them share, and a length within half the shortest "
-                   "to twice the longest. The summary reports the share of read queries that had it either way.")
+                   "they are multiple choice, else the wording 90%% of them share; a length within half the shortest "
+                   "to twice the longest; and, where the seeds' words are a closed set (no word pair, or word, in "
+                   "one seed only), only their pairs (or words). The summary reports the share of read queries that "
+                   "had it either way.")
 @cli.backend_options
 @cli.output_option
 @cli.resume_option

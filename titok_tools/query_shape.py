@@ -7,6 +7,11 @@ A check derived from the seed examples alone, so it serves any task without a li
   fixed wording: "How many ... do I have?", "Is the following sentence plausible?"), or, where
   no trigram is that common, every such bigram.
 In both families its length is within half the shortest and twice the longest seed, in words.
+Where the seeds' words are a closed set, the query also stays inside it: no word pair (bigram,
+with the start and end of the text as words) or, failing that, no word occurs in only one seed
+(Good-Turing: the chance of an unseen one is then estimated at zero), as in boolean_expressions'
+"not ( True ) and False is" or navigate's steps; the query's pairs (or words) are then all the
+seeds'. A task of free text always has words found in one seed only, so it is never closed.
 """
 import re
 from dataclasses import dataclass
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 OPTION_LINE = re.compile(r"^\s*(?:\([A-Za-z]\)|[A-Za-z][.)]|-|\*)\s*\S")
 OPTIONS_HEADER = re.compile(r"(?im)^[ \t*]*options[ \t*]*:[ \t*]*$")
 COMMON = 0.9  # share of the seeds that must hold an n-gram for a query to need it
+EDGE = ("<s>", "</s>")  # the start and end of a text, as words: a closed task's queries begin and end as its seeds
 
 
 def question_with_options(text):
@@ -41,12 +47,27 @@ def _ngrams(words, n):
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
+def closed_vocabulary(texts):
+    """(n, the seeds' word n-grams) for the largest n in (2, 1) at which no n-gram occurs in only one
+    seed, edges included; (0, empty) when even single words do: the task's vocabulary is open."""
+    for n in (2, 1):
+        counts = {}
+        for t in texts:
+            for gram in _ngrams([EDGE[0], *_words(t), EDGE[1]], n):
+                counts[gram] = counts.get(gram, 0) + 1
+        if counts and min(counts.values()) > 1:
+            return n, frozenset(counts)
+    return 0, frozenset()
+
+
 @dataclass(frozen=True)
 class QueryShape:
     options: bool          # the task is multiple choice
     phrases: frozenset     # word n-grams a query must hold
     min_words: int
     max_words: int
+    closed_n: int = 0      # closed vocabulary: a query's word n-grams must all be the seeds' (0: open)
+    closed_grams: frozenset = frozenset()
 
     @classmethod
     def from_seeds(cls, texts):
@@ -62,11 +83,13 @@ class QueryShape:
                 if phrases:
                     break
         lengths = [len(_words(t)) for t in texts]
-        return cls(options, phrases, min(lengths) // 2, 2 * max(lengths))
+        return cls(options, phrases, min(lengths) // 2, 2 * max(lengths), *closed_vocabulary(texts))
 
     def fits(self, query):
         words = _words(query)
         if not self.min_words <= len(words) <= self.max_words:
+            return False
+        if self.closed_n and not _ngrams([EDGE[0], *words, EDGE[1]], self.closed_n) <= self.closed_grams:
             return False
         if self.options:
             return question_with_options(query)[0] is not None
@@ -75,5 +98,10 @@ class QueryShape:
 
     def describe(self):
         if self.options:
-            return "an Options: block"
-        return " and ".join(repr(" ".join(g)) for g in sorted(self.phrases)) or "no common wording"
+            wording = "an Options: block"
+        else:
+            wording = " and ".join(repr(" ".join(g)) for g in sorted(self.phrases)) or "no common wording"
+        if self.closed_n:
+            unit = "word pairs" if self.closed_n == 2 else "words"
+            wording += f", only the seeds' {len(self.closed_grams)} {unit}"
+        return wording
