@@ -98,6 +98,13 @@ $(OUT)/target-kdlogit/adapter_config.json: $(OUT)/random-aligned.jsonl
 	$(TRAIN) $(TGT) --all-tokens --kd-only --kd-temperature $(KD_TEMPERATURE) $(TRAIN_ARGS) $<
 $(OUT)/target-titok-kd/adapter_config.json: $(OUT)/aligned.jsonl
 	$(TRAIN) $(TGT) --kd-weight $(KD_WEIGHT) --kd-temperature $(KD_TEMPERATURE) $(TRAIN_ARGS) $<
+# A ranking baseline: the M samples the expert is surest of (mean log p_expert), TiTok's token rule.
+$(OUT)/confident.jsonl: $(OUT)/scored.jsonl
+	titok-filter --rank-by confidence -k $(K) --keep $(M) --scope $(SCOPE) -o $@ $<
+$(OUT)/confident-aligned.jsonl: $(OUT)/confident.jsonl
+	$(ALIGN) --scope $(SCOPE) -o $@ $(ALIGN_ARGS) $<
+$(OUT)/target-confident/adapter_config.json: $(OUT)/confident-aligned.jsonl
+	$(TRAIN) $(TGT) $(TRAIN_ARGS) $<
 $(OUT)/target-ceiling/adapter_config.json: $(DATA)/train.jsonl
 	$(TRAIN) $(TGT) --all-tokens $(TRAIN_ARGS) $<
 
@@ -115,7 +122,7 @@ $(OUT)/eval/target-%.json: $(OUT)/target-%/adapter_config.json $(DATA)/test.json
 	@mkdir -p $(@D)
 	$(EVAL) $(TGT) --adapter $(OUT)/target-$*
 
-EXTRA_EVALS ?=#                      more rows: target-titok-no-closing (the demo has it), target-kdlogit, target-titok-kd
+EXTRA_EVALS ?=#                      more rows: target-titok-no-closing (the demo has it), target-confident, target-kdlogit, target-titok-kd
 EVALS := source-base source-expert target-vanilla target-kd target-titok $(EXTRA_EVALS) target-ceiling
 $(OUT)/report.md: $(foreach e,$(EVALS),$(OUT)/eval/$(e).json)
 	$(PYTHON) -m titok_tools.report -o $@ --title "TiTok transfer on $(TASK)" \
@@ -136,7 +143,7 @@ DEMO_M := 250#                       the paper's pool: 2M = 500 written, M kept
 DEMO_K := 0.3
 DEMO_OUT ?= work/demo
 DEMO_DATA ?= $(DEMO_OUT)/data/$(DEMO_TASK)
-DEMO_EXTRA_EVALS ?= target-titok-no-closing#  add target-kdlogit target-titok-kd for the logit-KD rows
+DEMO_EXTRA_EVALS ?= target-titok-no-closing#  add target-confident, or target-kdlogit target-titok-kd (logit KD)
 DEMO_SFT_ARGS ?= $(DEMO_TRAIN)#      the source expert's recipe (bench/expert_dev.py compares recipes on a dev split)
 DEMO_GEN_ARGS ?=#                    more titok-gen arguments, e.g. --rouge-threshold 1 for a task of a few words
 DEMO := OUT=$(DEMO_OUT) TASK=$(DEMO_TASK) DATA=$(DEMO_DATA) BIGBENCH_ARGS="--train-size 400" \

@@ -13,6 +13,12 @@ right labels, without a test question.
 
 adds how many of a file's queries have the seed examples' shape (titok-gen's check, docs/design.md,
 Query shape) and how many of those are well-formed: how well the check finds the task's inputs.
+
+    python bench/bool_labels.py --auc work/demo-bbh-boolean_expressions/scored.jsonl
+
+asks which sample score ranks right labels above wrong ones, over the scored pool's well-formed
+queries: the AUC (the chance that a right label outscores a wrong one; 0.5 is chance) of TiTok's
+mean excess and of the expert's confidence (titok-filter --rank-by confidence).
 """
 import argparse
 import os
@@ -60,11 +66,40 @@ def label_accuracy(records, shape=None):
     return (n, formed, right) if shape is None else (n, formed, right, fits, fits_formed)
 
 
+def auc(right, wrong):
+    """The chance that a score from `right` is above one from `wrong`, ties counting half."""
+    pairs = sum((r > w) + 0.5 * (r == w) for r in right for w in wrong)
+    return pairs / (len(right) * len(wrong)) if right and wrong else None
+
+
+def ranking_auc(records):
+    """{score name: AUC} over the well-formed scored records, right labels against wrong ones."""
+    scores = {"mean excess (TiTok's sample rank)": lambda s: s["mean_excess"],
+              "expert confidence, mean log p_expert (--rank-by confidence)":
+                  lambda s: sum(s["logp_expert"]) / len(s["logp_expert"])}
+    right, wrong = {name: [] for name in scores}, {name: [] for name in scores}
+    for record in records:
+        truth = value(record["prompt"].strip())
+        if truth is None:
+            continue
+        side = right if record["completion"].strip() == str(truth) else wrong
+        for name, score in scores.items():
+            side[name].append(score(record["titok"]["source"]))
+    return {name: auc(right[name], wrong[name]) for name in scores}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", help="record files with prompt and completion")
     parser.add_argument("--seeds", help="the seed examples (train.jsonl): add the queries with their shape")
+    parser.add_argument("--auc", action="store_true", help="files are scored pools: the AUC of each sample score")
     args = parser.parse_args(argv)
+    if args.auc:
+        print("| file | sample score | AUC, right labels above wrong ones |\n|---|---|---:|")
+        for path in args.files:
+            for name, area in ranking_auc(record for _, record in read_records(path)).items():
+                print(f"| {path} | {name} | {'n/a' if area is None else f'{area:.3f}'} |")
+        return
     shape = QueryShape.from_seeds(load_seeds(args.seeds, None).texts) if args.seeds else None
     if shape is None:
         print("| file | records | well-formed | labels right |\n|---|---:|---:|---:|")

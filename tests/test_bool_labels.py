@@ -49,3 +49,22 @@ def test_seeds_add_the_queries_with_their_shape(tmp_path, capsys):
     # on shape: "not ( True ) is" and "( ( not False ) is" (pairs all seen, brackets unbalanced);
     # "not True is" is well-formed, but no seed has "True is"
     assert out[-1] == f"| {pool} | 5 | 2 (40%) | 1 | 2 | 2 (100.0%) |"
+
+
+def test_auc_of_each_sample_score_over_well_formed_queries(tmp_path, capsys):
+    def scored(query, label, mean_excess, logp_expert):
+        return {"prompt": query, "completion": label,
+                "titok": {"source": {"mean_excess": mean_excess, "logp_expert": logp_expert}}}
+    records = [scored("not True is", "False", 1.0, [-0.1, -0.1]),        # right
+               scored("True or False is", "True", 3.0, [-0.3, -0.1]),    # right
+               scored("True and False is", "True", 2.0, [-1.0, -1.0]),   # wrong
+               scored("True is and", "True", 9.0, [0.0, 0.0])]           # malformed: not counted
+    # excess: 3 > 2 but 1 < 2, half the pairs; confidence: -0.1 and -0.2 both above -1.0
+    assert bool_labels.ranking_auc(records) == {"mean excess (TiTok's sample rank)": 0.5,
+                                                "expert confidence, mean log p_expert (--rank-by confidence)": 1.0}
+    assert bool_labels.auc([1.0], [1.0]) == 0.5 and bool_labels.auc([], [1.0]) is None
+    path = tmp_path / "scored.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    bool_labels.main(["--auc", str(path)])
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        f"| {path} | expert confidence, mean log p_expert (--rank-by confidence) | 1.000 |"

@@ -176,6 +176,20 @@ def test_rank_by_random_is_seeded(tmp_path):
     assert out[0]["titok"]["filter"]["rank_by"] == "random" and out[0]["titok"]["filter"]["seed"] == 3
 
 
+def test_rank_by_confidence_keeps_what_the_expert_is_surest_of(tmp_path):
+    # mean log p_expert: a -0.5, b -2.0, c -0.1, d -1.0, e -0.5 (a tie with a: input order);
+    # by excess the order would be b, c, e, a, d
+    logp = {"a": [-0.25, -0.75], "b": [-2.0], "c": [-0.1, -0.1, -0.1], "d": [-1.0], "e": [0.0, -1.0]}
+    records = [dict(r, titok={"source": dict(r["titok"]["source"], logp_expert=logp[r["id"]])}) for r in RECORDS]
+    out, _ = run(records, "--rank-by", "confidence", "--keep", "3", "-k", "1", tmp_path=tmp_path)
+    assert [(r["id"], r["titok"]["filter"]["rank"]) for r in out] == [("a", 2), ("c", 1), ("e", 3)]
+    assert out[0]["titok"]["filter"]["rank_by"] == "confidence" and "seed" not in out[0]["titok"]["filter"]
+    assert masks(out) == {"a": [1, 1, 1, 1], "c": [1, 1, 1], "e": [1, 1]}  # the token rule is unchanged
+    records[3]["titok"]["source"].pop("logp_expert")
+    result = CliRunner().invoke(main, ["--rank-by", "confidence", write_jsonl(tmp_path / "in.jsonl", records)])
+    assert result.exit_code == 1 and "in.jsonl:4: titok.source.logp_expert: must be a non-empty list" in result.output
+
+
 # -k auto. Kept a..e (--keep 1.0), scope sample: positive excess a 2.0, b 4.0, c 1.5, d 0, e 3.0
 # = 10.5. Every sample's best token is always kept: 1 + 2 + 0.5 + 0 + 3 = 6.5 (61.9%). Then the
 # breakpoints j/n add: a's 2nd 0.5 at k = 2/4, c's 2nd 0.5 at 2/3, a's 3rd 0.5 at 3/4, and at

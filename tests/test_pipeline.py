@@ -174,3 +174,14 @@ def test_make_demo_seeds_retrains_the_targets_on_the_demo_pool(tmp_path):
     assert f"target-kd={seeds} " in out
     assert f"target-vanilla={demo}/eval/target-vanilla.json " in out  # seed-free rows: one run
     assert "-o results/demo-seeds.md" in out
+
+
+def test_make_confident_row_ranks_by_the_experts_confidence(tmp_path):
+    out = subprocess.run(["make", "-n", "-C", ROOT, "pipeline", f"OUT={tmp_path}", f"DATA={tmp_path}/data",
+                          "EXTRA_EVALS=target-confident", "M=250", "K=0.3"],
+                         capture_output=True, text=True, check=True).stdout.split("\n")
+    assert f"titok-filter --rank-by confidence -k 0.3 --keep 250 --scope sample -o {tmp_path}/confident.jsonl " \
+           f"{tmp_path}/scored.jsonl" in out
+    train = next(line for line in out if f"--output {tmp_path}/target-confident " in line)
+    assert train.endswith(f"{tmp_path}/confident-aligned.jsonl") and "--all-tokens" not in train  # TiTok's tokens
+    assert any(f"target-confident={tmp_path}/eval/target-confident.json" in line for line in out)

@@ -11,7 +11,8 @@ import click
 
 from . import cli
 from .errors import TitokError
-from .records import read_records, record_writer, source_scores, spooled, titok, unique_ids
+from .records import (RecordError, check_numbers, read_records, record_writer, source_scores, spooled, titok,
+                      unique_ids)
 from .select import auto_k, budget_scores, n_select, select_stream
 
 log = logging.getLogger("titok.filter")
@@ -49,10 +50,24 @@ def _keep_option(ctx, param, value):
         raise click.BadParameter(str(e).removeprefix("--keep: "))
 
 
+def confidence(source, where):
+    """The expert's mean log-probability of its own completion (titok.source.logp_expert)."""
+    logp = source.get("logp_expert")
+    if not isinstance(logp, list) or not logp:
+        raise RecordError(where, "titok.source.logp_expert", "must be a non-empty list of numbers (titok-score writes it)")
+    check_numbers(logp, where, "titok.source.logp_expert")
+    return sum(logp) / len(logp)
+
+
 def rank_records(pairs, rank_by="excess", seed=0):
-    """Pass one: 1-based rank of each record by mean excess (stable sort, descending), or in a
-    seeded random order (the paper's "without sample filtering" ablation: M random samples)."""
-    means = [source_scores(record, where)["mean_excess"] for where, record in pairs]
+    """Pass one: 1-based rank of each record by mean excess (stable sort, descending), by the
+    expert's confidence (its mean log-probability of the completion: a baseline that trusts the
+    expert's certainty rather than its excess over the base), or in a seeded random order (the
+    paper's "without sample filtering" ablation: M random samples)."""
+    if rank_by == "confidence":
+        means = [confidence(source_scores(record, where), where) for where, record in pairs]
+    else:
+        means = [source_scores(record, where)["mean_excess"] for where, record in pairs]
     if rank_by == "random":
         order = list(range(len(means)))
         random.Random(seed).shuffle(order)
@@ -106,7 +121,9 @@ def filter_records(read, k, keep, scope, mark_only=False, counts=None, rank_by="
     if auto:
         settings["k_auto"] = auto
     if rank_by != "excess":
-        settings.update(rank_by=rank_by, seed=seed)
+        settings["rank_by"] = rank_by
+        if rank_by == "random":
+            settings["seed"] = seed
 
     masked = select_stream(kept(), _budget, k, scope, rereader=kept)
     for i, (where, record) in enumerate(read()):
@@ -152,8 +169,10 @@ def summary(counts):
               help="With -k auto: the share of the kept samples' positive excess the selected tokens must hold.")
 @click.option("-M", "--keep", default="0.5", show_default=True, callback=_keep_option,
               help="Samples to keep, by mean excess: a count (250) or a fraction of the input (0.5 = the paper's 2x pool).")
-@click.option("--rank-by", type=click.Choice(["excess", "random"]), default="excess", show_default=True,
-              help="Rank samples by mean excess (TiTok), or at random with --seed (the ablation baseline).")
+@click.option("--rank-by", type=click.Choice(["excess", "confidence", "random"]), default="excess", show_default=True,
+              help="Rank samples by mean excess (TiTok); by the expert's mean log-probability of its completion "
+                   "(confidence: a baseline that keeps what the expert is surest of); or at random with --seed "
+                   "(the ablation baseline).")
 @cli.seed_option
 @click.option("--mark-only", is_flag=True, help="Write every record; dropped ones get titok.filter.kept = false and no mask.")
 @cli.output_option
