@@ -54,7 +54,8 @@ def confidence(source, where):
     """The expert's mean log-probability of its own completion (titok.source.logp_expert)."""
     logp = source.get("logp_expert")
     if not isinstance(logp, list) or not logp:
-        raise RecordError(where, "titok.source.logp_expert", "must be a non-empty list of numbers (titok-score writes it)")
+        raise RecordError(where, "titok.source.logp_expert",
+                          "must be a non-empty list of numbers (titok-score writes it)")
     check_numbers(logp, where, "titok.source.logp_expert")
     return sum(logp) / len(logp)
 
