@@ -52,7 +52,8 @@ TRAIN = titok-train --output $(@D) --overwrite --seed $(SEED)
 EVAL = titok-eval $(EVAL_ARGS) -o $(basename $@).jsonl --metrics $@ $(DATA)/test.jsonl
 
 .PHONY: install test test-latest demo demo-seeds pipeline clean-demo study
-.SECONDARY:
+# No .SECONDARY: the eval files are explicit prerequisites of the report, so a row added to a
+# finished run (EXTRA_EVALS=...) is built; as secondary files, missing ones were taken as done.
 
 pipeline: $(OUT)/report.md
 

@@ -185,3 +185,23 @@ def test_make_confident_row_ranks_by_the_experts_confidence(tmp_path):
     train = next(line for line in out if f"--output {tmp_path}/target-confident " in line)
     assert train.endswith(f"{tmp_path}/confident-aligned.jsonl") and "--all-tokens" not in train  # TiTok's tokens
     assert any(f"target-confident={tmp_path}/eval/target-confident.json" in line for line in out)
+
+
+def test_a_row_added_to_a_finished_run_is_built(tmp_path):
+    """A finished run (every file there, the report newest) given one more row in EXTRA_EVALS trains
+    and evaluates that row alone: missing evaluations are not taken as done."""
+    files = ["data/train.jsonl", "data/test.jsonl", "source-expert/adapter_config.json", "synthetic.jsonl",
+             "scored.jsonl", "filtered.jsonl", "random.jsonl", "aligned.jsonl", "target-kd/adapter_config.json",
+             "target-titok/adapter_config.json", "target-ceiling/adapter_config.json",
+             *(f"eval/{e}.json" for e in ("source-base", "source-expert", "target-vanilla", "target-kd",
+                                          "target-titok", "target-ceiling")), "report.md"]
+    for age, name in enumerate(reversed(files)):  # in pipeline order, each older than the next
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        os.utime(path, (1_000_000 - age, 1_000_000 - age))
+    make = ["make", "-n", "-C", ROOT, "pipeline", f"OUT={tmp_path}", f"DATA={tmp_path}/data"]
+    assert "Nothing to be done" in subprocess.run(make, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(make + ["EXTRA_EVALS=target-confident"], capture_output=True, text=True, check=True).stdout
+    assert "titok-filter --rank-by confidence" in out and f"--output {tmp_path}/target-confident " in out
+    assert "titok-gen" not in out and f"--output {tmp_path}/target-kd " not in out  # the rest is done
