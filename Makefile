@@ -1,6 +1,7 @@
 # titok-tools: set-up, tests, and the whole TiTok transfer as file-dependent stages.
 #
 #   make demo       SmolLM2-135M-Instruct -> Gemma-3-270M on BIG-bench object_counting, on CPU
+#   make demo-seeds the demo's target rows again with seeds 1 and 2 on its pool: mean ± sd
 #   make test       the test suite
 #   make study      the paper's ablation at CPU scale (bench/study.py; hours; results/study.md)
 #   make pipeline   the same rules with the paper's models (Mistral-7B -> Llama-3.1-8B) on a GPU;
