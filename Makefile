@@ -53,8 +53,14 @@ TRAIN = titok-train --output $(@D) --overwrite --seed $(SEED)
 EVAL = titok-eval $(EVAL_ARGS) -o $(basename $@).jsonl --metrics $@ $(DATA)/test.jsonl
 
 .PHONY: install test test-latest demo demo-seeds pipeline clean-demo study
-# No .SECONDARY: the eval files are explicit prerequisites of the report, so a row added to a
-# finished run (EXTRA_EVALS=...) is built; as secondary files, missing ones were taken as done.
+# Every stage's file is secondary: a missing one is not rebuilt while what follows it is up to
+# date, so your own file can replace a stage. The evaluations are not: a row added to a finished
+# run (EXTRA_EVALS=...) is trained and evaluated, not taken as done.
+ADAPTERS := source-expert target-kd target-titok target-titok-no-closing target-confident target-kdlogit \
+	target-titok-kd target-ceiling
+.SECONDARY: $(DATA)/train.jsonl $(DATA)/test.jsonl $(foreach a,$(ADAPTERS),$(OUT)/$(a)/adapter_config.json) \
+	$(addprefix $(OUT)/,synthetic.jsonl scored.jsonl filtered.jsonl aligned.jsonl random.jsonl \
+	random-aligned.jsonl confident.jsonl confident-aligned.jsonl)
 
 pipeline: $(OUT)/report.md
 
