@@ -53,14 +53,6 @@ TRAIN = titok-train --output $(@D) --overwrite --seed $(SEED)
 EVAL = titok-eval $(EVAL_ARGS) -o $(basename $@).jsonl --metrics $@ $(DATA)/test.jsonl
 
 .PHONY: install test test-latest demo demo-seeds pipeline clean-demo study
-# Every stage's file is secondary: a missing one is not rebuilt while what follows it is up to
-# date, so your own file can replace a stage. The evaluations are not: a row added to a finished
-# run (EXTRA_EVALS=...) is trained and evaluated, not taken as done.
-ADAPTERS := source-expert target-kd target-titok target-titok-no-closing target-confident target-kdlogit \
-	target-titok-kd target-ceiling
-.SECONDARY: $(DATA)/train.jsonl $(DATA)/test.jsonl $(foreach a,$(ADAPTERS),$(OUT)/$(a)/adapter_config.json) \
-	$(addprefix $(OUT)/,synthetic.jsonl scored.jsonl filtered.jsonl aligned.jsonl random.jsonl \
-	random-aligned.jsonl confident.jsonl confident-aligned.jsonl)
 
 pipeline: $(OUT)/report.md
 
@@ -131,7 +123,16 @@ $(OUT)/eval/target-%.json: $(OUT)/target-%/adapter_config.json $(DATA)/test.json
 	$(EVAL) $(TGT) --adapter $(OUT)/target-$*
 
 EXTRA_EVALS ?=#                      more rows: target-titok-no-closing (the demo has it), target-confident, target-kdlogit, target-titok-kd
-EVALS := source-base source-expert target-vanilla target-kd target-titok $(EXTRA_EVALS) target-ceiling
+SEED_FREE_ROWS := source-base source-expert target-vanilla#  greedy, no LoRA trained: a seed changes nothing
+trained_rows = target-kd target-titok $(1) target-ceiling#  the rows with a target LoRA, given the extra ones
+EVALS := $(SEED_FREE_ROWS) $(call trained_rows,$(EXTRA_EVALS))
+# Every stage's file is secondary: a missing one is not rebuilt while what follows it is up to
+# date, so your own file can replace a stage. The evaluations are not: a row added to a finished
+# run (EXTRA_EVALS=...) is trained and evaluated, not taken as done.
+.SECONDARY: $(DATA)/train.jsonl $(DATA)/test.jsonl \
+	$(foreach a,source-expert $(call trained_rows,$(EXTRA_EVALS)),$(OUT)/$(a)/adapter_config.json) \
+	$(addprefix $(OUT)/,synthetic.jsonl scored.jsonl filtered.jsonl aligned.jsonl random.jsonl \
+	random-aligned.jsonl confident.jsonl confident-aligned.jsonl)
 $(OUT)/report.md: $(foreach e,$(EVALS),$(OUT)/eval/$(e).json)
 	$(PYTHON) -m titok_tools.report -o $@ --title "TiTok transfer on $(TASK)" \
 	  --setting source="$(SOURCE_MODEL)" --setting target="$(TARGET_MODEL)" --setting M=$(M) --setting K=$(K) \
@@ -177,12 +178,12 @@ DEMO_SEEDS ?= 1 2
 space := $() $()
 commas = $(subst $(space),$(comma),$(strip $(1)))
 comma := ,
-SEEDED_ROWS := target-kd target-titok $(DEMO_EXTRA_EVALS) target-ceiling
+SEEDED_ROWS := $(call trained_rows,$(DEMO_EXTRA_EVALS))
 # The copies keep their times, so the seed's make takes them as done.
 $(DEMO_OUT)/seed%/scored.jsonl: $(DEMO_OUT)/scored.jsonl
 	mkdir -p $(@D)/eval
 	cp -rp $(DEMO_OUT)/synthetic.jsonl $(DEMO_OUT)/scored.jsonl $(DEMO_OUT)/source-expert $(@D)/
-	cp -p $(DEMO_OUT)/eval/source-*.json* $(DEMO_OUT)/eval/target-vanilla.json* $(@D)/eval/
+	cp -p $(foreach e,$(SEED_FREE_ROWS),$(DEMO_OUT)/eval/$(e).json*) $(@D)/eval/
 demo-seeds: install $(foreach s,$(DEMO_SEEDS),$(DEMO_OUT)/seed$(s)/scored.jsonl)
 	for s in $(DEMO_SEEDS); do \
 	  $(MAKE) --no-print-directory pipeline $(DEMO) OUT=$(DEMO_OUT)/seed$$s SEED=$$s \
@@ -192,7 +193,7 @@ demo-seeds: install $(foreach s,$(DEMO_SEEDS),$(DEMO_OUT)/seed$(s)/scored.jsonl)
 	  --title "TiTok transfer on $(DEMO_TASK), seeds 0 $(DEMO_SEEDS) on one pool" --setting seeds="0 $(DEMO_SEEDS)" \
 	  --setting pool="$(DEMO_OUT)/scored.jsonl" --setting M=$(DEMO_M) --setting K=$(DEMO_K) --setting train_args="$(DEMO_TRAIN)" \
 	  --setting sft_args="$(DEMO_SFT_ARGS)" --setting gen_args="$(DEMO_GEN_ARGS)" \
-	  $(foreach e,source-base source-expert target-vanilla,$(e)=$(DEMO_OUT)/eval/$(e).json) \
+	  $(foreach e,$(SEED_FREE_ROWS),$(e)=$(DEMO_OUT)/eval/$(e).json) \
 	  $(foreach e,$(SEEDED_ROWS),$(e)=$(call commas,$(foreach d,$(DEMO_OUT) $(addprefix $(DEMO_OUT)/seed,$(DEMO_SEEDS)),$(d)/eval/$(e).json)))
 	@cat results/$(notdir $(DEMO_OUT))-seeds.md
 

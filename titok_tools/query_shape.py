@@ -14,6 +14,7 @@ with the start and end of the text as words) or, failing that, no word occurs in
 seeds'. A task of free text always has words found in one seed only, so it is never closed.
 """
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 OPTION_LINE = re.compile(r"^\s*(?:\([A-Za-z]\)|[A-Za-z][.)]|-|\*)\s*\S")
@@ -47,14 +48,19 @@ def _ngrams(words, n):
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
+def _seed_counts(texts, n, edges=False):
+    """{word n-gram: how many of the texts hold it}, with the texts' start and end as words if edges."""
+    counts = Counter()
+    for t in texts:
+        counts.update(_ngrams([EDGE[0], *_words(t), EDGE[1]] if edges else _words(t), n))
+    return counts
+
+
 def closed_vocabulary(texts):
     """(n, the seeds' word n-grams) for the largest n in (2, 1) at which no n-gram occurs in only one
     seed, edges included; (0, empty) when even single words do: the task's vocabulary is open."""
     for n in (2, 1):
-        counts = {}
-        for t in texts:
-            for gram in _ngrams([EDGE[0], *_words(t), EDGE[1]], n):
-                counts[gram] = counts.get(gram, 0) + 1
+        counts = _seed_counts(texts, n, edges=True)
         if counts and min(counts.values()) > 1:
             return n, frozenset(counts)
     return 0, frozenset()
@@ -75,10 +81,7 @@ class QueryShape:
         phrases = frozenset()
         if not options:
             for n in (3, 2):
-                counts = {}
-                for t in texts:
-                    for gram in _ngrams(_words(t), n):
-                        counts[gram] = counts.get(gram, 0) + 1
+                counts = _seed_counts(texts, n)
                 phrases = frozenset(g for g, c in counts.items() if c >= COMMON * len(texts))
                 if phrases:
                     break
