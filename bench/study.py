@@ -39,8 +39,9 @@ K_SWEEP = ["0.1", "0.3", "0.5", "0.7", "1.0"]
 EXPERT_SEED = 0  # the source expert that writes and answers the pools; other seeds' experts are the SmolLM2 ceilings
 K = "0.3"  # TiTok's k in the ablation rows (token-only, TiTok, target-written queries): the paper's 10-30%
 # bfloat16 throughout, unlike make demo's --dtype auto: every committed row was made in it, and a
-# row re-run in float32 would not be comparable. On a CPU without native bf16 (no AVX512-BF16/AMX)
-# torch emulates it, about 20x slower to train (bench/bench_dtype.py): re-run the study where bf16 is native.
+# row re-run in float32 would not be comparable. A CPU with AVX512 (with or without AVX512-BF16/AMX)
+# runs it about as fast as float32; an AVX2-only one emulates it, about 20x slower to train
+# (bench/bench_dtype.py): re-run the study where oneDNN runs bf16 (titok-train warns where it does not).
 TRAIN = ["--dtype", "bfloat16", "--device", "cpu", "--lora-r", "16", "--lora-alpha", "16",
          "--target-modules", "all-linear", "--lr", "1e-3", "--epochs", "2", "--batch-size", "8"]
 EVAL = ["--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", "8", "--batch-size", "32", "--choices"]
