@@ -99,6 +99,42 @@ def test_option_loglikelihoods_match_a_plain_forward_pass(tiny_llama, tiny_llama
     assert "over the 3 records with options, 1 without" in result.stderr
 
 
+# A prompt longer than tiny Gemma's sliding window (64 tokens), so that the repeated cache is a
+# window's; options that begin alike (their first token, "(", is scored) and differ in length.
+LONG_PROMPT = ("Which one is a fruit? " + "Read every option before you answer. " * 12
+               + "\n\nOptions:\n(A) a car\n(B) an apple\n(C) a stone\n(D) an apple tree in full bloom")
+LONG_OPTIONS = ["(A)", "(B)", "(D) an apple tree in full bloom", "a stone"]
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gemma"])
+def test_a_records_options_share_one_pass_over_its_prompt(family, request):
+    from titok_tools.evaluate import encode_options, option_loglikelihoods
+    from titok_tools.models import decoder_and_head, load_model, load_tokenizer
+    from titok_tools.records import prompt_and_completion
+
+    model_dir = request.getfixturevalue(family)
+    model, tokenizer = load_model(model_dir, dtype="float32", device="cpu"), load_tokenizer(model_dir)
+    messages, _ = prompt_and_completion({"prompt": LONG_PROMPT, "completion": "x"}, "test")
+    encs = encode_options(tokenizer, messages, LONG_OPTIONS, True, 768, "test")
+    assert len(encs[0].input_ids) > 100  # past the sliding window
+    seen = []
+    body, _ = decoder_and_head(model)
+    hook = body.embed_tokens.register_forward_hook(lambda module, args, out: seen.append(args[0].numel()))
+    try:
+        [lls] = option_loglikelihoods(model, tokenizer, [encs], batch_size=8)
+    finally:
+        hook.remove()
+    assert lls == pytest.approx(reference_loglikelihoods(model_dir, None, LONG_PROMPT, LONG_OPTIONS), abs=1e-4)
+    # The prompt runs once, then each option's own tokens (right-padded to the longest):
+    # far fewer tokens than four whole sequences.
+    shared = min(e.positions[0] for e in encs)
+    rest = max(len(e.input_ids) for e in encs) - shared
+    assert seen == [shared, len(encs) * rest] and sum(seen) < 2 * len(encs[0].input_ids)
+    # In batches of 3 options the prompt runs once a batch, with the same numbers.
+    [again] = option_loglikelihoods(model, tokenizer, [encs], batch_size=3)
+    assert again == pytest.approx(lls, abs=1e-5)
+
+
 def test_batch_size_limit_and_no_choices(tiny_llama, choice_data, tmp_path):
     records, _, data = choice_data
     one = read_jsonl(run_eval("--model", tiny_llama, "--choices", "--batch-size", "1", data).stdout_bytes)

@@ -26,7 +26,7 @@ from . import cli
 from .answers import exact_match, references
 from .formatting import FormatError, check_prompt, encode_many
 from .backends import VllmBackend, generate
-from .models import completion_logprobs, decoder_and_head, load_model, load_tokenizer, merged
+from .models import decoder_and_head, load_model, load_tokenizer, merged, shared_prompt_logprobs
 from .records import (RecordError, check_numbers, checked, in_shard, is_done, prompt_and_completion, read_records,
                       record_writer, text_output, unique_ids)
 
@@ -110,16 +110,18 @@ def encode_options(tokenizer, messages, options, chat_template, max_length, wher
 @torch.inference_mode()
 def option_loglikelihoods(model, tokenizer, encoded, batch_size):
     """Sum of log p of each encoded option's tokens (float64 sums of float32 log-probs), for a
-    list of per-record lists of encodings: batch_size sequences a forward pass, in order."""
+    list of per-record lists of encodings. A record's options share its prompt, which runs once
+    for every batch_size of them (shared_prompt_logprobs), so a record's numbers depend on it
+    and batch_size alone."""
     body, head = decoder_and_head(model)
     device = next(model.parameters()).device
-    flat = [enc for encs in encoded for enc in encs]
     sums = []
-    for start in range(0, len(flat), batch_size):
-        for logp in completion_logprobs(model, body, head, flat[start:start + batch_size], tokenizer.pad_token_id, device):
-            sums.append(float(logp.sum(dtype=np.float64)))
-    ends = np.cumsum([len(encs) for encs in encoded])
-    return [sums[end - len(encs):end] for encs, end in zip(encoded, ends)]
+    for encs in encoded:
+        sums.append([float(logp.sum(dtype=np.float64))
+                     for start in range(0, len(encs), batch_size)
+                     for logp in shared_prompt_logprobs(model, body, head, encs[start:start + batch_size],
+                                                        tokenizer.pad_token_id, device)])
+    return sums
 
 
 def evaluate_records(pairs, model, tokenizer, *, chat_template=True, max_new_tokens=200, batch_size=8, max_length=768,

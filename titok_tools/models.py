@@ -7,6 +7,7 @@ that directory is used from then on.
 """
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -426,3 +427,38 @@ def completion_logprobs(model, body, head, encs, pad_id, device, topk=None):
     if not topk:
         return np.split(found.cpu().numpy(), ends)
     return tuple(np.split(t.cpu().numpy(), ends) for t in found)
+
+
+def shared_prompt_logprobs(model, body, head, encs, pad_id, device):
+    """completion_logprobs (without topk) for sequences that begin with the same tokens, as a
+    record's options do: the shared tokens run once and their attention cache is repeated for
+    each sequence's own tokens. With BBH's 18 colored-objects options in 150 tokens that is
+    about 6x faster on CPU; the numbers equal the batched pass's to float32 rounding (1e-5 here).
+
+    Falls back to completion_logprobs where nothing is shared or the model's cache is not a
+    plain DynamicCache (a recurrent or hybrid cache cannot simply be repeated)."""
+    from transformers import DynamicCache
+
+    ids = [e.input_ids for e in encs]
+    # The shared part stops before the first scored token: its state must come from the prompt.
+    shared = min(min(e.positions[0] for e in encs), *(len(i) for i in ids))
+    shared = next((n for n in range(shared) if any(i[n] != ids[0][n] for i in ids)), shared)
+    cache_name = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"  # transformers 5
+    if shared:
+        prompt = body(input_ids=torch.tensor([ids[0][:shared]], device=device), use_cache=True)
+        cache = prompt.get(cache_name)
+    if not shared or type(cache) is not DynamicCache:
+        return completion_logprobs(model, body, head, encs, pad_id, device)
+    cache.batch_repeat_interleave(len(encs))
+    # Right-padded rest, no attention mask: a real token never sees the padding after it.
+    rest = torch.full((len(encs), max(len(i) for i in ids) - shared), pad_id, dtype=torch.long)
+    for b, i in enumerate(ids):
+        rest[b, : len(i) - shared] = torch.tensor(i[shared:])
+    hidden = body(input_ids=rest.to(device), use_cache=True, **{cache_name: cache}).last_hidden_state
+    # states[:, c] is the state at position shared - 1 + c, which predicts token shared + c
+    states = torch.cat([prompt.last_hidden_state[:, -1:].expand(len(encs), -1, -1), hidden], 1)
+    rows = torch.tensor([b for b, e in enumerate(encs) for _ in e.positions], device=device)
+    cols = torch.tensor([p for e in encs for p in e.positions], device=device)
+    targets = torch.tensor([ids[b][p] for b, e in enumerate(encs) for p in e.positions], device=device)
+    found = token_logprobs(model, head, states[rows, cols - shared], targets)
+    return np.split(found.cpu().numpy(), np.cumsum([len(e.positions) for e in encs])[:-1])
