@@ -134,9 +134,9 @@ def evaluate_records(pairs, model, tokenizer, *, chat_template=True, max_new_tok
     With choices, a record with "options" also gets "choice", "choice_norm" (the options chosen
     by log-likelihood, and by it per character) and "choice_loglikelihoods" (one per option).
 
-    Records that `done(record)` says a resumed run already wrote are generated (and their
-    options scored) with their batch (a batch's padding changes bf16 numbers) but neither
-    yielded nor counted again."""
+    Records that `done(record)` says a resumed run already wrote are generated with their batch
+    (a batch's padding changes bf16 numbers) but neither yielded nor counted again; their options
+    are not scored again (each record's are scored on their own)."""
     metrics = metrics if metrics is not None else Metrics(choices)
     window = []
 
@@ -151,7 +151,7 @@ def evaluate_records(pairs, model, tokenizer, *, chat_template=True, max_new_tok
             else:
                 predictions = generate(model, tokenizer, prompts, chat_template=chat_template,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
-            with_options = [i for i, (_, _, (_, _, encs)) in enumerate(window) if encs]
+            with_options = [i for i, (_, _, (_, _, encs)) in enumerate(window) if encs and todo[i]]  # per record: no batch
             if with_options:
                 scored = option_loglikelihoods(model, tokenizer, [window[i][2][2] for i in with_options], batch_size)
                 for i, lls in zip(with_options, scored):
