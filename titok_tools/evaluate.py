@@ -151,7 +151,7 @@ def evaluate_records(pairs, model, tokenizer, *, chat_template=True, max_new_tok
             else:
                 predictions = generate(model, tokenizer, prompts, chat_template=chat_template,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
-            with_options = [i for i, (_, _, (_, _, encs)) in enumerate(window) if encs and todo[i]]  # per record: no batch
+            with_options = [i for i, (_, _, (_, _, encs)) in enumerate(window) if encs and todo[i]]
             if with_options:
                 scored = option_loglikelihoods(model, tokenizer, [window[i][2][2] for i in with_options], batch_size)
                 for i, lls in zip(with_options, scored):

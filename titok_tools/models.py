@@ -429,6 +429,12 @@ def completion_logprobs(model, body, head, encs, pad_id, device, topk=None):
     return tuple(np.split(t.cpu().numpy(), ends) for t in found)
 
 
+@functools.cache
+def _cache_argument(body_class):
+    """The name a decoder's forward() takes its attention cache by: transformers 5 renamed it."""
+    return "cache" if "cache" in inspect.signature(body_class.forward).parameters else "past_key_values"
+
+
 def shared_prompt_logprobs(model, body, head, encs, pad_id, device):
     """completion_logprobs (without topk) for sequences that begin with the same tokens, as a
     record's options do: the shared tokens run once and their attention cache is repeated for
@@ -439,26 +445,22 @@ def shared_prompt_logprobs(model, body, head, encs, pad_id, device):
     plain DynamicCache (a recurrent or hybrid cache cannot simply be repeated)."""
     from transformers import DynamicCache
 
-    ids = [e.input_ids for e in encs]
+    ids, rows, cols = (t.to(device) for t in right_padded(encs, pad_id))
     # The shared part stops before the first scored token: its state must come from the prompt.
-    shared = min(min(e.positions[0] for e in encs), *(len(i) for i in ids))
-    shared = next((n for n in range(shared) if any(i[n] != ids[0][n] for i in ids)), shared)
-    cache_name = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"  # transformers 5
+    # (No padding lies before it: every sequence is longer than its first scored position.)
+    limit = int(cols.min())
+    differs = (ids[:, :limit] != ids[:1, :limit]).any(0).nonzero()
+    shared = int(differs[0]) if len(differs) else limit
+    name = _cache_argument(type(body))
     if shared:
-        prompt = body(input_ids=torch.tensor([ids[0][:shared]], device=device), use_cache=True)
-        cache = prompt.get(cache_name)
+        prompt = body(input_ids=ids[:1, :shared], use_cache=True)
+        cache = prompt.get(name)
     if not shared or type(cache) is not DynamicCache:
         return completion_logprobs(model, body, head, encs, pad_id, device)
     cache.batch_repeat_interleave(len(encs))
-    # Right-padded rest, no attention mask: a real token never sees the padding after it.
-    rest = torch.full((len(encs), max(len(i) for i in ids) - shared), pad_id, dtype=torch.long)
-    for b, i in enumerate(ids):
-        rest[b, : len(i) - shared] = torch.tensor(i[shared:])
-    hidden = body(input_ids=rest.to(device), use_cache=True, **{cache_name: cache}).last_hidden_state
+    # The rest right-padded, no attention mask: a real token never sees the padding after it.
+    hidden = body(input_ids=ids[:, shared:], use_cache=True, **{name: cache}).last_hidden_state
     # states[:, c] is the state at position shared - 1 + c, which predicts token shared + c
     states = torch.cat([prompt.last_hidden_state[:, -1:].expand(len(encs), -1, -1), hidden], 1)
-    rows = torch.tensor([b for b, e in enumerate(encs) for _ in e.positions], device=device)
-    cols = torch.tensor([p for e in encs for p in e.positions], device=device)
-    targets = torch.tensor([ids[b][p] for b, e in enumerate(encs) for p in e.positions], device=device)
-    found = token_logprobs(model, head, states[rows, cols - shared], targets)
+    found = token_logprobs(model, head, states[rows, cols - shared], ids[rows, cols])
     return np.split(found.cpu().numpy(), np.cumsum([len(e.positions) for e in encs])[:-1])
