@@ -75,21 +75,12 @@ def read_records(path, skip_invalid=False, counts=None, name=None, default_id=Tr
     name = name or shown_name(path)
     f = _open_input(path)
     try:
-        for lineno, line in enumerate(f):
-            if not line.strip():
-                continue
-            where = f"{name}:{lineno + 1}"
-            if not parse:
-                yield where, JsonLine(line, lineno)
-                continue
-            try:
-                record = parse_line(where, JsonLine(line, lineno), default_id)
-            except RecordError:
-                if not skip_invalid:
-                    raise
-                if counts is not None:
-                    counts["invalid"] = counts.get("invalid", 0) + 1
-                continue
+        lines = ((f"{name}:{lineno + 1}", JsonLine(line, lineno)) for lineno, line in enumerate(f) if line.strip())
+        if not parse:
+            yield from lines
+            return
+        to_record = lambda where, line: parse_line(where, line, default_id)
+        for where, _, record in checked(lines, to_record, skip_invalid, counts):
             yield where, record
     finally:
         if f is not sys.stdin.buffer:
