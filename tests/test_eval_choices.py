@@ -135,6 +135,34 @@ def test_a_records_options_share_one_pass_over_its_prompt(family, request):
     assert again == pytest.approx(lls, abs=1e-5)
 
 
+def test_a_cache_that_cannot_be_repeated_falls_back_to_whole_sequences(tiny_llama, monkeypatch):
+    """Where the prompt's cache is not a plain DynamicCache (a recurrent or hybrid model's), the
+    options run as whole sequences, with the same numbers; the decoder class is remembered, so
+    the next record does not run a prompt pass it cannot use."""
+    import transformers
+    from titok_tools import models
+    from titok_tools.evaluate import encode_options, option_loglikelihoods
+    from titok_tools.records import prompt_and_completion
+
+    model, tokenizer = models.load_model(tiny_llama, dtype="float32", device="cpu"), models.load_tokenizer(tiny_llama)
+    messages, _ = prompt_and_completion({"prompt": LONG_PROMPT, "completion": "x"}, "test")
+    encs = encode_options(tokenizer, messages, LONG_OPTIONS, True, 768, "test")
+    body, _ = models.decoder_and_head(model)
+    monkeypatch.setattr(transformers, "DynamicCache", type("OtherCache", (), {}))  # no cache is one now
+    monkeypatch.setattr(models, "_UNSHARED_CACHE", set())
+    seen = []
+    hook = body.embed_tokens.register_forward_hook(lambda module, args, out: seen.append(args[0].numel()))
+    try:
+        [first] = option_loglikelihoods(model, tokenizer, [encs], batch_size=8)
+        [second] = option_loglikelihoods(model, tokenizer, [encs], batch_size=8)
+    finally:
+        hook.remove()
+    assert first == pytest.approx(reference_loglikelihoods(tiny_llama, None, LONG_PROMPT, LONG_OPTIONS), abs=1e-4)
+    assert second == pytest.approx(first, abs=1e-6)
+    shared, whole = min(e.positions[0] for e in encs), len(encs) * max(len(e.input_ids) for e in encs)
+    assert seen == [shared, whole, whole]  # the prompt pass once, then whole sequences only
+
+
 def test_batch_size_limit_and_no_choices(tiny_llama, choice_data, tmp_path):
     records, _, data = choice_data
     one = read_jsonl(run_eval("--model", tiny_llama, "--choices", "--batch-size", "1", data).stdout_bytes)

@@ -435,6 +435,9 @@ def _cache_argument(body_class):
     return "cache" if "cache" in inspect.signature(body_class.forward).parameters else "past_key_values"
 
 
+_UNSHARED_CACHE = set()  # decoder classes whose cache came back as not a plain DynamicCache
+
+
 def shared_prompt_logprobs(model, body, head, encs, pad_id, device):
     """completion_logprobs (without topk) for sequences that begin with the same tokens, as a
     record's options do: the shared tokens run once and their attention cache is repeated for
@@ -442,7 +445,8 @@ def shared_prompt_logprobs(model, body, head, encs, pad_id, device):
     about 6x faster on CPU; the numbers equal the batched pass's to float32 rounding (1e-5 here).
 
     Falls back to completion_logprobs where nothing is shared or the model's cache is not a
-    plain DynamicCache (a recurrent or hybrid cache cannot simply be repeated)."""
+    plain DynamicCache (a recurrent or hybrid cache cannot simply be repeated); a decoder class
+    found so once falls back at once after, without the prompt pass it cannot use."""
     from transformers import DynamicCache
 
     ids, rows, cols = (t.to(device) for t in right_padded(encs, pad_id))
@@ -452,10 +456,12 @@ def shared_prompt_logprobs(model, body, head, encs, pad_id, device):
     differs = (ids[:, :limit] != ids[:1, :limit]).any(0).nonzero()
     shared = int(differs[0]) if len(differs) else limit
     name = _cache_argument(type(body))
-    if shared:
+    if shared and type(body) not in _UNSHARED_CACHE:
         prompt = body(input_ids=ids[:1, :shared], use_cache=True)
         cache = prompt.get(name)
-    if not shared or type(cache) is not DynamicCache:
+        if type(cache) is not DynamicCache:
+            _UNSHARED_CACHE.add(type(body))
+    if not shared or type(body) in _UNSHARED_CACHE:
         return completion_logprobs(model, body, head, encs, pad_id, device)
     cache.batch_repeat_interleave(len(encs))
     # The rest right-padded, no attention mask: a real token never sees the padding after it.
