@@ -448,10 +448,10 @@ def before_and_after(args):
 
 
 def choice_table(args):
-    """Multiple-choice accuracy (titok-eval --choices) of the headline arms, where the evals have it."""
+    """Multiple-choice accuracy (titok-eval --choices) of every arm whose evals have it."""
     rows = []
     for pair in args.pairs:
-        for arm in SUMMARY_ARMS:
+        for arm in ["vanilla"] + [a for a in ARMS if a in args.arms]:
             cells = []
             for task in args.tasks:
                 paths = arm_paths(args.results, task, pair, arm, args.seeds)

@@ -233,11 +233,18 @@ def test_report_tabulates_multiple_choice_accuracy_where_the_evals_have_it(tmp_p
         (path / "kd.json").write_text(json.dumps({"exact_match": 0.1, "choice_accuracy": v}))
     (tmp_path / "results" / "t1" / "gemma" / "s0").mkdir(parents=True)
     (tmp_path / "results" / "t1" / "gemma" / "s0" / "kd.json").write_text(json.dumps({"exact_match": 0.2}))
+    # an ablation arm gets its row too (the summary tables leave token-only out)
+    (tmp_path / "results" / "t1" / "gemma" / "s0" / "token-only.json").write_text(
+        json.dumps({"exact_match": 0.2, "choice_accuracy": 0.4}))
     a.action = "report"
     assert study.report(a) == 0
     text = (tmp_path / "study.md").read_text().split("## Multiple-choice accuracy")[1]
-    row = next(line for line in text.splitlines() if line.startswith("| gemma | "))
-    assert row == f"| gemma | {study.ROW_NAMES['kd']} |  | 60.0 ± {100 * np.std([0.5, 0.7], ddof=1):.1f} (n=2) |"
+    rows = [line for line in text.splitlines() if line.startswith("| gemma | ")]
+    assert rows == [f"| gemma | {study.ROW_NAMES['kd']} |  | 60.0 ± {100 * np.std([0.5, 0.7], ddof=1):.1f} (n=2) |",
+                    f"| gemma | {study.ROW_NAMES['token-only']} | 40.0 ± 0.0 (n=1) |  |"]
+    a.arms = ["kd"]  # an arm left out of --arms is left out here too
+    assert study.report(a) == 0
+    assert study.ROW_NAMES["token-only"] not in (tmp_path / "study.md").read_text().split("## Multiple-choice")[1]
 
 
 def test_data_takes_the_split_from_a_directory_instead_of_titok_bigbench(tmp_path):
