@@ -14,7 +14,8 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from titok_tools.answers import normalize  # noqa: E402
-from titok_tools.records import read_records  # noqa: E402
+from titok_tools.errors import TitokError  # noqa: E402
+from titok_tools.records import RecordError, read_records  # noqa: E402
 
 
 def answer_counts(predictions, top):
@@ -28,6 +29,12 @@ def answer_counts(predictions, top):
     return [(shown[key], n) for key, n in counts.most_common(top)]
 
 
+def prediction(where, record):
+    if not isinstance(record.get("prediction"), str):
+        raise RecordError(where, "prediction", "missing or not a string (is this titok-eval output?)")
+    return record["prediction"]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", help="titok-eval -o files (records with a prediction)")
@@ -35,7 +42,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print("| file | records | most common answers |\n|---|---:|---|")
     for path in args.files:
-        predictions = [record["prediction"] for _, record in read_records(path)]
+        try:
+            predictions = [prediction(where, record) for where, record in read_records(path)]
+        except TitokError as e:
+            sys.exit(f"answer_counts: {e}")
         top = ", ".join(f"{json.dumps(answer)} {n}" for answer, n in answer_counts(predictions, args.top))
         print(f"| {path} | {len(predictions)} | {top} |")
 
