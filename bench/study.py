@@ -447,11 +447,17 @@ def before_and_after(args):
     return lines
 
 
+def shown_arms(pair, arms):
+    """The report's rows for a pair: vanilla and the given arms that run for it, in ROW_NAMES order."""
+    shown = ["vanilla"] + [a for a, (pairs, _, _) in ARMS.items() if pair in pairs.split() and a in arms]
+    return sorted(shown, key=list(ROW_NAMES).index)
+
+
 def choice_table(args):
     """Multiple-choice accuracy (titok-eval --choices) of every arm whose evals have it."""
     rows = []
     for pair in args.pairs:
-        for arm in ["vanilla"] + [a for a in ARMS if a in args.arms]:
+        for arm in shown_arms(pair, args.arms):
             cells = []
             for task in args.tasks:
                 paths = arm_paths(args.results, task, pair, arm, args.seeds)
@@ -505,8 +511,7 @@ def report(args):
         lines.append(f"## {title}\n")
         lines.append("| arm | " + " | ".join(tasks) + " | mean |")
         lines.append("|---|" + "---:|" * (len(tasks) + 1))
-        arms = ["vanilla"] + [a for a, (pairs, _, _) in ARMS.items() if pair in pairs.split() and a in args.arms]
-        arms = sorted(arms, key=lambda a: list(ROW_NAMES).index(a))
+        arms = shown_arms(pair, args.arms)
         floor = [majority_answer(data, task) for task in tasks]
         if any(v is not None for v in floor):
             lines.append("| no model: the train split's most common answer, always | " + " | ".join(

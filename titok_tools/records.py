@@ -3,6 +3,7 @@
 Every stage reads and writes records through this module, so errors always name
 file:line and field, and an interrupted run never leaves a half-written output.
 """
+import functools
 import io
 import math
 import os
@@ -79,7 +80,7 @@ def read_records(path, skip_invalid=False, counts=None, name=None, default_id=Tr
         if not parse:
             yield from lines
             return
-        to_record = lambda where, line: parse_line(where, line, default_id)
+        to_record = functools.partial(parse_line, default_id=default_id)
         for where, _, record in checked(lines, to_record, skip_invalid, counts):
             yield where, record
     finally:
