@@ -98,12 +98,18 @@ $(OUT)/target-kdlogit/adapter_config.json: $(OUT)/random-aligned.jsonl
 	$(TRAIN) $(TGT) --all-tokens --kd-only --kd-temperature $(KD_TEMPERATURE) $(TRAIN_ARGS) $<
 $(OUT)/target-titok-kd/adapter_config.json: $(OUT)/aligned.jsonl
 	$(TRAIN) $(TGT) --kd-weight $(KD_WEIGHT) --kd-temperature $(KD_TEMPERATURE) $(TRAIN_ARGS) $<
-# A ranking baseline: the M samples the expert is surest of (mean log p_expert), TiTok's token rule.
-$(OUT)/confident.jsonl: $(OUT)/scored.jsonl
-	titok-filter --rank-by confidence -k $(K) --keep $(M) --scope $(SCOPE) -o $@ $<
-$(OUT)/confident-aligned.jsonl: $(OUT)/confident.jsonl
+# Other sample rankings, TiTok's token rule: a baseline, the M samples the expert is surest of
+# (mean log p_expert), and an ablation, the M whose answer tokens have the highest mean excess (the
+# closing token left out of the rank as it is of the k budget).
+$(OUT)/confident.jsonl: RANK_BY := confidence
+$(OUT)/answer-ranked.jsonl: RANK_BY := answer-excess
+$(OUT)/confident.jsonl $(OUT)/answer-ranked.jsonl: $(OUT)/scored.jsonl
+	titok-filter --rank-by $(RANK_BY) -k $(K) --keep $(M) --scope $(SCOPE) -o $@ $<
+$(OUT)/confident-aligned.jsonl $(OUT)/answer-ranked-aligned.jsonl: $(OUT)/%-aligned.jsonl: $(OUT)/%.jsonl
 	$(ALIGN) --scope $(SCOPE) -o $@ $(ALIGN_ARGS) $<
 $(OUT)/target-confident/adapter_config.json: $(OUT)/confident-aligned.jsonl
+$(OUT)/target-titok-answer-rank/adapter_config.json: $(OUT)/answer-ranked-aligned.jsonl
+$(OUT)/target-confident/adapter_config.json $(OUT)/target-titok-answer-rank/adapter_config.json:
 	$(TRAIN) $(TGT) $(TRAIN_ARGS) $<
 $(OUT)/target-ceiling/adapter_config.json: $(DATA)/train.jsonl
 	$(TRAIN) $(TGT) --all-tokens $(TRAIN_ARGS) $<
@@ -122,7 +128,8 @@ $(OUT)/eval/target-%.json: $(OUT)/target-%/adapter_config.json $(DATA)/test.json
 	@mkdir -p $(@D)
 	$(EVAL) $(TGT) --adapter $(OUT)/target-$*
 
-EXTRA_EVALS ?=#                      more rows: target-titok-no-closing (the demo has it), target-confident, target-kdlogit, target-titok-kd
+EXTRA_EVALS ?=#                      more rows: target-titok-no-closing (the demo has it), target-confident,
+#                                    target-titok-answer-rank, target-kdlogit, target-titok-kd
 SEED_FREE_ROWS := source-base source-expert target-vanilla#  greedy, no LoRA trained: a seed changes nothing
 trained_rows = target-kd target-titok $(1) target-ceiling#  the rows with a target LoRA, given the extra ones
 EVALS := $(SEED_FREE_ROWS) $(call trained_rows,$(EXTRA_EVALS))
@@ -132,7 +139,7 @@ EVALS := $(SEED_FREE_ROWS) $(call trained_rows,$(EXTRA_EVALS))
 .SECONDARY: $(DATA)/train.jsonl $(DATA)/test.jsonl \
 	$(foreach a,source-expert $(call trained_rows,$(EXTRA_EVALS)),$(OUT)/$(a)/adapter_config.json) \
 	$(addprefix $(OUT)/,synthetic.jsonl scored.jsonl filtered.jsonl aligned.jsonl random.jsonl \
-	random-aligned.jsonl confident.jsonl confident-aligned.jsonl)
+	random-aligned.jsonl confident.jsonl confident-aligned.jsonl answer-ranked.jsonl answer-ranked-aligned.jsonl)
 $(OUT)/report.md: $(foreach e,$(EVALS),$(OUT)/eval/$(e).json)
 	$(PYTHON) -m titok_tools.report -o $@ --title "TiTok transfer on $(TASK)" \
 	  --setting source="$(SOURCE_MODEL)" --setting target="$(TARGET_MODEL)" --setting M=$(M) --setting K=$(K) \
@@ -152,7 +159,7 @@ DEMO_M := 250#                       the paper's pool: 2M = 500 written, M kept
 DEMO_K := 0.3
 DEMO_OUT ?= work/demo
 DEMO_DATA ?= $(DEMO_OUT)/data/$(DEMO_TASK)
-DEMO_EXTRA_EVALS ?= target-titok-no-closing#  add target-confident, or target-kdlogit target-titok-kd (logit KD)
+DEMO_EXTRA_EVALS ?= target-titok-no-closing#  add target-confident, target-titok-answer-rank, or target-kdlogit target-titok-kd (logit KD)
 DEMO_SFT_ARGS ?= $(DEMO_TRAIN)#      the source expert's recipe (bench/expert_dev.py compares recipes on a dev split)
 DEMO_GEN_ARGS ?=#                    more titok-gen arguments, e.g. --rouge-threshold 1 for a task of a few words
 DEMO := OUT=$(DEMO_OUT) TASK=$(DEMO_TASK) DATA=$(DEMO_DATA) BIGBENCH_ARGS="--train-size 400" \

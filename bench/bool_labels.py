@@ -18,7 +18,8 @@ Query shape) and how many of those are well-formed: how well the check finds the
 
 asks which sample score ranks right labels above wrong ones, over the scored pool's well-formed
 queries: the AUC (the chance that a right label outscores a wrong one; 0.5 is chance) of TiTok's
-mean excess and of the expert's confidence (titok-filter --rank-by confidence).
+mean excess, of the mean excess of the answer's tokens alone (titok-filter --rank-by answer-excess)
+and of the expert's confidence (titok-filter --rank-by confidence).
 """
 import argparse
 import os
@@ -27,6 +28,7 @@ import sys
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from titok_tools.filter import answer_excess  # noqa: E402
 from titok_tools.queries import load_seeds  # noqa: E402
 from titok_tools.query_shape import QueryShape  # noqa: E402
 from titok_tools.records import read_records  # noqa: E402
@@ -75,6 +77,7 @@ def auc(right, wrong):
 def ranking_auc(records):
     """{score name: AUC} over the well-formed scored records, right labels against wrong ones."""
     scores = {"mean excess (TiTok's sample rank)": lambda s: s["mean_excess"],
+              "answer tokens' mean excess, closing token left out (--rank-by answer-excess)": answer_excess,
               "expert confidence, mean log p_expert (--rank-by confidence)":
                   lambda s: sum(s["logp_expert"]) / len(s["logp_expert"])}
     right, wrong = {name: [] for name in scores}, {name: [] for name in scores}

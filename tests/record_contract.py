@@ -19,7 +19,7 @@ import sys
 SOURCE_KEYS = ("model", "adapter", "adapter_sha256", "tokenizer", "token_ids", "offsets", "logp_expert", "logp_base",
                "excess", "mean_excess", "truncated")
 FILTER_KEYS = ("k", "keep", "scope", "rank", "kept")
-FILTER_EXTRAS = ("k_auto", "rank_by", "seed")  # titok-filter -k auto, --rank-by confidence|random --seed (its --help)
+FILTER_EXTRAS = ("k_auto", "rank_by", "seed")  # titok-filter -k auto, --rank-by answer-excess|confidence|random --seed
 TARGET_KEYS = ("model", "tokenizer", "token_ids", "offsets", "score", "coverage", "truncated", "mask")
 SOURCE_TOPK = ("topk_ids", "topk_logp")  # titok-score --topk N
 TARGET_TOPK = ("topk_ids", "topk_logp", "topk_coverage")  # titok-align, from the source's
@@ -155,8 +155,9 @@ def filter_problems(settings, source, completion, found):
     elif isinstance(kept, bool) and is_integer(keep) and is_integer(rank) and kept is not (rank <= keep):
         found.append(f"titok.filter.kept: is {json.dumps(kept)} for rank {rank} with keep {keep} "
                      "(the top `keep` ranks are kept)")
-    if "rank_by" in settings and settings["rank_by"] not in ("excess", "confidence", "random"):
-        found.append(f"titok.filter.rank_by: must be excess, confidence or random, not {json.dumps(settings['rank_by'])}")
+    if "rank_by" in settings and settings["rank_by"] not in ("excess", "answer-excess", "confidence", "random"):
+        found.append("titok.filter.rank_by: must be excess, answer-excess, confidence or random, "
+                     f"not {json.dumps(settings['rank_by'])}")
     if source is None or not isinstance(kept, bool):
         return
     if kept and "mask" not in source:

@@ -52,16 +52,20 @@ def test_seeds_add_the_queries_with_their_shape(tmp_path, capsys):
 
 
 def test_auc_of_each_sample_score_over_well_formed_queries(tmp_path, capsys):
-    def scored(query, label, mean_excess, logp_expert):
+    def scored(query, label, excess, logp_expert):  # one answer token, then the closing token
         return {"prompt": query, "completion": label,
-                "titok": {"source": {"mean_excess": mean_excess, "logp_expert": logp_expert}}}
-    records = [scored("not True is", "False", 1.0, [-0.1, -0.1]),        # right
-               scored("True or False is", "True", 3.0, [-0.3, -0.1]),    # right
-               scored("True and False is", "True", 2.0, [-1.0, -1.0]),   # wrong
-               scored("True is and", "True", 9.0, [0.0, 0.0])]           # malformed: not counted
-    # excess: 3 > 2 but 1 < 2, half the pairs; confidence: -0.1 and -0.2 both above -1.0
-    assert bool_labels.ranking_auc(records) == {"mean excess (TiTok's sample rank)": 0.5,
-                                                "expert confidence, mean log p_expert (--rank-by confidence)": 1.0}
+                "titok": {"source": {"excess": excess, "offsets": [[0, len(label)], [len(label)] * 2],
+                                     "mean_excess": sum(excess) / 2, "logp_expert": logp_expert}}}
+    records = [scored("not True is", "False", [0.5, 1.5], [-0.1, -0.1]),       # right
+               scored("True or False is", "True", [3.0, 3.0], [-0.3, -0.1]),   # right
+               scored("True and False is", "True", [0.0, 4.0], [-1.0, -1.0]),  # wrong
+               scored("True is and", "True", [9.0, 9.0], [0.0, 0.0])]          # malformed: not counted
+    # mean excess: 3 > 2 but 1 < 2, half the pairs; the answer token alone: 0.5 and 3.0 both
+    # above 0.0; confidence: -0.1 and -0.2 both above -1.0
+    assert bool_labels.ranking_auc(records) == {
+        "mean excess (TiTok's sample rank)": 0.5,
+        "answer tokens' mean excess, closing token left out (--rank-by answer-excess)": 1.0,
+        "expert confidence, mean log p_expert (--rank-by confidence)": 1.0}
     assert bool_labels.auc([1.0], [1.0]) == 0.5 and bool_labels.auc([], [1.0]) is None
     path = tmp_path / "scored.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))

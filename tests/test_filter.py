@@ -190,6 +190,28 @@ def test_rank_by_confidence_keeps_what_the_expert_is_surest_of(tmp_path):
     assert result.exit_code == 1 and "in.jsonl:4: titok.source.logp_expert: must be a non-empty list" in result.output
 
 
+
+def test_rank_by_answer_excess_leaves_the_closing_token_out(tmp_path):
+    """Short answers: the closing token (empty span at the end) decides the mean excess, so
+    --rank-by answer-excess ranks by the answer's tokens alone (docs/design.md, Selection)."""
+    def closed(id, answer, closing):
+        record = scored(id, [*answer, closing])
+        record["titok"]["source"]["offsets"] = [[i, i + 1] for i in range(len(answer))] + [[len(answer)] * 2]
+        record["completion"] = "c" * len(answer)
+        return record
+    # mean excess (closing included): x 4.0, y 1.0, z 3.0, w 9.0; answer tokens only: x 1.0, y 2.0,
+    # z 1.0 (a tie with x: input order), w none (only the closing token: ranked last)
+    records = [closed("x", [1.0], 7.0), closed("y", [2.0, 2.0], -1.0), closed("z", [0.0, 2.0], 7.0),
+               closed("w", [], 9.0)]
+    by_mean = {r["id"]: r["titok"]["filter"]["rank"] for r in run(records, "--keep", "1.0", tmp_path=tmp_path)[0]}
+    assert by_mean == {"w": 1, "x": 2, "z": 3, "y": 4}
+    out, _ = run(records, "--rank-by", "answer-excess", "--keep", "2", "-k", "0.5", tmp_path=tmp_path)
+    assert [(r["id"], r["titok"]["filter"]["rank"]) for r in out] == [("x", 2), ("y", 1)]
+    assert out[0]["titok"]["filter"]["rank_by"] == "answer-excess"
+    assert masks(out) == {"x": [1, 0], "y": [1, 0, 0]}  # the token rule is unchanged: closing outside k
+    every = run(records, "--rank-by", "answer-excess", "--keep", "1.0", tmp_path=tmp_path)[0]
+    assert {r["id"]: r["titok"]["filter"]["rank"] for r in every} == {"y": 1, "x": 2, "z": 3, "w": 4}
+
 # -k auto. Kept a..e (--keep 1.0), scope sample: positive excess a 2.0, b 4.0, c 1.5, d 0, e 3.0
 # = 10.5. Every sample's best token is always kept: 1 + 2 + 0.5 + 0 + 3 = 6.5 (61.9%). Then the
 # breakpoints j/n add: a's 2nd 0.5 at k = 2/4, c's 2nd 0.5 at 2/3, a's 3rd 0.5 at 3/4, and at

@@ -176,15 +176,19 @@ def test_make_demo_seeds_retrains_the_targets_on_the_demo_pool(tmp_path):
     assert "-o results/demo-seeds.md" in out
 
 
-def test_make_confident_row_ranks_by_the_experts_confidence(tmp_path):
+@pytest.mark.parametrize("row, rank_by, ranked", [("target-confident", "confidence", "confident"),
+                                                   ("target-titok-answer-rank", "answer-excess", "answer-ranked")])
+def test_make_ranking_rows_rank_by_their_rule_with_titoks_tokens(tmp_path, row, rank_by, ranked):
     out = subprocess.run(["make", "-n", "-C", ROOT, "pipeline", f"OUT={tmp_path}", f"DATA={tmp_path}/data",
-                          "EXTRA_EVALS=target-confident", "M=250", "K=0.3"],
+                          f"EXTRA_EVALS={row}", "M=250", "K=0.3"],
                          capture_output=True, text=True, check=True).stdout.split("\n")
-    assert f"titok-filter --rank-by confidence -k 0.3 --keep 250 --scope sample -o {tmp_path}/confident.jsonl " \
+    assert f"titok-filter --rank-by {rank_by} -k 0.3 --keep 250 --scope sample -o {tmp_path}/{ranked}.jsonl " \
            f"{tmp_path}/scored.jsonl" in out
-    train = next(line for line in out if f"--output {tmp_path}/target-confident " in line)
-    assert train.endswith(f"{tmp_path}/confident-aligned.jsonl") and "--all-tokens" not in train  # TiTok's tokens
-    assert any(f"target-confident={tmp_path}/eval/target-confident.json" in line for line in out)
+    assert any(line.startswith("titok-align ") and line.endswith(f"-o {tmp_path}/{ranked}-aligned.jsonl  "
+                                                                  f"{tmp_path}/{ranked}.jsonl") for line in out)
+    train = next(line for line in out if f"--output {tmp_path}/{row} " in line)
+    assert train.endswith(f"{tmp_path}/{ranked}-aligned.jsonl") and "--all-tokens" not in train  # TiTok's tokens
+    assert any(f"{row}={tmp_path}/eval/{row}.json" in line for line in out)
 
 
 def test_a_row_added_to_a_finished_run_is_built(tmp_path):

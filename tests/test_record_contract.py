@@ -200,7 +200,7 @@ BROKEN = {
     "dropped within keep": (lambda r: setting(r).update(kept=False),
                             "titok.filter.kept: is false for rank 1 with keep 1"),
     "rank_by unknown": (lambda r: setting(r).update(rank_by="length"),
-                        "titok.filter.rank_by: must be excess, confidence or random"),
+                        "titok.filter.rank_by: must be excess, answer-excess, confidence or random"),
     "kept without a mask": (lambda r: source(r).pop("mask"),
                             "titok.source.mask: missing, yet titok.filter.kept is true"),
     "dropped with a mask": (lambda r: setting(r).update(rank=2, kept=False) or r["titok"].pop("target"),

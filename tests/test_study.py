@@ -196,6 +196,13 @@ def test_arms_limits_the_plan_to_the_named_arms_and_what_they_need(tmp_path):
     full = study.Study(args(tmp_path, "--tasks", "t1", "--seeds", "0", "--arms", "titok-no-closing"))
     full.plan()
     assert "--no-train-closing" in full.steps["t1/gemma/s0/titok-no-closing/train"][1]
+    # the sample-rank ablation: TiTok's selection, samples ranked without the closing token
+    answer = study.Study(args(tmp_path, "--tasks", "t1", "--seeds", "0", "--arms", "titok-answer-rank,titok-k0.3"))
+    answer.plan()
+    select = answer.steps["t1/answer-k0.3.jsonl"][1]
+    assert select[select.index("--rank-by") + 1] == "answer-excess" and select[select.index("-k") + 1] == "0.3"
+    assert "--rank-by" not in answer.steps["t1/top-k0.3.jsonl"][1]
+    assert answer.steps["t1/gemma/s0/titok-answer-rank/train"][1][-1].endswith("answer-k0.3.gemma.jsonl")
     # the logit-KD arms: the pool stores the expert's top-N, KD+MinED trains the KL alone on all tokens
     kd = study.Study(args(tmp_path, "--tasks", "t1", "--seeds", "0", "--arms", "kd-mined,titok-kd"))
     kd.plan()

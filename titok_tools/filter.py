@@ -60,13 +60,29 @@ def confidence(source, where):
     return sum(logp) / len(logp)
 
 
+def _budget(source):
+    return budget_scores(source["excess"], source.get("offsets"))
+
+
+def answer_excess(source):
+    """The mean excess of the answer's tokens: those that compete for the k budget, so not the
+    closing token (select.budget_scores). With one or two answer tokens the closing token's excess,
+    the expert's certainty that a short answer ends there, otherwise decides the sample's rank
+    (docs/design.md, Selection). A completion with no answer token ranks last."""
+    scored = [s for s in _budget(source) if s is not None]
+    return sum(scored) / len(scored) if scored else float("-inf")
+
+
 def rank_records(pairs, rank_by="excess", seed=0):
     """Pass one: 1-based rank of each record by mean excess (stable sort, descending), by the
-    expert's confidence (its mean log-probability of the completion: a baseline that trusts the
-    expert's certainty rather than its excess over the base), or in a seeded random order (the
-    paper's "without sample filtering" ablation: M random samples)."""
+    mean excess of its answer tokens alone (answer_excess), by the expert's confidence (its mean
+    log-probability of the completion: a baseline that trusts the expert's certainty rather than
+    its excess over the base), or in a seeded random order (the paper's "without sample
+    filtering" ablation: M random samples)."""
     if rank_by == "confidence":
         means = [confidence(source_scores(record, where), where) for where, record in pairs]
+    elif rank_by == "answer-excess":
+        means = [answer_excess(source_scores(record, where)) for where, record in pairs]
     else:
         means = [source_scores(record, where)["mean_excess"] for where, record in pairs]
     if rank_by == "random":
@@ -80,15 +96,10 @@ def rank_records(pairs, rank_by="excess", seed=0):
     return ranks
 
 
-def _budget(record):
-    source = record["titok"]["source"]
-    return budget_scores(source["excess"], source.get("offsets"))
-
-
 def choose_k(kept_records, mass, scope):
     """-k auto: the smallest k whose selection over the kept records holds `mass` of their
     positive excess (select.auto_k, same scope rule as the masks). One pass, floats only."""
-    k, share = auto_k((_budget(r) for r in kept_records), mass, scope)
+    k, share = auto_k((_budget(r["titok"]["source"]) for r in kept_records), mass, scope)
     if k is None:
         log.info("-k auto: no kept tokens to choose k from")
     elif share is None:
@@ -126,7 +137,7 @@ def filter_records(read, k, keep, scope, mark_only=False, counts=None, rank_by="
         if rank_by == "random":
             settings["seed"] = seed
 
-    masked = select_stream(kept(), _budget, k, scope, rereader=kept)
+    masked = select_stream(kept(), lambda record: _budget(record["titok"]["source"]), k, scope, rereader=kept)
     for i, (where, record) in enumerate(read()):
         source = record["titok"]["source"]
         is_kept = ranks[i] <= m
@@ -170,10 +181,13 @@ def summary(counts):
               help="With -k auto: the share of the kept samples' positive excess the selected tokens must hold.")
 @click.option("-M", "--keep", default="0.5", show_default=True, callback=_keep_option,
               help="Samples to keep, by mean excess: a count (250) or a fraction of the input (0.5 = the paper's 2x pool).")
-@click.option("--rank-by", type=click.Choice(["excess", "confidence", "random"]), default="excess", show_default=True,
-              help="Rank samples by mean excess (TiTok); by the expert's mean log-probability of its completion "
-                   "(confidence: a baseline that keeps what the expert is surest of); or at random with --seed "
-                   "(the ablation baseline).")
+@click.option("--rank-by", type=click.Choice(["excess", "answer-excess", "confidence", "random"]), default="excess",
+              show_default=True,
+              help="Rank samples by mean excess (TiTok); by the mean excess of the answer's tokens, the closing "
+                   "token left out as from the k budget (answer-excess: for answers of a few tokens, where the "
+                   "closing token's excess otherwise decides the rank); by the expert's mean log-probability of "
+                   "its completion (confidence: a baseline that keeps what the expert is surest of); or at "
+                   "random with --seed (the ablation baseline).")
 @cli.seed_option
 @click.option("--mark-only", is_flag=True, help="Write every record; dropped ones get titok.filter.kept = false and no mask.")
 @cli.output_option
