@@ -184,8 +184,9 @@ def summary(counts):
 @click.option("--rank-by", type=click.Choice(["excess", "answer-excess", "confidence", "random"]), default="excess",
               show_default=True,
               help="Rank samples by mean excess (TiTok); by the mean excess of the answer's tokens, the closing "
-                   "token left out as from the k budget (answer-excess: for answers of a few tokens, where the "
-                   "closing token's excess otherwise decides the rank); by the expert's mean log-probability of "
+                   "token left out as from the k budget (answer-excess: an ablation for answers of a few tokens, "
+                   "where the closing token's excess decides the mean; it picked no better samples, README); by "
+                   "the expert's mean log-probability of "
                    "its completion (confidence: a baseline that keeps what the expert is surest of); or at "
                    "random with --seed (the ablation baseline).")
 @cli.seed_option
