@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from titok_tools.errors import TitokError  # noqa: E402
 from titok_tools.filter import answer_excess, rank_records  # noqa: E402
 from titok_tools.records import source_scores, read_records  # noqa: E402
+from titok_tools.select import budget_scores  # noqa: E402
 
 
 def ranks(values):
@@ -50,8 +51,8 @@ def closing_share(pairs, keep):
     means, closing, answer, lengths, usable = [], [], [], [], []
     for where, record in pairs:
         source = source_scores(record, where)
-        offsets, excess = source.get("offsets"), source["excess"]
-        if not (isinstance(offsets, list) and len(offsets) == len(excess) > 1 and offsets[-1][0] == offsets[-1][1]):
+        excess = source["excess"]
+        if len(excess) < 2 or budget_scores(excess, source.get("offsets"))[-1] is not None:
             continue  # no closing token (cut at --max-length), or nothing before it
         usable.append((where, record))
         means.append(source["mean_excess"])
